@@ -1,0 +1,91 @@
+// Online (streaming) softmax: attention of a block of query rows accumulated over blocks of keys,
+// keeping per row the running max m, the running sum l of exp(score - m) and the unnormalised
+// output acc; when m grows, l and acc are rescaled by exp(m_old - m_new) (Milakov & Gimelshein
+// 2018; FlashAttention). Used by dense over key blocks and by smyrf inside each cluster.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "../attention.hpp"
+
+namespace fastattn::detail {
+
+template <class T>
+class online_softmax {
+ public:
+  using vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
+
+  /// Scratch for up to `max_rows` queries, `max_cols` keys per block and `value_dim` outputs.
+  online_softmax(index max_rows, index max_cols, index value_dim)
+      : scores_(max_rows, std::max<index>(max_cols, 1)),
+        acc_(max_rows, value_dim),
+        max_(max_rows),
+        sum_(max_rows) {}
+
+  /// Starts a new block of `rows` queries.
+  void reset(index rows) {
+    rows_ = rows;
+    acc_.topRows(rows).setZero();
+    max_.head(rows).setConstant(-std::numeric_limits<T>::infinity());
+    sum_.head(rows).setZero();
+  }
+
+  /// The score block to fill for the next `cols` keys: rows x cols, row-major.
+  auto scores(index cols) { return scores_.topLeftCorner(rows_, cols); }
+
+  /// Folds the filled score block into the running state; `values` holds the block's cols x M
+  /// values. When `causal_offset` is set, row r sees only columns c <= r + *causal_offset (the
+  /// block's first query index minus its first key index); other entries get exactly zero weight.
+  template <class Values>
+  void absorb(index cols, const Values& values, std::optional<index> causal_offset = {}) {
+    auto block = scores_.topLeftCorner(rows_, cols);
+    for (index r = 0; r < rows_; ++r) {
+      const index visible =
+          causal_offset ? std::clamp<index>(*causal_offset + r + 1, 0, cols) : cols;
+      auto row = block.row(r);
+      if (visible == 0) {
+        row.setZero();
+        continue;
+      }
+      auto seen = row.head(visible).array();
+      const T m_new = std::max(max_(r), seen.maxCoeff());
+      if (!(m_new > -std::numeric_limits<T>::infinity())) {  // no finite score yet
+        row.setZero();
+        continue;
+      }
+      seen = (seen - m_new).exp();
+      row.tail(cols - visible).setZero();
+      const T alpha = std::exp(max_(r) - m_new);  // 0 when the row had nothing yet
+      sum_(r) = sum_(r) * alpha + seen.sum();
+      if (alpha != T(1)) acc_.row(r) *= alpha;
+      max_(r) = m_new;
+    }
+    acc_.topRows(rows_).noalias() += block * values;
+  }
+
+  /// Writes the normalised rows into `out` (rows x M); rows that saw no key get zeros.
+  /// When `lse` is given it receives log(sum_j exp(score_j)) per row (-inf for empty rows).
+  template <class Out>
+  void finish(Out&& out, T* lse = nullptr) const {
+    for (index r = 0; r < rows_; ++r) {
+      if (sum_(r) > T(0)) {
+        out.row(r) = acc_.row(r) / sum_(r);
+        if (lse) lse[r] = max_(r) + std::log(sum_(r));
+      } else {
+        out.row(r).setZero();
+        if (lse) lse[r] = -std::numeric_limits<T>::infinity();
+      }
+    }
+  }
+
+ private:
+  matrix<T> scores_;
+  matrix<T> acc_;
+  vector max_;
+  vector sum_;
+  index rows_ = 0;
+};
+
+}  // namespace fastattn::detail

@@ -1,0 +1,6 @@
+// fastattn umbrella header: every kernel and the multi-head driver.
+#pragma once
+
+#include "attention.hpp"
+#include "dense.hpp"
+#include "multihead.hpp"

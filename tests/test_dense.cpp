@@ -1,0 +1,160 @@
+// dense against the float64 oracle: random shapes, masks, causal, extreme logits, float and double.
+#include <gtest/gtest.h>
+
+#include <fastattn/fastattn.hpp>
+
+#include "reference.hpp"
+
+namespace fa = fastattn;
+using fa::testing::gaussian;
+using fa::testing::reference_attention;
+using fa::testing::relative_error;
+
+namespace {
+
+using fa::index;
+
+template <class T>
+constexpr double tolerance() {
+  return std::is_same_v<T, float> ? 2e-5 : 1e-12;
+}
+
+template <class T>
+class DenseTyped : public ::testing::Test {};
+using Scalars = ::testing::Types<float, double>;
+TYPED_TEST_SUITE(DenseTyped, Scalars);
+
+TYPED_TEST(DenseTyped, MatchesReferenceOnRandomShapes) {
+  using T = TypeParam;
+  std::mt19937_64 gen(11);
+  std::uniform_int_distribution<index> len(1, 300), dim(1, 80);
+  for (int trial = 0; trial < 25; ++trial) {
+    const index L = len(gen), S = len(gen), E = dim(gen), M = dim(gen);
+    const auto q = gaussian<T>(L, E, 100 + trial), k = gaussian<T>(S, E, 200 + trial),
+               v = gaussian<T>(S, M, 300 + trial);
+    // Small blocks so that every trial crosses several partial query and key blocks.
+    const fa::dense policy{.query_block = 1 + trial % 17, .key_block = 1 + (trial * 7) % 61};
+    const auto o = fa::attention(policy, q, k, v);
+    ASSERT_EQ(o.rows(), L);
+    ASSERT_EQ(o.cols(), M);
+    EXPECT_LT(relative_error(o, reference_attention(q, k, v)), tolerance<T>())
+        << "L=" << L << " S=" << S << " E=" << E << " M=" << M;
+  }
+}
+
+TYPED_TEST(DenseTyped, MasksAndCausalMatchReference) {
+  using T = TypeParam;
+  std::mt19937_64 gen(12);
+  std::uniform_int_distribution<index> len(1, 200);
+  for (int trial = 0; trial < 30; ++trial) {
+    const index L = len(gen), S = len(gen), E = 16, M = 24;
+    const auto q = gaussian<T>(L, E, 400 + trial), k = gaussian<T>(S, E, 500 + trial),
+               v = gaussian<T>(S, M, 600 + trial);
+    fa::options opt;
+    opt.query_length = std::uniform_int_distribution<index>(0, L)(gen);
+    opt.key_length = std::uniform_int_distribution<index>(0, S)(gen);
+    opt.causal = trial % 2 == 0;
+    opt.scale = 0.3;
+    const fa::dense policy{.query_block = 1 + trial % 13, .key_block = 1 + trial % 29};
+    const auto o = fa::attention(policy, q, k, v, opt);
+    const auto ref = reference_attention(q, k, v, opt);
+    EXPECT_LT(relative_error(o, ref), tolerance<T>()) << "trial " << trial;
+    // Padded query rows are exactly zero.
+    EXPECT_TRUE((o.bottomRows(L - *opt.query_length).array() == T(0)).all());
+  }
+}
+
+TYPED_TEST(DenseTyped, PaddedKeysAreNeverRead) {
+  using T = TypeParam;
+  const index L = 40, S = 70, E = 8, M = 5;
+  auto q = gaussian<T>(L, E, 1), k = gaussian<T>(S, E, 2), v = gaussian<T>(S, M, 3);
+  const fa::options opt{.key_length = 50};
+  const auto clean = fa::attention(fa::dense{.key_block = 16}, q, k, v, opt);
+  k.bottomRows(20).setConstant(std::numeric_limits<T>::quiet_NaN());
+  v.bottomRows(20).setConstant(std::numeric_limits<T>::infinity());
+  const auto dirty = fa::attention(fa::dense{.key_block = 16}, q, k, v, opt);
+  EXPECT_TRUE(dirty.allFinite());
+  EXPECT_EQ(clean, dirty);
+}
+
+TYPED_TEST(DenseTyped, ExtremeLogitsStayFinite) {
+  using T = TypeParam;
+  const index L = 33, S = 57, E = 4, M = 6;
+  auto q = gaussian<T>(L, E, 7), k = gaussian<T>(S, E, 8);
+  const auto v = gaussian<T>(S, M, 9);
+  // Scores of order 1e4 (and -1e4): a naive exp overflows; the running max must not.
+  q *= T(100);
+  k *= T(100);
+  const fa::options opt{.scale = 1.0};
+  const auto o = fa::attention(fa::dense{.query_block = 8, .key_block = 16}, q, k, v, opt);
+  ASSERT_TRUE(o.allFinite());
+  const auto ref = reference_attention(q, k, v, opt);
+  EXPECT_LT(relative_error(o, ref), (std::is_same_v<T, float> ? 1e-4 : 1e-10));
+}
+
+TYPED_TEST(DenseTyped, RowsWithoutVisibleKeysAreZero) {
+  using T = TypeParam;
+  const auto q = gaussian<T>(9, 4, 1), k = gaussian<T>(6, 4, 2), v = gaussian<T>(6, 3, 3);
+  const auto o = fa::attention(fa::dense{}, q, k, v, {.key_length = 0});
+  EXPECT_TRUE((o.array() == T(0)).all());
+  const auto oc = fa::attention(fa::dense{}, q, k, v, {.key_length = 0, .causal = true});
+  EXPECT_TRUE((oc.array() == T(0)).all());
+}
+
+TYPED_TEST(DenseTyped, SizeOneEverywhere) {
+  using T = TypeParam;
+  const auto q = gaussian<T>(1, 1, 1), k = gaussian<T>(1, 1, 2), v = gaussian<T>(1, 1, 3);
+  const auto o = fa::attention(fa::dense{}, q, k, v);
+  EXPECT_NEAR(static_cast<double>(o(0, 0)), static_cast<double>(v(0, 0)), 1e-6);
+  const auto oc = fa::attention(fa::dense{}, q, k, v, {.causal = true});
+  EXPECT_NEAR(static_cast<double>(oc(0, 0)), static_cast<double>(v(0, 0)), 1e-6);
+}
+
+TEST(Dense, FloatAgreesWithDouble) {
+  const index L = 150, S = 190, E = 64, M = 64;
+  const auto q = gaussian<double>(L, E, 21), k = gaussian<double>(S, E, 22),
+             v = gaussian<double>(S, M, 23);
+  const auto od = fa::attention(fa::dense{}, q, k, v);
+  const auto of = fa::attention(fa::dense{}, q.cast<float>().eval(), k.cast<float>().eval(),
+                                v.cast<float>().eval());
+  EXPECT_LT(relative_error(of, od), 1e-5);
+}
+
+TEST(Dense, ColumnMajorInputsGiveTheSameResult) {
+  const Eigen::MatrixXf q = Eigen::MatrixXf::Random(20, 8), k = Eigen::MatrixXf::Random(30, 8),
+                        v = Eigen::MatrixXf::Random(30, 5);
+  const Eigen::MatrixXf o = fa::attention(fa::dense{}, q, k, v);
+  const fa::matrix<float> qr = q, kr = k, vr = v;
+  const fa::matrix<float> orow = fa::attention(fa::dense{}, qr, kr, vr);
+  EXPECT_EQ(fa::matrix<float>(o), orow);
+}
+
+TEST(Dense, WritesIntoCallerBufferAndStridedViews) {
+  const auto q = gaussian<float>(12, 8, 1), k = gaussian<float>(15, 8, 2),
+             v = gaussian<float>(15, 4, 3);
+  const auto expected = fa::attention(fa::dense{}, q, k, v);
+  // A row-major 12 x 10 buffer; the result goes into columns 3..6 through a strided view.
+  fa::matrix<float> buffer = fa::matrix<float>::Constant(12, 10, -7.f);
+  fa::attention(fa::dense{}, q, k, v, buffer.middleCols(3, 4));
+  EXPECT_EQ(fa::matrix<float>(buffer.middleCols(3, 4)), expected);
+  EXPECT_TRUE((buffer.leftCols(3).array() == -7.f).all());
+  EXPECT_TRUE((buffer.rightCols(3).array() == -7.f).all());
+}
+
+TEST(Dense, BlockSizesDoNotChangeTheResultBeyondRounding) {
+  const auto q = gaussian<double>(97, 16, 5), k = gaussian<double>(131, 16, 6),
+             v = gaussian<double>(131, 16, 7);
+  const auto a = fa::attention(fa::dense{.query_block = 1, .key_block = 1}, q, k, v,
+                               {.causal = true});
+  const auto b = fa::attention(fa::dense{.query_block = 500, .key_block = 500}, q, k, v,
+                               {.causal = true});
+  EXPECT_LT(relative_error(a, b), 1e-13);
+}
+
+TEST(Dense, RejectsNonPositiveBlocks) {
+  const auto q = gaussian<float>(3, 2, 1);
+  EXPECT_THROW(fa::attention(fa::dense{.query_block = 0}, q, q, q), fa::invalid_argument);
+  EXPECT_THROW(fa::attention(fa::dense{.key_block = -3}, q, q, q), fa::invalid_argument);
+}
+
+}  // namespace
