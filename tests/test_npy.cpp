@@ -1,0 +1,296 @@
+// fastattn::io .npy reader/writer: round trips, numpy's header variants, and every kind of
+// corruption (each must throw fastattn::invalid_argument naming the file, never crash).
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <fastattn/io/npy.hpp>
+
+#include "npy.hpp"
+#include "reference.hpp"
+
+namespace fa = fastattn;
+namespace fs = std::filesystem;
+
+
+namespace {
+
+class Npy : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    dir_ = fs::temp_directory_path() /
+           ("fastattn_test_npy_" + std::to_string(::getpid()) + "_" + info->name());
+    fs::create_directories(dir_);
+  }
+  void TearDown() override {
+    std::error_code ec;
+    fs::remove_all(dir_, ec);
+  }
+  std::string path(const std::string& name) const { return (dir_ / name).string(); }
+
+  static void write_bytes(const std::string& p, const std::string& bytes) {
+    std::ofstream out(p, std::ios::binary | std::ios::trunc);
+    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  }
+  static std::string read_bytes(const std::string& p) {
+    std::ifstream in(p, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  }
+  /// A hand-made .npy: version, dict text (padded with spaces + '\n' unless raw), payload.
+  static std::string make(const std::string& dict, const std::string& payload, int major = 1,
+                          bool raw = false) {
+    std::string header = dict;
+    if (!raw) {
+      const std::size_t prefix = major == 1 ? 10 : 12;
+      while ((prefix + header.size() + 1) % 64 != 0) header += ' ';
+      header += '\n';
+    }
+    std::string out = "\x93NUMPY";
+    out += static_cast<char>(major);
+    out += '\0';
+    const auto n = header.size();
+    out += static_cast<char>(n & 0xff);
+    out += static_cast<char>((n >> 8) & 0xff);
+    if (major != 1) {
+      out += static_cast<char>((n >> 16) & 0xff);
+      out += static_cast<char>((n >> 24) & 0xff);
+    }
+    return out + header + payload;
+  }
+  static std::string floats(std::initializer_list<float> xs) {
+    std::string s;
+    for (const float x : xs) s.append(reinterpret_cast<const char*>(&x), sizeof x);
+    return s;
+  }
+  /// Expects read_npy<float>(p) to throw invalid_argument whose message names p and contains
+  /// `needle`.
+  static void expect_error(const std::string& p, const std::string& needle) {
+    try {
+      (void)fa::io::read_npy<float>(p);
+      ADD_FAILURE() << "no exception for " << p << " (expected '" << needle << "')";
+    } catch (const fa::invalid_argument& e) {
+      const std::string what = e.what();
+      EXPECT_NE(what.find(p), std::string::npos) << what;
+      EXPECT_NE(what.find(needle), std::string::npos) << "expected '" << needle << "' in: " << what;
+      EXPECT_EQ(what.find('\n'), std::string::npos) << "message must be one line: " << what;
+    }
+  }
+
+  fs::path dir_;
+};
+
+TEST_F(Npy, RoundTripFloatAndDouble) {
+  const std::vector<std::vector<fa::index>> shapes = {{}, {0}, {1}, {7}, {3, 5}, {0, 4}, {2, 3, 4},
+                                                  {2, 1, 3, 2}};
+  for (const auto& shape : shapes) {
+    std::size_t n = 1;
+    for (const fa::index d : shape) n *= static_cast<std::size_t>(d);
+    std::vector<float> f(n);
+    std::vector<double> d(n);
+    for (std::size_t i = 0; i < n; ++i) {
+      f[i] = static_cast<float>(i) * 0.25f - 3.f;
+      d[i] = static_cast<double>(i) / 3.0 - 1e-300;
+    }
+    fa::io::write_npy(path("f.npy"), shape, f);
+    fa::io::write_npy(path("d.npy"), shape, d);
+    const auto rf = fa::io::read_npy<float>(path("f.npy"));
+    const auto rd = fa::io::read_npy<double>(path("d.npy"));
+    EXPECT_EQ(rf.shape, shape);
+    EXPECT_EQ(rf.data, f);
+    EXPECT_EQ(rd.shape, shape);
+    EXPECT_EQ(rd.data, d);
+    // Conversions: float file read as double is exact; double file read as float rounds.
+    const auto fd = fa::io::read_npy<double>(path("f.npy"));
+    for (std::size_t i = 0; i < n; ++i) EXPECT_EQ(fd.data[i], static_cast<double>(f[i]));
+    const auto df = fa::io::read_npy<float>(path("d.npy"));
+    for (std::size_t i = 0; i < n; ++i) EXPECT_EQ(df.data[i], static_cast<float>(d[i]));
+    // numpy pads the header so that the data starts on a 64-byte boundary.
+    EXPECT_EQ(fa::io::read_npy_header(path("f.npy")).data_offset % 64, 0u);
+    EXPECT_EQ(fa::io::read_npy_header(path("d.npy")).dtype, fa::io::npy_dtype::float64);
+  }
+}
+
+TEST_F(Npy, HeaderTextMatchesNumpy) {
+  fa::io::write_npy(path("a.npy"), std::vector<fa::index>{3, 4}, std::vector<float>(12, 1.f));
+  const std::string bytes = read_bytes(path("a.npy"));
+  EXPECT_EQ(bytes.substr(0, 8), std::string("\x93NUMPY\x01\x00", 8));
+  EXPECT_NE(bytes.find("{'descr': '<f4', 'fortran_order': False, 'shape': (3, 4), }"),
+            std::string::npos);
+  fa::io::write_npy(path("b.npy"), std::vector<fa::index>{5}, std::vector<double>(5, 1.0));
+  EXPECT_NE(read_bytes(path("b.npy")).find("'shape': (5,), }"), std::string::npos);
+}
+
+TEST_F(Npy, MatrixOverloadAndTestHelper) {
+  const auto m = fa::testing::gaussian<float>(6, 9, 3);
+  fa::io::write_npy(path("m.npy"), m);
+  const auto loaded = fa::testing::load_npy<float>(path("m.npy"));
+  ASSERT_EQ(loaded.shape, (std::vector<fa::index>{6, 9}));
+  EXPECT_EQ(fa::testing::as_matrix(loaded), m);
+  // Column-major input is written in C order too.
+  const Eigen::MatrixXd cm = Eigen::MatrixXd::Random(4, 3);
+  fa::io::write_npy(path("c.npy"), cm);
+  const auto c = fa::testing::load_npy<double>(path("c.npy"));
+  EXPECT_EQ(c.data[1], cm(0, 1));
+}
+
+TEST_F(Npy, AcceptsVersions2And3AndHeaderVariants) {
+  const std::string payload = floats({1.f, 2.f, 3.f, 4.f, 5.f, 6.f});
+  const std::vector<std::string> dicts = {
+      "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }",
+      "{\"descr\": \"<f4\", \"fortran_order\": False, \"shape\": (2, 3)}",
+      "{'shape': (2,3), 'fortran_order': False, 'descr': '<f4'}",
+      "{'descr':'<f4','fortran_order':False,'shape':(2L, 3L),}",
+  };
+  for (int major : {1, 2, 3}) {
+    for (const auto& dict : dicts) {
+      write_bytes(path("v.npy"), make(dict, payload, major));
+      const auto a = fa::io::read_npy<double>(path("v.npy"));
+      EXPECT_EQ(a.shape, (std::vector<fa::index>{2, 3})) << dict;
+      EXPECT_EQ(a.data, (std::vector<double>{1, 2, 3, 4, 5, 6})) << dict;
+    }
+  }
+  // Fortran order is harmless for 1-d arrays: it is the same layout.
+  write_bytes(path("f1.npy"),
+              make("{'descr': '<f4', 'fortran_order': True, 'shape': (6,), }", payload));
+  EXPECT_EQ(fa::io::read_npy<float>(path("f1.npy")).data.size(), 6u);
+}
+
+TEST_F(Npy, RejectsEachKindOfCorruption) {
+  const std::string good_dict = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }";
+  const std::string payload = floats({1.f, 2.f, 3.f, 4.f, 5.f, 6.f});
+  struct bad {
+    std::string name, bytes, needle;
+  };
+  std::string bad_magic = make(good_dict, payload);
+  bad_magic[1] = 'X';
+  std::string bad_version = make(good_dict, payload);
+  bad_version[6] = 4;
+  std::string bad_minor = make(good_dict, payload);
+  bad_minor[7] = 1;
+  std::string long_header = make(good_dict, payload);
+  long_header[8] = '\xff';
+  long_header[9] = '\x7f';
+  const std::vector<bad> cases = {
+      {"empty", "", "too short"},
+      {"magic", bad_magic, "bad magic"},
+      {"text", "hello world, this is not numpy", "bad magic"},
+      {"version", bad_version, "version 4.0"},
+      {"minor", bad_minor, "version 1.1"},
+      {"header_len", long_header, "truncated header"},
+      {"preamble_only", make(good_dict, payload).substr(0, 9), "too short"},
+      {"truncated_header", make(good_dict, payload).substr(0, 40), "truncated header"},
+      {"truncated_data", make(good_dict, payload).substr(0, 128 + 20), "truncated data"},
+      {"extra_data", make(good_dict, payload + "xyzw"), "unexpected bytes"},
+      {"int_dtype", make("{'descr': '<i4', 'fortran_order': False, 'shape': (2, 3), }", payload),
+       "unsupported dtype '<i4'"},
+      {"half_dtype", make("{'descr': '<f2', 'fortran_order': False, 'shape': (2, 3), }", payload),
+       "unsupported dtype"},
+      {"struct_dtype", make("{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (6,), }", payload),
+       "dtype string"},
+      {"big_endian", make("{'descr': '>f4', 'fortran_order': False, 'shape': (2, 3), }", payload),
+       "big-endian"},
+      {"fortran", make("{'descr': '<f4', 'fortran_order': True, 'shape': (2, 3), }", payload),
+       "Fortran-order"},
+      {"shape_mismatch", make("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 4), }", payload),
+       "truncated data"},
+      {"shape_small", make("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 2), }", payload),
+       "unexpected bytes"},
+      {"shape_overflow",
+       make("{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296, 4294967296), }",
+            payload),
+       "truncated data"},
+      {"shape_huge_number",
+       make("{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999999999999999, ), }", payload),
+       "too large"},
+      {"negative_dim", make("{'descr': '<f4', 'fortran_order': False, 'shape': (-2, 3), }", payload),
+       "non-negative"},
+      {"shape_not_tuple", make("{'descr': '<f4', 'fortran_order': False, 'shape': [2, 3], }", payload),
+       "tuple"},
+      {"missing_key", make("{'descr': '<f4', 'shape': (2, 3), }", payload), "no 'fortran_order'"},
+      {"missing_shape", make("{'descr': '<f4', 'fortran_order': False}", payload), "no 'shape'"},
+      {"extra_key", make("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), 'x': 1}", payload),
+       "unexpected key 'x'"},
+      {"duplicate_key",
+       make("{'descr': '<f4', 'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }", payload),
+       "duplicate"},
+      {"bad_bool", make("{'descr': '<f4', 'fortran_order': 0, 'shape': (2, 3), }", payload),
+       "True or False"},
+      {"not_dict", make("['descr', '<f4']", payload), "must start with '{'"},
+      {"unterminated", make("{'descr: <f4, fortran_order: False, shape: (2, 3) }", payload),
+       "unterminated"},
+      {"trailing_junk", make(good_dict + " x", payload), "after the header dict"},
+      {"nul_in_header", make(std::string("{'descr': '<f4'\0", 16), payload, 1, true), "NUL"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.name);
+    write_bytes(path(c.name + ".npy"), c.bytes);
+    expect_error(path(c.name + ".npy"), c.needle);
+  }
+  expect_error(path("does_not_exist.npy"), "no such file");
+  expect_error(dir_.string(), "is a directory");
+}
+
+TEST_F(Npy, RandomCorruptionNeverCrashes) {
+  // Every flip of one byte, and random multi-byte damage, either loads or throws
+  // invalid_argument; a loaded array is always consistent with its shape.
+  std::vector<float> values(12);
+  for (std::size_t i = 0; i < values.size(); ++i) values[i] = static_cast<float>(i);
+  fa::io::write_npy(path("good.npy"), std::vector<fa::index>{3, 4}, values);
+  const std::string good = read_bytes(path("good.npy"));
+  std::mt19937_64 gen(5);
+  int loaded = 0, rejected = 0;
+  auto check = [&](const std::string& bytes) {
+    write_bytes(path("fuzz.npy"), bytes);
+    try {
+      const auto a = fa::io::read_npy<double>(path("fuzz.npy"));
+      std::size_t n = 1;
+      for (const fa::index d : a.shape) n *= static_cast<std::size_t>(d);
+      EXPECT_EQ(n, a.data.size());
+      ++loaded;
+    } catch (const fa::invalid_argument&) {
+      ++rejected;
+    }
+  };
+  for (std::size_t pos = 0; pos < good.size(); ++pos) {
+    for (const int value : {0x00, 0xff, 0x20, 0x28, 0x39}) {
+      std::string bytes = good;
+      bytes[pos] = static_cast<char>(value);
+      check(bytes);
+    }
+  }
+  for (int trial = 0; trial < 2000; ++trial) {
+    std::string bytes = good;
+    const int kind = trial % 3;
+    if (kind == 0) {
+      bytes.resize(std::uniform_int_distribution<std::size_t>(0, good.size() - 1)(gen));
+    } else {
+      const int flips = 1 + trial % 8;
+      for (int f = 0; f < flips; ++f) {
+        const auto pos = std::uniform_int_distribution<std::size_t>(0, bytes.size() - 1)(gen);
+        bytes[pos] = static_cast<char>(std::uniform_int_distribution<int>(0, 255)(gen));
+      }
+      if (kind == 2) bytes += std::string(static_cast<std::size_t>(trial % 17), '\x01');
+    }
+    check(bytes);
+  }
+  EXPECT_GT(loaded, 0);
+  EXPECT_GT(rejected, 0);
+}
+
+TEST_F(Npy, WriteRejectsInconsistentShape) {
+  EXPECT_THROW(fa::io::write_npy(path("w.npy"), std::vector<fa::index>{2, 3}, std::vector<float>(5)),
+               fa::invalid_argument);
+  EXPECT_THROW(fa::io::write_npy(path("w.npy"), std::vector<fa::index>{-1}, std::vector<float>(0)),
+               fa::invalid_argument);
+  EXPECT_THROW(fa::io::write_npy(dir_.string() + "/no/such/dir/w.npy", std::vector<fa::index>{1},
+                                 std::vector<float>(1)),
+               fa::invalid_argument);
+}
+
+}  // namespace
