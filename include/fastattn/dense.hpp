@@ -23,8 +23,9 @@ struct dense {
   static constexpr bool is_exact = true;
   static constexpr bool supports_causal = true;
 
-  index query_block = 64;  ///< queries per block, >= 1
-  index key_block = 256;   ///< keys per block, >= 1
+  // Defaults tuned on an AVX-512 core at E = M = 64 (a 128 x 512 float score tile is 256 KiB).
+  index query_block = 128;  ///< queries per block, >= 1
+  index key_block = 512;    ///< keys per block, >= 1
 
   template <class T>
   void compute(const_view<T> q, const_view<T> k, const_view<T> v, view<T> out,

@@ -1,0 +1,163 @@
+// The benchmark harness shared by every kernel's benchmark file.
+//
+// Contract (DESIGN.md): benchmarks are named `<kernel>/N:<N>`, one head, E = M = 64, float, one
+// thread, inputs drawn around 16 centres (peaked attention), a fixed seed, and carry the counters
+// `flops` (the work the kernel does, as a rate) and, for N <= 4096, `rel_err` against a float64
+// reference computed outside the timed region.
+//
+// A kernel file registers itself at static-initialisation time:
+//
+//   static const bool registered = fastattn::bench::register_kernel(
+//       "clustered", fastattn::clustered{}, [](fastattn::index n) { return flops...; });
+#pragma once
+
+#include <benchmark/benchmark.h>
+
+#include <fastattn/attention.hpp>
+#include <fastattn/multihead.hpp>
+
+#include <array>
+#include <chrono>
+#include <vector>
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+
+#include "reference.hpp"
+
+namespace fastattn::bench {
+
+inline constexpr index head_dim = 64;          // E = M
+inline constexpr std::uint64_t input_seed = 2024;
+inline constexpr index min_n = 256;
+inline constexpr index max_n = 32768;
+inline constexpr index max_n_with_error = 4096;  // rel_err is computed up to this N
+
+/// One benchmark problem: q, k, v of N tokens, and the exact output when N is small enough.
+struct problem {
+  matrix<float> q, k, v;
+  std::unique_ptr<testing::matd> exact;  // float64 reference, computed once on first use
+};
+
+/// The cached problem of size N (same inputs for every kernel).
+inline problem& get_problem(index n) {
+  static std::map<index, std::unique_ptr<problem>> cache;
+  static std::mutex mutex;
+  const std::lock_guard lock(mutex);
+  auto& slot = cache[n];
+  if (!slot) {
+    auto in = testing::make_peaked<float>(n, n, head_dim, head_dim, input_seed + static_cast<std::uint64_t>(n));
+    slot = std::make_unique<problem>();
+    slot->q = std::move(in.q);
+    slot->k = std::move(in.k);
+    slot->v = std::move(in.v);
+  }
+  return *slot;
+}
+
+/// The float64 exact output of problem N (computed on first call, never inside a timed region).
+inline const testing::matd& exact_output(index n) {
+  problem& p = get_problem(n);
+  if (!p.exact) p.exact = std::make_unique<testing::matd>(testing::reference_attention(p.q, p.k, p.v));
+  return *p.exact;
+}
+
+/// Sets the `flops` rate counter and, for small N, `rel_err` of `out` against the reference.
+inline void report(benchmark::State& state, index n, double flops_per_call, const matrix<float>* out) {
+  state.counters["flops"] = benchmark::Counter(flops_per_call, benchmark::Counter::kIsIterationInvariantRate);
+  if (out && n <= max_n_with_error)
+    state.counters["rel_err"] = testing::relative_error(*out, exact_output(n));
+  state.counters["N"] = static_cast<double>(n);
+}
+
+/// Times policy.compute on problem N (the front door's checks included, as a user would call it).
+template <attention_policy Policy, class FlopFn>
+void run_kernel(benchmark::State& state, const Policy& policy, index n, FlopFn flops) {
+  problem& p = get_problem(n);
+  if (n <= max_n_with_error) (void)exact_output(n);
+  matrix<float> out(n, head_dim);
+  // Warm up (caches, page faults of first-touch scratch, clock ramp) for at least 0.1 s.
+  const auto warm_until = std::chrono::steady_clock::now() + std::chrono::milliseconds(100);
+  do attention(policy, p.q, p.k, p.v, view<float>(out));
+  while (std::chrono::steady_clock::now() < warm_until);
+  for (auto _ : state) {
+    attention(policy, p.q, p.k, p.v, view<float>(out));
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  report(state, n, static_cast<double>(flops(n)), &out);
+}
+
+inline constexpr index scaling_n = 4096;     // thread-scaling problem: B = 1, L = S = 4096,
+inline constexpr index scaling_heads = 8;    // H = 8, through the multi-head driver
+
+/// Times multihead_attention over (1, scaling_n, scaling_heads, head_dim) on `threads` threads
+/// (wall-clock time).
+template <attention_policy Policy>
+void run_multihead(benchmark::State& state, const Policy& policy, int threads) {
+  static const auto buffers = [] {
+    std::vector<float> q, k, v;
+    const index H = scaling_heads, n = scaling_n;
+    q.resize(static_cast<std::size_t>(n * H * head_dim));
+    k.resize(q.size());
+    v.resize(q.size());
+    for (index h = 0; h < H; ++h) {
+      const auto in = testing::make_peaked<float>(n, n, head_dim, head_dim, input_seed + 100 + static_cast<std::uint64_t>(h));
+      for (index t = 0; t < n; ++t)
+        for (index e = 0; e < head_dim; ++e) {
+          const auto at = static_cast<std::size_t>((t * H + h) * head_dim + e);
+          q[at] = in.q(t, e);
+          k[at] = in.k(t, e);
+          v[at] = in.v(t, e);
+        }
+    }
+    return std::array<std::vector<float>, 3>{std::move(q), std::move(k), std::move(v)};
+  }();
+  std::vector<float> out(buffers[0].size());
+  multihead_options opt;
+  opt.threads = threads;
+  const tensor_view<const float> q{buffers[0].data(), 1, scaling_n, scaling_heads, head_dim},
+      k{buffers[1].data(), 1, scaling_n, scaling_heads, head_dim},
+      v{buffers[2].data(), 1, scaling_n, scaling_heads, head_dim};
+  for (auto _ : state) {
+    multihead_attention(policy, q, k, v, tensor_view<float>{out.data(), 1, scaling_n, scaling_heads, head_dim}, opt);
+    benchmark::DoNotOptimize(out.data());
+  }
+  state.counters["threads"] = threads;
+}
+
+/// Registers `<name>/N:<n>` for n = min_n, 2 min_n, ..., up to `largest`, and the thread-scaling
+/// pair `multihead/<name>/threads:<1|2>`.
+template <attention_policy Policy, class FlopFn>
+bool register_kernel(std::string_view name, Policy policy, FlopFn flops, index largest = max_n) {
+  for (index n = min_n; n <= largest; n *= 2) {
+    const std::string full = std::string(name) + "/N:" + std::to_string(n);
+    benchmark::RegisterBenchmark(full.c_str(), [policy, flops, n](benchmark::State& state) {
+      run_kernel(state, policy, n, flops);
+    })->Unit(benchmark::kMillisecond);
+  }
+  for (int threads : {1, 2}) {
+    const std::string full = "multihead/" + std::string(name) + "/threads:" + std::to_string(threads);
+    benchmark::RegisterBenchmark(full.c_str(), [policy, threads](benchmark::State& state) {
+      run_multihead(state, policy, threads);
+    })->Unit(benchmark::kMillisecond)->UseRealTime();
+  }
+  return true;
+}
+
+/// Registers one point of a knob sweep, `sweep/<name>/<setting>/N:<n>` (for error_vs_time).
+template <attention_policy Policy, class FlopFn>
+bool register_sweep(std::string_view name, std::string_view setting, Policy policy, FlopFn flops,
+                    index n = max_n_with_error) {
+  const std::string full =
+      "sweep/" + std::string(name) + "/" + std::string(setting) + "/N:" + std::to_string(n);
+  benchmark::RegisterBenchmark(full.c_str(), [policy, flops, n](benchmark::State& state) {
+    run_kernel(state, policy, n, flops);
+  })->Unit(benchmark::kMillisecond);
+  return true;
+}
+
+}  // namespace fastattn::bench
