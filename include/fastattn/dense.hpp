@@ -7,6 +7,7 @@
 
 #include "attention.hpp"
 #include "detail/online_softmax.hpp"
+#include "detail/scratch.hpp"
 
 namespace fastattn {
 
@@ -14,7 +15,9 @@ namespace fastattn {
 ///
 /// Queries are processed in blocks of `query_block` rows; for each block the keys are streamed in
 /// blocks of `key_block` rows through an online softmax, so the extra memory is
-/// O(query_block * (key_block + M + E)) whatever L and S are: no L x S matrix is ever formed.
+/// O(query_block * (key_block + M + E)) whatever L and S are: no L x S matrix is ever formed. The
+/// scratch comes from the calling thread's reusable arena (detail/scratch.hpp), so repeated calls
+/// allocate nothing.
 /// Cost: 4 L S E flops for E = M (2 L S E for Q K^T, 2 L S M for P V) plus L S exponentials;
 /// causal halves both. Supports key and query padding and causal masking; a row with no visible
 /// key outputs zeros.
@@ -39,8 +42,9 @@ struct dense {
 
     const index bq = std::min(query_block, Lv);
     const index bk = std::min(key_block, std::max<index>(Sv, 1));
+    const detail::arena::scope scratch;
     detail::online_softmax<T> softmax(bq, bk, v.cols());
-    matrix<T> scaled_q(bq, q.cols());
+    auto scaled_q = detail::scratch_matrix<T>(bq, q.cols());
     const T scale = static_cast<T>(ctx.scale);
 
     for (index i0 = 0; i0 < Lv; i0 += bq) {

@@ -9,6 +9,7 @@
 #include <limits>
 
 #include "../attention.hpp"
+#include "scratch.hpp"
 
 namespace fastattn::detail {
 
@@ -17,12 +18,13 @@ class online_softmax {
  public:
   using vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
 
-  /// Scratch for up to `max_rows` queries, `max_cols` keys per block and `value_dim` outputs.
+  /// Scratch for up to `max_rows` queries, `max_cols` keys per block and `value_dim` outputs,
+  /// taken from the calling thread's arena (the caller holds an `arena::scope`).
   online_softmax(index max_rows, index max_cols, index value_dim)
-      : scores_(max_rows, std::max<index>(max_cols, 1)),
-        acc_(max_rows, value_dim),
-        max_(max_rows),
-        sum_(max_rows) {}
+      : scores_(scratch_matrix<T>(max_rows, std::max<index>(max_cols, 1))),
+        acc_(scratch_matrix<T>(max_rows, value_dim)),
+        max_(scratch_vector<T>(max_rows)),
+        sum_(scratch_vector<T>(max_rows)) {}
 
   /// Starts a new block of `rows` queries.
   void reset(index rows) {
@@ -81,10 +83,10 @@ class online_softmax {
   }
 
  private:
-  matrix<T> scores_;
-  matrix<T> acc_;
-  vector max_;
-  vector sum_;
+  Eigen::Map<matrix<T>, Eigen::Aligned64> scores_;
+  Eigen::Map<matrix<T>, Eigen::Aligned64> acc_;
+  Eigen::Map<vector, Eigen::Aligned64> max_;
+  Eigen::Map<vector, Eigen::Aligned64> sum_;
   index rows_ = 0;
 };
 

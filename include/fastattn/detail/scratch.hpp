@@ -1,0 +1,148 @@
+// Per-thread scratch memory reused across calls.
+//
+// Kernels need O(block * S)-sized scratch on every call. Allocating it afresh each time costs
+// little in a loop of large calls, but a model calls attention once per head and layer, and on
+// many systems each fresh allocation of a few hundred KiB is an mmap, page faults and a munmap:
+// measured here, that made a 256-token dense call 5x slower than its arithmetic. So each thread
+// keeps one arena that grows to the largest need seen and is then reused: after the first call,
+// a kernel touches no new pages. Allocation is a pointer bump; `scope` returns the memory taken
+// inside it, so kernels that call other kernels (clustered runs dense on its centroids) nest.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <memory>
+#include <new>
+#include <vector>
+
+#include "../attention.hpp"
+
+namespace fastattn::detail {
+
+class arena {
+ public:
+  static constexpr std::size_t alignment = 64;  // a cache line, and an AVX-512 register
+
+  /// The calling thread's arena.
+  static arena& local() {
+    thread_local arena instance;
+    return instance;
+  }
+
+  /// Memory taken inside a scope is returned when it ends (scopes nest, last in first out).
+  class scope {
+   public:
+    explicit scope(arena& a = local()) : arena_(a), block_(a.current_), offset_(a.offset_) {}
+    ~scope() { arena_.release(block_, offset_); }
+    scope(const scope&) = delete;
+    scope& operator=(const scope&) = delete;
+
+   private:
+    arena& arena_;
+    std::size_t block_, offset_;
+  };
+
+  /// `count` uninitialised objects of trivial type T, 64-byte aligned, valid until the scope
+  /// that was innermost when they were taken ends.
+  template <class T>
+  T* take(std::size_t count) {
+    static_assert(std::is_trivially_copyable_v<T>);
+    return static_cast<T*>(allocate(count * sizeof(T)));
+  }
+
+  /// Bytes currently reserved by this thread's arena.
+  std::size_t capacity() const noexcept {
+    std::size_t total = 0;
+    for (const auto& b : blocks_) total += b.size;
+    return total;
+  }
+
+  /// Frees everything (only outside any scope).
+  void release_all() noexcept {
+    if (current_ == 0 && offset_ == 0) blocks_.clear();
+  }
+
+ private:
+  struct block {
+    struct deleter {
+      void operator()(std::byte* p) const noexcept { ::operator delete[](p, std::align_val_t{alignment}); }
+    };
+    std::unique_ptr<std::byte[], deleter> data;
+    std::size_t size = 0;
+  };
+
+  static std::size_t round_up(std::size_t bytes) noexcept {
+    return (bytes + alignment - 1) / alignment * alignment;
+  }
+
+  void* allocate(std::size_t bytes) {
+    bytes = round_up(bytes == 0 ? 1 : bytes);
+    while (current_ < blocks_.size()) {
+      if (blocks_[current_].size - offset_ >= bytes) {
+        void* p = blocks_[current_].data.get() + offset_;
+        offset_ += bytes;
+        return p;
+      }
+      // Does not fit in the rest of this block: continue in the next one.
+      ++current_;
+      offset_ = 0;
+    }
+    const std::size_t last = blocks_.empty() ? 0 : blocks_.back().size;
+    const std::size_t size = std::max({bytes, 2 * last, std::size_t{1} << 16});
+    block b;
+    b.data.reset(static_cast<std::byte*>(::operator new[](size, std::align_val_t{alignment})));
+    b.size = size;
+    blocks_.push_back(std::move(b));
+    current_ = blocks_.size() - 1;
+    offset_ = bytes;
+    return blocks_.back().data.get();
+  }
+
+  void release(std::size_t block_index, std::size_t offset) noexcept {
+    current_ = block_index;
+    offset_ = offset;
+    // Back at the bottom with several blocks: merge them into one so the next call of the same
+    // size fits in a single block and allocates nothing.
+    if (current_ == 0 && offset_ == 0 && blocks_.size() > 1) {
+      const std::size_t total = capacity();
+      blocks_.clear();
+      try {
+        block b;
+        b.data.reset(static_cast<std::byte*>(::operator new[](total, std::align_val_t{alignment})));
+        b.size = total;
+        blocks_.push_back(std::move(b));
+      } catch (const std::bad_alloc&) {
+        // Keep nothing; the next call allocates what it needs again.
+      }
+    }
+  }
+
+  std::vector<block> blocks_;
+  std::size_t current_ = 0;
+  std::size_t offset_ = 0;
+};
+
+/// A rows x cols row-major scratch matrix from the arena (uninitialised).
+template <class T>
+Eigen::Map<matrix<T>, Eigen::Aligned64> scratch_matrix(index rows, index cols, arena& a = arena::local()) {
+  return {a.take<T>(static_cast<std::size_t>(rows * cols)), rows, cols};
+}
+
+/// A scratch vector from the arena (uninitialised).
+template <class T>
+Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, 1>, Eigen::Aligned64> scratch_vector(index size, arena& a = arena::local()) {
+  return {a.take<T>(static_cast<std::size_t>(size)), size};
+}
+
+}  // namespace fastattn::detail
+
+namespace fastattn {
+
+/// Frees the calling thread's kernel scratch (fastattn keeps it between calls so that repeated
+/// calls allocate nothing). Call it outside any kernel, e.g. after a long sequence is done.
+inline void release_scratch() noexcept { detail::arena::local().release_all(); }
+
+/// Bytes of kernel scratch the calling thread currently keeps.
+inline std::size_t scratch_bytes() noexcept { return detail::arena::local().capacity(); }
+
+}  // namespace fastattn
