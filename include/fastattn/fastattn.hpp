@@ -4,3 +4,4 @@
 #include "attention.hpp"
 #include "dense.hpp"
 #include "multihead.hpp"
+#include "smyrf.hpp"

@@ -1,0 +1,208 @@
+// SMYRF: attention inside balanced clusters found by asymmetric LSH (Daras, Kitaev, Odena, Dimakis,
+// NeurIPS 2020).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string_view>
+
+#include "attention.hpp"
+#include "detail/balanced_clusters.hpp"
+#include "detail/e2lsh.hpp"
+#include "detail/online_softmax.hpp"
+#include "detail/rng.hpp"
+#include "detail/scratch.hpp"
+#include "detail/xbox.hpp"
+
+namespace fastattn {
+
+/// SMYRF attention: each query attends only to the keys of its cluster, in several hashing rounds.
+///
+/// Per round h = 0..hashes-1:
+/// 1. XBOX+ maps valid queries and keys to E + 2 dimensions (norms over valid rows only), so that
+///    a small Euclidean distance means a large inner product q.k;
+/// 2. an E2LSH projection alpha_h ~ N(0, I), beta_h ~ U(0, r) gives each row the real hash
+///    alpha_h . x + beta_h (same projection for queries and keys);
+/// 3. valid queries and valid keys are each sorted by (hash, position); the sorted queries are cut
+///    into n = ceil(Lv / cluster_size) consecutive clusters and the sorted keys into the same number
+///    of consecutive groups, sizes near-equal (they differ by at most one, so every query cluster
+///    holds at most cluster_size queries);
+/// 4. query cluster c attends (softmax(scale q.k) v) to key group c only, giving per query an
+///    output o_h,i and the log-sum-exp lse_h,i of its scores.
+///
+/// The rounds are merged as O_i = sum_h o_h,i exp(lse_h,i - logsumexp_h lse_h,i), in the log
+/// domain (no overflow however large the scores). A query sees the union of its clusters' keys,
+/// each key counted once per round it shares with the query.
+///
+/// Cost: O(hashes (Lv + Sv) E) for the projections (one (Lv x E)(E x hashes) product and one for
+/// the keys), O(hashes (Lv log Lv + Sv log Sv)) for the sorts, and
+/// 2 hashes sum_c |Q_c| |K_c| (E + M) ~ 2 hashes Lv (Sv / n) (E + M) flops for the attention, i.e.
+/// O(hashes cluster_size Sv (E + M)) instead of dense's O(Lv Sv (E + M)). Extra memory is
+/// O((Lv + Sv)(E + M + hashes)) plus a block of at most 64 x 256 scores: no Lv x Sv matrix.
+///
+/// Knobs (checked on every call; a violation throws `fastattn::invalid_argument` naming it):
+/// - `hashes` >= 1: hashing rounds. More rounds cost linearly and lower the error.
+/// - `cluster_size` >= 1: the largest number of queries in a cluster (the paper's 2 x 32 and
+///   2 x 16 were BERT settings at L = 128). `cluster_size >= Lv` makes one cluster holding every
+///   query and key: the output is then exact attention (up to rounding) for any `hashes`.
+/// - `r` > 0 and finite: the width of the E2LSH offset beta ~ U(0, r). Since the hash is not
+///   floored and queries and keys share the projection, beta shifts every hash of a round by the
+///   same amount and does not change the clusters; the knob is kept for fidelity to the paper.
+/// - `seed`: every random draw comes from `detail::rng(seed, context::stream)`: the same seed gives
+///   bit-identical output, and the multi-head driver gives each (batch, head) its own stream, so
+///   the result does not depend on the thread count.
+///
+/// Edge cases (defined here; the reference implementation asserts or crashes on them):
+/// - any Lv, Sv, L != S, Lv not a multiple of cluster_size: clusters are near-equal as above;
+/// - Sv < n (fewer valid keys than query clusters): the keys form Sv groups of one key, and query
+///   cluster c attends to key group floor(c Sv / n) (the group at the same quantile of the sorted
+///   order), so no cluster is ever empty and every valid key is used;
+/// - padded queries (index >= query_length) get zero output rows and padded keys (index >=
+///   key_length) get zero weight; neither enters the norms, the hashes, the sorts or the clusters,
+///   and their contents (even NaN) are never read;
+/// - Sv = 0 (every key padded): zero output; Lv = 0: nothing to do, zero output.
+/// - causal masking is not supported (`supports_causal` is false): asking throws.
+struct smyrf {
+  static constexpr std::string_view name = "smyrf";
+  static constexpr bool is_exact = false;
+  static constexpr bool supports_causal = false;
+
+  index hashes = 2;         ///< hashing rounds, >= 1
+  index cluster_size = 64;  ///< queries per cluster at most, >= 1
+  double r = 1.0;           ///< E2LSH offset width, finite and > 0
+  std::uint64_t seed = 0;   ///< seed of every random draw
+
+  template <class T>
+  void compute(const_view<T> q, const_view<T> k, const_view<T> v, view<T> out,
+               const context& ctx) const {
+    check_knobs();
+    const index Lv = ctx.query_length, Sv = ctx.key_length, E = q.cols(), M = v.cols();
+    out.bottomRows(out.rows() - Lv).setZero();
+    if (Lv == 0) return;
+    if (Sv == 0) {
+      out.topRows(Lv).setZero();
+      return;
+    }
+    const auto qv = q.topRows(Lv);
+    const auto kv = k.topRows(Sv);
+
+    // All scratch comes from the calling thread's arena (nothing is allocated once it has grown
+    // to this size) and is sized once per call.
+    const detail::arena::scope scratch;
+
+    // Hashes of every round: one product for the queries and one for the keys.
+    const detail::xbox_plus<T> xbox(qv, kv);
+    detail::rng gen(seed, ctx.stream);
+    const auto lsh = detail::e2lsh<T>::draw(gen, E, hashes, r);
+    auto query_hash = detail::scratch_matrix<T>(Lv, hashes);
+    auto key_hash = detail::scratch_matrix<T>(Sv, hashes);
+    lsh.hash_queries(qv, xbox, query_hash);
+    lsh.hash_keys(kv, xbox, key_hash);
+
+    // Each cluster's keys and values, and each block of its queries, are gathered into small
+    // contiguous blocks, so the work is small dense products.
+    const auto plan = detail::cluster_plan::make(Lv, Sv, cluster_size);
+    const index bq = std::min(query_block, plan.queries.max_size());
+    const index max_keys = plan.keys.max_size();
+    const index bk = std::min(key_block, max_keys);
+    detail::online_softmax<T> softmax(bq, bk, M);
+    auto block_q = detail::scratch_matrix<T>(bq, E);
+    auto block_out = detail::scratch_matrix<T>(bq, M);
+    auto group_k = detail::scratch_matrix<T>(max_keys, E);
+    auto group_v = detail::scratch_matrix<T>(max_keys, M);
+    auto block_lse = detail::scratch_vector<T>(bq);
+    auto run_max = detail::scratch_vector<T>(Lv);
+    auto run_sum = detail::scratch_vector<T>(Lv);
+    auto& pool = detail::arena::local();
+    const auto most = static_cast<std::size_t>(std::max(Lv, Sv));
+    detail::hash_entry* entries = pool.take<detail::hash_entry>(most);
+    detail::hash_entry* entries_scratch = pool.take<detail::hash_entry>(most);
+    index* query_order = pool.take<index>(static_cast<std::size_t>(Lv));
+    index* key_order = pool.take<index>(static_cast<std::size_t>(Sv));
+    const T scale = static_cast<T>(ctx.scale);
+
+    for (index h = 0; h < hashes; ++h) {
+      detail::sort_by_hash(query_hash.col(h), entries, entries_scratch, query_order);
+      detail::sort_by_hash(key_hash.col(h), entries, entries_scratch, key_order);
+
+      for (index c = 0; c < plan.clusters(); ++c) {
+        const index g = plan.key_group_of(c);
+        const index k0 = plan.keys.begin(g), keys = plan.keys.size(g);
+        for (index t = 0; t < keys; ++t) {
+          const index j = key_order[k0 + t];
+          group_k.row(t) = kv.row(j);
+          group_v.row(t) = v.row(j);
+        }
+        const index q0 = plan.queries.begin(c), q_end = q0 + plan.queries.size(c);
+        for (index i0 = q0; i0 < q_end; i0 += bq) {
+          const index rows = std::min(bq, q_end - i0);
+          for (index t = 0; t < rows; ++t)
+            block_q.row(t) = qv.row(query_order[i0 + t]) * scale;
+          softmax.reset(rows);
+          for (index j0 = 0; j0 < keys; j0 += bk) {
+            const index cols = std::min(bk, keys - j0);
+            softmax.scores(cols).noalias() =
+                block_q.topRows(rows) * group_k.middleRows(j0, cols).transpose();
+            softmax.absorb(cols, group_v.middleRows(j0, cols));
+          }
+          softmax.finish(block_out.topRows(rows), block_lse.data());
+          merge_round(h, rows, query_order + i0, block_out, block_lse, out, run_max,
+                      run_sum);
+        }
+      }
+    }
+    if (hashes > 1)
+      for (index i = 0; i < Lv; ++i) {
+        if (run_sum(i) > T(0))
+          out.row(i) /= run_sum(i);
+        else
+          out.row(i).setZero();
+      }
+  }
+
+ private:
+  static constexpr index query_block = 64;   // queries per score block inside a cluster
+  static constexpr index key_block = 256;    // keys per score block inside a cluster
+
+  // Folds one round's outputs of `rows` queries (positions in `rows_at`) into `out`, in the log
+  // domain: out holds sum_h o_h exp(lse_h - m) and run_sum holds sum_h exp(lse_h - m) for the
+  // running maximum m of the lse; a row that saw no key (lse = -inf) adds nothing.
+  template <class T, class Block, class Vector>
+  static void merge_round(index h, index rows, const index* rows_at, const Block& block_out,
+                          const Vector& block_lse, view<T>& out, Vector& run_max,
+                          Vector& run_sum) {
+    constexpr T minus_inf = -std::numeric_limits<T>::infinity();
+    for (index t = 0; t < rows; ++t) {
+      const index i = rows_at[t];
+      const T lse = block_lse(t);
+      if (h == 0 || !(run_max(i) > minus_inf)) {
+        out.row(i) = block_out.row(t);  // zero when the row saw no key
+        run_max(i) = lse;
+        run_sum(i) = lse > minus_inf ? T(1) : T(0);
+      } else if (!(lse > minus_inf)) {
+        continue;
+      } else if (lse <= run_max(i)) {
+        const T w = std::exp(lse - run_max(i));
+        out.row(i) += w * block_out.row(t);
+        run_sum(i) += w;
+      } else {
+        const T w = std::exp(run_max(i) - lse);
+        out.row(i) = out.row(i) * w + block_out.row(t);
+        run_sum(i) = run_sum(i) * w + T(1);
+        run_max(i) = lse;
+      }
+    }
+  }
+
+  void check_knobs() const {
+    if (hashes < 1) detail::fail("smyrf: hashes must be >= 1, got hashes = ", hashes);
+    if (cluster_size < 1)
+      detail::fail("smyrf: cluster_size must be >= 1, got cluster_size = ", cluster_size);
+    if (!(r > 0.0) || !std::isfinite(r))
+      detail::fail("smyrf: r must be finite and > 0, got r = ", r);
+  }
+};
+
+}  // namespace fastattn
