@@ -1,0 +1,119 @@
+// The machinery clustered and improved_clustered share: knob checks, hashing plus Hamming
+// k-means of the valid queries, centroids in query space, and the broadcast of per-cluster rows.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <string_view>
+#include <vector>
+
+#include "../attention.hpp"
+#include "hamming_kmeans.hpp"
+#include "hyperplane_hash.hpp"
+#include "rng.hpp"
+
+namespace fastattn::detail {
+
+/// The clustering knobs of clustered and improved_clustered.
+struct clustering_knobs {
+  index clusters;
+  int bits;
+  int iterations;
+  bool hash_bias;
+};
+
+/// Throws fastattn::invalid_argument naming the first bad knob and its value.
+inline void check_clustering_knobs(std::string_view kernel, const clustering_knobs& knobs) {
+  if (knobs.clusters < 1)
+    fail(kernel, ": clusters must be >= 1, got clusters = ", knobs.clusters);
+  if (knobs.clusters > index{0xFFFFFFFF})
+    fail(kernel, ": clusters must be < 2^32, got clusters = ", knobs.clusters);
+  if (knobs.bits < 1 || knobs.bits > 64)
+    fail(kernel, ": bits must be in [1, 64], got bits = ", knobs.bits);
+  if (knobs.iterations < 1)
+    fail(kernel, ": iterations must be >= 1, got iterations = ", knobs.iterations);
+}
+
+/// Clusters of the valid queries: hash (hyperplane_hash), Hamming k-means (hamming_kmeans),
+/// then the non-empty clusters renumbered 0..count()-1 in order of their k-means index, their
+/// members listed in ascending query order, and their centroids in query space (the mean of the
+/// members' raw queries). Scratch is kept in the object and sized once per run.
+template <class T>
+class query_clustering {
+ public:
+  /// Clusters rows [0, valid) of q into min(knobs.clusters, valid) k-means clusters, drawing from
+  /// `gen` (hyperplanes first, then k-means). Preconditions: valid >= 1, knobs checked.
+  void run(const_view<T> q, index valid, const clustering_knobs& knobs, rng& gen) {
+    const index E = q.cols();
+    const index clusters = std::min(knobs.clusters, valid);
+    const auto n = static_cast<std::size_t>(valid);
+
+    hashes_.resize(n);
+    const hyperplane_hash<T> hash(E, knobs.bits, knobs.hash_bias, gen);
+    hash(q.topRows(valid), hashes_.data());
+    kmeans_.run(hashes_.data(), valid, clusters, knobs.bits, knobs.iterations, gen);
+    const std::vector<index>& assignment = kmeans_.assignment();
+
+    // Counting sort of the queries by cluster; empty clusters are dropped.
+    renumber_.assign(static_cast<std::size_t>(clusters), 0);
+    for (const index c : assignment) ++renumber_[static_cast<std::size_t>(c)];
+    offsets_.reserve(static_cast<std::size_t>(clusters) + 1);
+    offsets_.assign(1, 0);
+    for (auto& slot : renumber_) {
+      const index size = slot;
+      slot = size > 0 ? static_cast<index>(offsets_.size()) - 1 : -1;
+      if (size > 0) offsets_.push_back(offsets_.back() + size);
+    }
+    const index count = static_cast<index>(offsets_.size()) - 1;
+    members_.resize(n);
+    cursor_.assign(offsets_.begin(), offsets_.end() - 1);
+    for (index i = 0; i < valid; ++i) {
+      const auto j = static_cast<std::size_t>(renumber_[static_cast<std::size_t>(assignment[static_cast<std::size_t>(i)])]);
+      members_[static_cast<std::size_t>(cursor_[j]++)] = i;
+    }
+
+    // Centroids in query space: the mean of the members' raw queries.
+    centroids_.setZero(count, E);
+    for (index j = 0; j < count; ++j) {
+      for (index r = begin(j); r < end(j); ++r) centroids_.row(j) += q.row(member(r));
+      centroids_.row(j) /= static_cast<T>(size(j));
+    }
+  }
+
+  /// Non-empty clusters.
+  index count() const noexcept { return static_cast<index>(offsets_.size()) - 1; }
+  /// Cluster j's members are member(r) for r in [begin(j), end(j)), ascending.
+  index begin(index j) const noexcept { return offsets_[static_cast<std::size_t>(j)]; }
+  index end(index j) const noexcept { return offsets_[static_cast<std::size_t>(j) + 1]; }
+  index size(index j) const noexcept { return end(j) - begin(j); }
+  index member(index r) const noexcept { return members_[static_cast<std::size_t>(r)]; }
+  /// Size of the largest cluster.
+  index largest() const noexcept {
+    index most = 0;
+    for (index j = 0; j < count(); ++j) most = std::max(most, size(j));
+    return most;
+  }
+  /// count() x E: the mean raw query of each cluster.
+  const matrix<T>& centroids() const noexcept { return centroids_; }
+  /// The hashes of the valid queries and the k-means that clustered them (for tests).
+  const std::vector<std::uint64_t>& hashes() const noexcept { return hashes_; }
+  const hamming_kmeans& kmeans() const noexcept { return kmeans_; }
+
+  /// Writes row j of `rows` (count() x M) into the output row of every member of cluster j.
+  template <class Rows>
+  void broadcast(const Rows& rows, view<T> out) const {
+    for (index j = 0; j < count(); ++j)
+      for (index r = begin(j); r < end(j); ++r) out.row(member(r)) = rows.row(j);
+  }
+
+ private:
+  std::vector<std::uint64_t> hashes_;
+  hamming_kmeans kmeans_;
+  std::vector<index> renumber_;  // k-means cluster -> non-empty cluster (or -1)
+  std::vector<index> offsets_;   // count + 1
+  std::vector<index> cursor_;
+  std::vector<index> members_;   // valid queries grouped by cluster
+  matrix<T> centroids_;
+};
+
+}  // namespace fastattn::detail

@@ -1,0 +1,135 @@
+// K-means in Hamming space over 64-bit hashes (clustered attention, step 2).
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <bit>
+#include <cstdint>
+#include <vector>
+
+#include "../attention.hpp"
+#include "rng.hpp"
+
+namespace fastattn::detail {
+
+/// Lloyd's algorithm on B-bit hashes with the Hamming distance popcount(h xor c).
+///
+/// - Initial centroids: the hashes of C distinct indices drawn uniformly from [0, n) (a partial
+///   Fisher-Yates shuffle with `gen.below`).
+/// - `iterations` assignment passes with `iterations - 1` centroid updates between them (the
+///   reference's loop): iterations = 1 assigns every hash to the initial centroids only.
+/// - Assignment: argmin over clusters of popcount(h xor c_j), ties to the lowest j.
+/// - Update: per bit, the majority vote of the members' bits (a tie gives 0), from per-cluster bit
+///   counts gathered in one pass over the hashes, O(n B). A cluster with no member gets the hash
+///   of a uniformly drawn index instead (**ours**: the reference draws a random word from an
+///   unseedable generator, which almost never attracts a member at B = 63).
+/// - When an assignment pass changes nothing and the update before it refilled no cluster, the
+///   centroids are a fixed point and the remaining passes would repeat it: they are skipped. The
+///   result is bit-identical to running them.
+///
+/// Cost: O(passes n C) popcounts + O(passes n B) counting; memory O(n + C B).
+class hamming_kmeans {
+ public:
+  /// Clusters hashes[0..n). Preconditions: 1 <= clusters <= n, clusters < 2^32,
+  /// 1 <= bits <= 64, iterations >= 1, and every hash has no bit set at or above `bits`.
+  void run(const std::uint64_t* hashes, index n, index clusters, int bits, int iterations,
+           rng& gen) {
+    const auto count = static_cast<std::size_t>(clusters);
+    centroids_.resize(count);
+    sizes_.resize(count);
+    bit_counts_.resize(count * 64);
+    assignment_.assign(static_cast<std::size_t>(n), -1);
+
+    // Initial centroids: C distinct indices drawn uniformly (partial Fisher-Yates shuffle).
+    order_.resize(static_cast<std::size_t>(n));
+    for (index i = 0; i < n; ++i) order_[static_cast<std::size_t>(i)] = i;
+    for (index c = 0; c < clusters; ++c) {
+      const auto pick = c + static_cast<index>(gen.below(static_cast<std::uint64_t>(n - c)));
+      std::swap(order_[static_cast<std::size_t>(c)], order_[static_cast<std::size_t>(pick)]);
+      centroids_[static_cast<std::size_t>(c)] = hashes[order_[static_cast<std::size_t>(c)]];
+    }
+
+    passes_ = 0;
+    bool refilled = true;
+    for (int pass = 0; pass < iterations; ++pass) {
+      const bool changed = assign(hashes, n);
+      ++passes_;
+      if (pass + 1 == iterations || (!changed && !refilled)) break;
+      refilled = update(hashes, n, bits, gen);
+    }
+  }
+
+  /// Cluster of each hash, in [0, clusters).
+  const std::vector<index>& assignment() const noexcept { return assignment_; }
+  /// The centroids the last assignment pass used.
+  const std::vector<std::uint64_t>& centroids() const noexcept { return centroids_; }
+  /// Assignment passes actually run (<= iterations; fewer when a fixed point was reached).
+  int passes() const noexcept { return passes_; }
+
+ private:
+  static constexpr std::array<std::uint64_t, 64> bit_masks = [] {
+    std::array<std::uint64_t, 64> masks{};
+    for (unsigned b = 0; b < 64; ++b) masks[b] = std::uint64_t{1} << b;
+    return masks;
+  }();
+
+  // One assignment pass; returns whether any hash changed cluster.
+  bool assign(const std::uint64_t* hashes, index n) {
+    const std::uint64_t* centroids = centroids_.data();
+    const auto clusters = static_cast<std::uint64_t>(centroids_.size());
+    bool changed = false;
+    for (index i = 0; i < n; ++i) {
+      const std::uint64_t h = hashes[i];
+      // (distance << 32 | cluster): the minimum key is the nearest centroid with the lowest
+      // index, and a plain min-reduction the compiler vectorises.
+      std::uint64_t best = ~std::uint64_t{0};
+      for (std::uint64_t j = 0; j < clusters; ++j) {
+        const auto distance = static_cast<std::uint64_t>(std::popcount(h ^ centroids[j]));
+        best = std::min(best, (distance << 32) | j);
+      }
+      const auto cluster = static_cast<index>(best & 0xFFFFFFFFu);
+      auto& slot = assignment_[static_cast<std::size_t>(i)];
+      changed |= slot != cluster;
+      slot = cluster;
+    }
+    return changed;
+  }
+
+  // Majority-vote update; returns whether an empty cluster was refilled.
+  bool update(const std::uint64_t* hashes, index n, int bits, rng& gen) {
+    std::fill(sizes_.begin(), sizes_.end(), 0u);
+    std::fill(bit_counts_.begin(), bit_counts_.end(), 0u);
+    for (index i = 0; i < n; ++i) {
+      const auto c = static_cast<std::size_t>(assignment_[static_cast<std::size_t>(i)]);
+      ++sizes_[c];
+      const std::uint64_t h = hashes[i];
+      std::uint32_t* counts = bit_counts_.data() + c * 64;
+      // Masks from a table rather than a variable shift: the form compilers vectorise.
+      for (std::size_t b = 0; b < 64; ++b) counts[b] += (h & bit_masks[b]) != 0 ? 1u : 0u;
+    }
+    bool refilled = false;
+    for (std::size_t c = 0; c < centroids_.size(); ++c) {
+      if (sizes_[c] == 0) {
+        centroids_[c] = hashes[gen.below(static_cast<std::uint64_t>(n))];
+        refilled = true;
+        continue;
+      }
+      const std::uint32_t* counts = bit_counts_.data() + c * 64;
+      std::uint64_t centroid = 0;
+      for (int b = 0; b < bits; ++b)
+        centroid |= static_cast<std::uint64_t>(2 * static_cast<std::uint64_t>(counts[b]) > sizes_[c])
+                    << b;
+      centroids_[c] = centroid;
+    }
+    return refilled;
+  }
+
+  std::vector<std::uint64_t> centroids_;
+  std::vector<std::uint32_t> sizes_;
+  std::vector<std::uint32_t> bit_counts_;  // clusters x 64
+  std::vector<index> assignment_;
+  std::vector<index> order_;
+  int passes_ = 0;
+};
+
+}  // namespace fastattn::detail

@@ -1,0 +1,68 @@
+// Random-hyperplane hashing of the queries (clustered attention, step 1): B hyperplanes with
+// thresholds, one bit per hyperplane, the B bits packed into one 64-bit word per query.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../attention.hpp"
+#include "rng.hpp"
+
+namespace fastattn::detail {
+
+/// B random hyperplanes in E dimensions, each with a threshold: bit b of a vector x is
+/// `x . a_b > t_b`, with every entry of a_b and t_b drawn N(0, 1) (the B x (E + 1) matrix of the
+/// reference implementation, whose last column is the threshold). With `bias = false` the
+/// thresholds are zero (sign hashing); the hyperplanes are the same as with `bias = true` for the
+/// same generator state, because the thresholds are drawn either way.
+///
+/// Draw order (part of the reproducibility contract): for b = 0..B-1, the E entries of a_b then
+/// t_b, each one `gen.normal()`, rounded to T.
+template <class T>
+class hyperplane_hash {
+ public:
+  /// Rows hashed per projection product: bounds the scratch to `block x B` whatever L is.
+  static constexpr index block = 256;
+
+  /// Draws the hyperplanes. Preconditions: dim >= 1, 1 <= bits <= 64.
+  hyperplane_hash(index dim, int bits, bool bias, rng& gen) : planes_(dim, bits), thresholds_(bits) {
+    for (int b = 0; b < bits; ++b) {
+      for (index e = 0; e < dim; ++e) planes_(e, b) = static_cast<T>(gen.normal());
+      const auto threshold = static_cast<T>(gen.normal());
+      thresholds_(b) = bias ? threshold : T(0);
+    }
+  }
+
+  int bits() const noexcept { return static_cast<int>(planes_.cols()); }
+  /// E x B: column b is hyperplane a_b.
+  const matrix<T>& planes() const noexcept { return planes_; }
+  /// B thresholds t_b (zero when bias is off).
+  const Eigen::Matrix<T, 1, Eigen::Dynamic>& thresholds() const noexcept { return thresholds_; }
+
+  /// Hashes the rows of `x` (n x E) into `out[0..n)`: bit b of out[i] is x_i . a_b > t_b; bits
+  /// at and above B are zero. All projections of a block of rows are one (rows x E) * (E x B)
+  /// product. Cost: 2 n E B flops.
+  template <class Rows>
+  void operator()(const Rows& x, std::uint64_t* out) const {
+    const index n = x.rows(), B = planes_.cols();
+    if (n == 0) return;
+    matrix<T> projections(std::min(block, n), B);
+    for (index i0 = 0; i0 < n; i0 += block) {
+      const index rows = std::min(block, n - i0);
+      projections.topRows(rows).noalias() = x.middleRows(i0, rows) * planes_;
+      for (index r = 0; r < rows; ++r) {
+        const T* p = projections.row(r).data();
+        const T* t = thresholds_.data();
+        std::uint64_t h = 0;
+        for (index b = 0; b < B; ++b) h |= static_cast<std::uint64_t>(p[b] > t[b]) << b;
+        out[i0 + r] = h;
+      }
+    }
+  }
+
+ private:
+  matrix<T> planes_;
+  Eigen::Matrix<T, 1, Eigen::Dynamic> thresholds_;
+};
+
+}  // namespace fastattn::detail

@@ -1,0 +1,103 @@
+// Partial selection of the k largest scores of a row (improved clustered attention's top-k keys).
+#pragma once
+
+#include <algorithm>
+#include <functional>
+#include <limits>
+#include <vector>
+
+#include "../attention.hpp"
+
+namespace fastattn::detail {
+
+/// Selects the indices of the k largest of n values, in ascending index order, with ties broken
+/// toward the lower index and NaN ranked below everything (so the result is a well-defined set).
+///
+/// Two-level selection: the values are cut into chunks of 16 and each chunk's maximum is taken
+/// with vector instructions. The k-th largest chunk maximum is a lower bound of the k-th largest
+/// value (k distinct values reach it), so only the chunks whose maximum reaches that bound can
+/// hold a selected value; std::nth_element over their candidates gives the exact k-th largest
+/// value, and a last pass over the same chunks collects the indices. Cost O(n) vectorised
+/// comparisons plus O(n / 16 + candidates) selection, typically a few times k. Scratch is kept
+/// across calls (O(n)).
+template <class T>
+class top_k {
+ public:
+  static constexpr index chunk = 16;
+
+  /// Writes the min(k, n) selected indices into out[0..min(k, n)). Preconditions: n, k >= 0.
+  void operator()(const T* values, index n, index k, index* out) {
+    if (k >= n) {
+      for (index i = 0; i < n; ++i) out[i] = i;
+      return;
+    }
+    if (k <= 0) return;
+    const index chunks = (n + chunk - 1) / chunk;
+    maxima_.resize(static_cast<std::size_t>(chunks));
+    candidates_.resize(static_cast<std::size_t>(n));
+    for (index c = 0; c < chunks; ++c) maxima_[static_cast<std::size_t>(c)] = chunk_max(values, n, c);
+
+    // Lower bound of the k-th largest value: the k-th largest chunk maximum.
+    T bound = lowest;
+    if (chunks > k) {
+      scratch_.assign(maxima_.begin(), maxima_.end());
+      std::nth_element(scratch_.begin(), scratch_.begin() + (k - 1), scratch_.end(),
+                       std::greater<T>());
+      bound = scratch_[static_cast<std::size_t>(k - 1)];
+    }
+
+    // Candidates: every value reaching the bound (all values when the bound is -inf).
+    index count = 0;
+    for (index c = 0; c < chunks; ++c) {
+      if (maxima_[static_cast<std::size_t>(c)] < bound) continue;
+      const index last = std::min(n, (c + 1) * chunk);
+      for (index i = c * chunk; i < last; ++i) {
+        const T x = key(values[i]);
+        if (x >= bound) candidates_[static_cast<std::size_t>(count++)] = x;
+      }
+    }
+    // count >= k: k chunks reach the bound, each with at least one value reaching it.
+    T* cand = candidates_.data();
+    std::nth_element(cand, cand + (k - 1), cand + count, std::greater<T>());
+    const T kth = cand[k - 1];
+    index above = 0;  // every value above kth is a candidate
+    for (index i = 0; i < count; ++i) above += cand[i] > kth ? 1 : 0;
+    index ties = k - above;  // values equal to kth to take, lowest indices first
+
+    index taken = 0;
+    for (index c = 0; c < chunks && taken < k; ++c) {
+      if (maxima_[static_cast<std::size_t>(c)] < kth) continue;
+      const index last = std::min(n, (c + 1) * chunk);
+      for (index i = c * chunk; i < last && taken < k; ++i) {
+        const T x = key(values[i]);
+        if (x > kth) {
+          out[taken++] = i;
+        } else if (x == kth && ties > 0) {
+          --ties;
+          out[taken++] = i;
+        }
+      }
+    }
+  }
+
+ private:
+  static constexpr T lowest = -std::numeric_limits<T>::infinity();
+  static T key(T x) noexcept { return x != x ? lowest : x; }
+
+  // Maximum of chunk c, NaN ignored (-inf for a chunk of NaN only).
+  static T chunk_max(const T* values, index n, index c) noexcept {
+    const T* x = values + c * chunk;
+    T m;
+    if ((c + 1) * chunk <= n) {
+      m = Eigen::Map<const Eigen::Array<T, chunk, 1>>(x).template maxCoeff<Eigen::PropagateNumbers>();
+    } else {
+      m = lowest;
+      for (index i = 0; i < n - c * chunk; ++i) m = std::max(m, key(x[i]));
+    }
+    return key(m);
+  }
+
+  std::vector<T> maxima_, scratch_, candidates_;
+};
+
+}  // namespace fastattn::detail
