@@ -2,6 +2,7 @@
 #pragma once
 
 #include "attention.hpp"
+#include "clustered.hpp"
 #include "dense.hpp"
 #include "multihead.hpp"
 #include "smyrf.hpp"

@@ -20,9 +20,13 @@ namespace fastattn::detail {
 ///   reference's loop): iterations = 1 assigns every hash to the initial centroids only.
 /// - Assignment: argmin over clusters of popcount(h xor c_j), ties to the lowest j.
 /// - Update: per bit, the majority vote of the members' bits (a tie gives 0), from per-cluster bit
-///   counts gathered in one pass over the hashes, O(n B). A cluster with no member gets the hash
-///   of a uniformly drawn index instead (**ours**: the reference draws a random word from an
-///   unseedable generator, which almost never attracts a member at B = 63).
+///   counts gathered in one pass over the hashes, O(n B).
+/// - Empty clusters (**ours**; the reference draws a random word from an unseedable generator,
+///   which almost never attracts a member at B = 63): after the votes, each empty cluster in
+///   index order gets the hash of a query drawn from `gen` with probability proportional to its
+///   squared Hamming distance to the nearest centroid so far (the k-means++ seeding rule), or
+///   uniformly when every query sits on a centroid. So a group of queries that shares a centroid
+///   with another group, or has none, is found quickly. O(n) per empty cluster.
 /// - When an assignment pass changes nothing and the update before it refilled no cluster, the
 ///   centroids are a fixed point and the remaining passes would repeat it: they are skipped. The
 ///   result is bit-identical to running them.
@@ -110,7 +114,6 @@ class hamming_kmeans {
     bool refilled = false;
     for (std::size_t c = 0; c < centroids_.size(); ++c) {
       if (sizes_[c] == 0) {
-        centroids_[c] = hashes[gen.below(static_cast<std::uint64_t>(n))];
         refilled = true;
         continue;
       }
@@ -121,10 +124,46 @@ class hamming_kmeans {
                     << b;
       centroids_[c] = centroid;
     }
+    if (refilled) refill(hashes, n, gen);
     return refilled;
   }
 
+  // Gives every empty cluster the hash of a query drawn with probability proportional to its
+  // squared distance to the nearest centroid so far (the k-means++ rule), updating the
+  // distances after each pick; uniformly when every query sits on a centroid.
+  void refill(const std::uint64_t* hashes, index n, rng& gen) {
+    distances_.resize(static_cast<std::size_t>(n));
+    std::uint64_t total = 0;
+    for (index i = 0; i < n; ++i) {
+      const auto c = static_cast<std::size_t>(assignment_[static_cast<std::size_t>(i)]);
+      const auto d = static_cast<std::uint64_t>(std::popcount(hashes[i] ^ centroids_[c]));
+      distances_[static_cast<std::size_t>(i)] = d * d;
+      total += d * d;
+    }
+    for (std::size_t c = 0; c < centroids_.size(); ++c) {
+      if (sizes_[c] != 0) continue;
+      index pick = 0;
+      if (total == 0) {
+        pick = static_cast<index>(gen.below(static_cast<std::uint64_t>(n)));
+      } else {
+        std::uint64_t target = gen.below(total);
+        while (target >= distances_[static_cast<std::size_t>(pick)])
+          target -= distances_[static_cast<std::size_t>(pick++)];
+      }
+      const std::uint64_t centroid = hashes[pick];
+      centroids_[c] = centroid;
+      total = 0;
+      for (index i = 0; i < n; ++i) {
+        const auto d = static_cast<std::uint64_t>(std::popcount(hashes[i] ^ centroid));
+        auto& slot = distances_[static_cast<std::size_t>(i)];
+        slot = std::min(slot, d * d);
+        total += slot;
+      }
+    }
+  }
+
   std::vector<std::uint64_t> centroids_;
+  std::vector<std::uint64_t> distances_;
   std::vector<std::uint32_t> sizes_;
   std::vector<std::uint32_t> bit_counts_;  // clusters x 64
   std::vector<index> assignment_;
