@@ -325,10 +325,13 @@ TYPED_TEST(SmyrfTyped, ClusterSizeAtLeastLengthIsDense) {
           << "L=" << L << " S=" << S << " hashes=" << hashes;
     }
   }
-  // Also beyond one score block (64 queries x 256 keys) inside the single cluster.
+  // Also beyond one score block (64 queries x 256 keys) inside the single cluster, and with the
+  // largest cluster_size (no overflow in ceil(Lv / cluster_size)).
   const auto q = gaussian<T>(300, 16, 1), k = gaussian<T>(700, 16, 2), v = gaussian<T>(700, 8, 3);
   const auto o = fa::attention(fa::smyrf{.hashes = 3, .cluster_size = 300}, q, k, v);
   EXPECT_LT(relative_error(o, reference_attention(q, k, v)), tol);
+  const fa::smyrf huge{.cluster_size = std::numeric_limits<index>::max()};
+  EXPECT_LT(relative_error(fa::attention(huge, q, k, v), reference_attention(q, k, v)), tol);
 }
 
 TYPED_TEST(SmyrfTyped, LargeScoresStayFiniteAndExact) {
