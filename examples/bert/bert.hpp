@@ -1,0 +1,554 @@
+// A BERT-style encoder with a masked-LM head, templated on the attention policy: swapping the
+// attention kernel of a pretrained model is changing one type. Multi-head attention runs through
+// fastattn::multihead_attention directly on the fused QKV projection buffer (no per-head copies).
+//
+// Loads Hugging Face checkpoints: config.json (BertConfig keys) + model.safetensors with
+// BertForMaskedLM / BertForPreTraining tensor names; see README.md for the exact mapping.
+#pragma once
+
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include <fastattn/attention.hpp>
+#include <fastattn/multihead.hpp>
+
+#include "safetensors.hpp"
+
+namespace fastattn::bert {
+
+using examples::safetensors_file;
+using examples::shape_to_string;
+
+enum class activation { gelu_erf, gelu_tanh };
+enum class norm_placement { post, pre };
+
+/// The Hugging Face BertConfig fields the encoder uses, plus "norm": "pre" | "post".
+struct config {
+  index vocab_size = 0;
+  index hidden_size = 0;
+  index num_hidden_layers = 0;
+  index num_attention_heads = 0;
+  index intermediate_size = 0;
+  index max_position_embeddings = 512;
+  index type_vocab_size = 2;
+  double layer_norm_eps = 1e-12;
+  activation hidden_act = activation::gelu_erf;
+  norm_placement norm = norm_placement::post;
+
+  index head_dim() const { return hidden_size / num_attention_heads; }
+
+  /// Checks the values (sizes positive, heads divide hidden_size, ...); `where` prefixes errors.
+  void validate(const std::string& where) const {
+    auto fail = [&](const std::string& m) { throw invalid_argument("fastattn: " + where + ": " + m); };
+    if (vocab_size < 1) fail("vocab_size must be >= 1, got " + std::to_string(vocab_size));
+    if (hidden_size < 1) fail("hidden_size must be >= 1, got " + std::to_string(hidden_size));
+    if (num_hidden_layers < 0) fail("num_hidden_layers must be >= 0");
+    if (num_attention_heads < 1) fail("num_attention_heads must be >= 1");
+    if (hidden_size % num_attention_heads != 0)
+      fail("hidden_size (" + std::to_string(hidden_size) + ") must be a multiple of num_attention_heads (" +
+           std::to_string(num_attention_heads) + ")");
+    if (intermediate_size < 1) fail("intermediate_size must be >= 1");
+    if (max_position_embeddings < 1) fail("max_position_embeddings must be >= 1");
+    if (type_vocab_size < 0) fail("type_vocab_size must be >= 0");
+    if (!(layer_norm_eps > 0) || !std::isfinite(layer_norm_eps)) fail("layer_norm_eps must be > 0");
+  }
+
+  static config from_json(const nlohmann::json& j, const std::string& where) {
+    auto fail = [&](const std::string& m) -> void {
+      throw invalid_argument("fastattn: " + where + ": " + m);
+    };
+    if (!j.is_object()) fail("config must be a JSON object");
+    config c;
+    auto get_int = [&](const char* key, index& out, bool required) {
+      if (!j.contains(key)) {
+        if (required) fail(std::string("missing key '") + key + "'");
+        return;
+      }
+      if (!j[key].is_number_integer()) fail(std::string("'") + key + "' must be an integer");
+      const auto v = j[key].get<std::int64_t>();
+      if (v < 0 || v > (std::int64_t{1} << 40)) fail(std::string("'") + key + "' is out of range: " + std::to_string(v));
+      out = static_cast<index>(v);
+    };
+    get_int("vocab_size", c.vocab_size, true);
+    get_int("hidden_size", c.hidden_size, true);
+    get_int("num_hidden_layers", c.num_hidden_layers, true);
+    get_int("num_attention_heads", c.num_attention_heads, true);
+    get_int("intermediate_size", c.intermediate_size, true);
+    get_int("max_position_embeddings", c.max_position_embeddings, false);
+    get_int("type_vocab_size", c.type_vocab_size, false);
+    if (j.contains("layer_norm_eps")) {
+      if (!j["layer_norm_eps"].is_number()) fail("'layer_norm_eps' must be a number");
+      c.layer_norm_eps = j["layer_norm_eps"].get<double>();
+    }
+    if (j.contains("hidden_act")) {
+      if (!j["hidden_act"].is_string()) fail("'hidden_act' must be a string");
+      const auto act = j["hidden_act"].get<std::string>();
+      if (act == "gelu")
+        c.hidden_act = activation::gelu_erf;
+      else if (act == "gelu_new" || act == "gelu_pytorch_tanh")
+        c.hidden_act = activation::gelu_tanh;
+      else
+        fail("unsupported hidden_act '" + act + "' (supported: gelu, gelu_new, gelu_pytorch_tanh)");
+    }
+    if (j.contains("norm")) {
+      const auto n = j["norm"].is_string() ? j["norm"].get<std::string>() : std::string("?");
+      if (n == "pre")
+        c.norm = norm_placement::pre;
+      else if (n == "post")
+        c.norm = norm_placement::post;
+      else
+        fail("'norm' must be \"pre\" or \"post\"");
+    }
+    if (j.contains("position_embedding_type") &&
+        (!j["position_embedding_type"].is_string() ||
+         j["position_embedding_type"].get<std::string>() != "absolute"))
+      fail("only position_embedding_type \"absolute\" is supported");
+    c.validate(where);
+    return c;
+  }
+
+  static config load(const std::string& path) {
+    std::ifstream in(path);
+    if (!in) throw invalid_argument("fastattn: " + path + ": cannot open");
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(in);
+    } catch (const nlohmann::json::exception&) {
+      throw invalid_argument("fastattn: " + path + ": not valid JSON");
+    }
+    return from_json(j, path);
+  }
+};
+
+template <class T>
+using mat = matrix<T>;
+template <class T>
+using vec = Eigen::Matrix<T, 1, Eigen::Dynamic>;  // row vector: broadcast over token rows
+
+/// PyTorch Linear: weight (out, in), y = x W^T + b.
+template <class T>
+struct linear {
+  mat<T> weight;
+  vec<T> bias;
+  void apply(const mat<T>& x, mat<T>& y) const {
+    y.noalias() = x * weight.transpose();
+    y.rowwise() += bias;
+  }
+};
+
+template <class T>
+struct layer_norm {
+  vec<T> weight, bias;  ///< empty when absent
+  bool present() const { return weight.size() > 0; }
+  /// In place over the rows of x.
+  void apply(mat<T>& x, double eps) const {
+    const index D = x.cols();
+    for (index r = 0; r < x.rows(); ++r) {
+      auto row = x.row(r);
+      const T mean = row.sum() / static_cast<T>(D);
+      row.array() -= mean;
+      const T var = row.squaredNorm() / static_cast<T>(D);
+      row *= T(1) / std::sqrt(var + static_cast<T>(eps));
+      row.array() = row.array() * weight.array() + bias.array();
+    }
+  }
+};
+
+template <class T>
+struct layer_weights {
+  linear<T> qkv;            ///< fused (3D, D): rows [0, D) query, [D, 2D) key, [2D, 3D) value
+  linear<T> attention_out;  ///< (D, D)
+  layer_norm<T> attention_norm;
+  linear<T> intermediate;   ///< (I, D)
+  linear<T> output;         ///< (D, I)
+  layer_norm<T> output_norm;
+};
+
+template <class T>
+struct weights {
+  mat<T> word, position, token_type;  ///< token_type empty when absent
+  layer_norm<T> embedding_norm;
+  std::vector<layer_weights<T>> layers;
+  layer_norm<T> final_norm;  ///< pre-norm only
+  bool has_transform = false;
+  linear<T> transform;
+  layer_norm<T> transform_norm;
+  mat<T> decoder;  ///< (C, D); empty when tied to `word`
+  vec<T> decoder_bias;
+  index classes() const { return decoder.size() ? decoder.rows() : word.rows(); }
+};
+
+namespace detail {
+
+template <class T>
+mat<T> to_mat(const std::vector<T>& v, index rows, index cols) {
+  mat<T> m(rows, cols);
+  std::copy(v.begin(), v.end(), m.data());
+  return m;
+}
+template <class T>
+vec<T> to_vec(const std::vector<T>& v) {
+  vec<T> m(static_cast<index>(v.size()));
+  std::copy(v.begin(), v.end(), m.data());
+  return m;
+}
+
+/// Resolves Hugging Face names: optional "bert." prefix, and the old TF-era "gamma"/"beta"
+/// LayerNorm names (bert-base-uncased still uses them).
+class name_map {
+ public:
+  explicit name_map(const safetensors_file& f) : f_(f) {
+    prefix_ = f.contains("bert.embeddings.word_embeddings.weight") ? "bert." : "";
+    if (!f.contains(prefix_ + "embeddings.word_embeddings.weight"))
+      f.fail("missing tensor 'bert.embeddings.word_embeddings.weight' (or without the 'bert.' prefix): "
+             "not a BERT checkpoint");
+  }
+  const std::string& prefix() const { return prefix_; }
+  /// The stored name of encoder tensor `name` (without prefix), or "" when absent.
+  std::string find(const std::string& name, bool encoder = true) const {
+    const std::string full = (encoder ? prefix_ : "") + name;
+    if (f_.contains(full)) return full;
+    auto replace_suffix = [&](const std::string& from, const std::string& to) -> std::string {
+      if (full.size() >= from.size() && full.compare(full.size() - from.size(), from.size(), from) == 0) {
+        const std::string alt = full.substr(0, full.size() - from.size()) + to;
+        if (f_.contains(alt)) return alt;
+      }
+      return "";
+    };
+    if (auto a = replace_suffix("LayerNorm.weight", "LayerNorm.gamma"); !a.empty()) return a;
+    if (auto a = replace_suffix("LayerNorm.bias", "LayerNorm.beta"); !a.empty()) return a;
+    return "";
+  }
+
+ private:
+  const safetensors_file& f_;
+  std::string prefix_;
+};
+
+}  // namespace detail
+
+/// Loads weights in T from a validated file; every shape is checked against the config.
+template <class T>
+weights<T> load_weights(const config& c, const safetensors_file& f) {
+  const detail::name_map names(f);
+  const index D = c.hidden_size, I = c.intermediate_size;
+  auto required = [&](const std::string& name, bool encoder = true) {
+    const std::string stored = names.find(name, encoder);
+    if (stored.empty()) f.fail("missing tensor '" + (encoder ? names.prefix() : std::string()) + name + "'");
+    return stored;
+  };
+  auto read_mat = [&](const std::string& stored, index rows, index cols) {
+    return detail::to_mat(f.read<T>(stored, {rows, cols}), rows, cols);
+  };
+  auto read_vec = [&](const std::string& stored, index n) { return detail::to_vec(f.read<T>(stored, {n})); };
+  auto read_linear = [&](const std::string& base, index out, index in, bool encoder = true) {
+    linear<T> l;
+    l.weight = read_mat(required(base + ".weight", encoder), out, in);
+    l.bias = read_vec(required(base + ".bias", encoder), out);
+    return l;
+  };
+  auto read_norm = [&](const std::string& base, bool must, bool encoder = true) {
+    layer_norm<T> n;
+    const std::string w = names.find(base + ".weight", encoder), b = names.find(base + ".bias", encoder);
+    if (w.empty() != b.empty())
+      f.fail("'" + base + "' has a weight without a bias or a bias without a weight");
+    if (w.empty()) {
+      if (must) f.fail("missing tensor '" + (encoder ? names.prefix() : std::string()) + base + ".weight'");
+      return n;
+    }
+    n.weight = read_vec(w, D);
+    n.bias = read_vec(b, D);
+    return n;
+  };
+
+  weights<T> w;
+  w.word = read_mat(required("embeddings.word_embeddings.weight"), c.vocab_size, D);
+  w.position = read_mat(required("embeddings.position_embeddings.weight"), c.max_position_embeddings, D);
+  if (const auto tt = names.find("embeddings.token_type_embeddings.weight"); !tt.empty()) {
+    if (c.type_vocab_size == 0)
+      f.fail("has token_type_embeddings but config.json says type_vocab_size = 0");
+    w.token_type = read_mat(tt, c.type_vocab_size, D);
+  }
+  w.embedding_norm = read_norm("embeddings.LayerNorm", false);
+  for (index i = 0; i < c.num_hidden_layers; ++i) {
+    const std::string p = "encoder.layer." + std::to_string(i) + ".";
+    layer_weights<T> l;
+    const auto q = read_linear(p + "attention.self.query", D, D);
+    const auto k = read_linear(p + "attention.self.key", D, D);
+    const auto v = read_linear(p + "attention.self.value", D, D);
+    l.qkv.weight.resize(3 * D, D);
+    l.qkv.weight << q.weight, k.weight, v.weight;
+    l.qkv.bias.resize(3 * D);
+    l.qkv.bias << q.bias, k.bias, v.bias;
+    l.attention_out = read_linear(p + "attention.output.dense", D, D);
+    l.attention_norm = read_norm(p + "attention.output.LayerNorm", true);
+    l.intermediate = read_linear(p + "intermediate.dense", I, D);
+    l.output = read_linear(p + "output.dense", D, I);
+    l.output_norm = read_norm(p + "output.LayerNorm", true);
+    w.layers.push_back(std::move(l));
+  }
+  if (f.contains(names.prefix() + "encoder.layer." + std::to_string(c.num_hidden_layers) +
+                 ".attention.self.query.weight"))
+    f.fail("has more layers than config.json's num_hidden_layers = " + std::to_string(c.num_hidden_layers));
+  if (c.norm == norm_placement::pre)
+    w.final_norm = read_norm("encoder.final_layer_norm", true);
+  else if (!names.find("encoder.final_layer_norm.weight").empty())
+    f.fail("has encoder.final_layer_norm but config.json's norm is \"post\" (use \"norm\": \"pre\")");
+
+  // Masked-LM head (never prefixed).
+  const bool has_dense = f.contains("cls.predictions.transform.dense.weight");
+  const bool has_norm = !names.find("cls.predictions.transform.LayerNorm.weight", false).empty();
+  if (has_dense != has_norm)
+    f.fail("cls.predictions.transform needs both dense and LayerNorm tensors, or neither");
+  if (has_dense) {
+    w.has_transform = true;
+    w.transform = read_linear("cls.predictions.transform.dense", D, D, false);
+    w.transform_norm = read_norm("cls.predictions.transform.LayerNorm", true, false);
+  }
+  if (f.contains("cls.predictions.decoder.weight")) {
+    const auto& info = f.info("cls.predictions.decoder.weight");
+    if (info.shape.size() != 2 || info.shape[1] != D || info.shape[0] < 1 || info.shape[0] > c.vocab_size)
+      f.fail("tensor 'cls.predictions.decoder.weight' has shape " + shape_to_string(info.shape) +
+             ", expected [C, " + std::to_string(D) + "] with 1 <= C <= vocab_size = " +
+             std::to_string(c.vocab_size));
+    w.decoder = read_mat("cls.predictions.decoder.weight", info.shape[0], D);
+  }
+  const index C = w.classes();
+  if (f.contains("cls.predictions.bias"))
+    w.decoder_bias = read_vec("cls.predictions.bias", C);
+  else if (f.contains("cls.predictions.decoder.bias"))
+    w.decoder_bias = read_vec("cls.predictions.decoder.bias", C);
+  else
+    w.decoder_bias = vec<T>::Zero(C);
+  return w;
+}
+
+/// Random weights of the right shapes (N(0, 0.02^2), LayerNorm 1/0, decoder tied), for timing.
+template <class T>
+weights<T> random_weights(const config& c, std::uint64_t seed) {
+  std::mt19937_64 gen(seed);
+  std::normal_distribution<double> normal(0.0, 0.02);
+  const index D = c.hidden_size, I = c.intermediate_size;
+  auto m = [&](index r, index k) {
+    mat<T> x(r, k);
+    for (index i = 0; i < x.size(); ++i) x.data()[i] = static_cast<T>(normal(gen));
+    return x;
+  };
+  auto v = [&](index n) {
+    vec<T> x(n);
+    for (index i = 0; i < n; ++i) x[i] = static_cast<T>(normal(gen));
+    return x;
+  };
+  auto ln = [&]() { return layer_norm<T>{vec<T>::Ones(D), vec<T>::Zero(D)}; };
+  weights<T> w;
+  w.word = m(c.vocab_size, D);
+  w.position = m(c.max_position_embeddings, D);
+  if (c.type_vocab_size > 0) w.token_type = m(c.type_vocab_size, D);
+  w.embedding_norm = ln();
+  for (index i = 0; i < c.num_hidden_layers; ++i)
+    w.layers.push_back({{m(3 * D, D), v(3 * D)}, {m(D, D), v(D)}, ln(), {m(I, D), v(I)}, {m(D, I), v(D)}, ln()});
+  if (c.norm == norm_placement::pre) w.final_norm = ln();
+  w.has_transform = true;
+  w.transform = {m(D, D), v(D)};
+  w.transform_norm = ln();
+  w.decoder_bias = v(c.vocab_size);
+  return w;
+}
+
+/// Token ids (B, L) with per-sample valid lengths (right padding), optional token types.
+struct batch {
+  index size = 0, length = 0;
+  std::vector<std::int64_t> input_ids;       ///< B * L
+  std::vector<std::int64_t> token_type_ids;  ///< empty (all 0) or B * L
+  std::vector<index> lengths;                ///< empty (all L) or B
+};
+
+/// Seconds spent in a forward pass, total and inside multihead_attention.
+struct timing {
+  double total = 0, attention = 0;
+};
+
+template <class T>
+void apply_activation(activation a, mat<T>& x) {
+  if (a == activation::gelu_erf) {  // exact GELU: x/2 (1 + erf(x / sqrt 2))
+    x = x.unaryExpr([](T v) { return v * T(0.5) * (T(1) + std::erf(v * T(0.70710678118654752440))); });
+  } else {  // tanh approximation (gelu_new, gelu_pytorch_tanh)
+    x = x.unaryExpr([](T v) {
+      return v * T(0.5) * (T(1) + std::tanh(T(0.79788456080286535588) * (v + T(0.044715) * v * v * v)));
+    });
+  }
+}
+
+/// BERT encoder + masked-LM head; `Attention` is any fastattn policy.
+template <attention_policy Attention, class T = float>
+class encoder {
+ public:
+  /// Shares the weights: several encoders (one per kernel) can run the same model.
+  encoder(config c, std::shared_ptr<const weights<T>> w, Attention attention = {}, int threads = 0)
+      : config_(std::move(c)), shared_(std::move(w)), attention_(attention), threads_(threads) {
+    if (!shared_) throw invalid_argument("fastattn: encoder: null weights");
+    if (static_cast<index>(shared_->layers.size()) != config_.num_hidden_layers)
+      throw invalid_argument("fastattn: encoder: weights have " + std::to_string(shared_->layers.size()) +
+                             " layers, config says " + std::to_string(config_.num_hidden_layers));
+  }
+  encoder(config c, weights<T> w, Attention attention = {}, int threads = 0)
+      : encoder(std::move(c), std::make_shared<const weights<T>>(std::move(w)), attention, threads) {}
+
+  const config& cfg() const { return config_; }
+  const weights<T>& w() const { return *shared_; }
+  const Attention& attention() const { return attention_; }
+  void set_attention(const Attention& a) { attention_ = a; }
+
+  /// Hidden states after the encoder, (B * L, D), row b * L + t.
+  mat<T> forward(const batch& in, timing* time = nullptr) const {
+    const auto start = std::chrono::steady_clock::now();
+    check(in);
+    const index B = in.size, L = in.length, D = config_.hidden_size;
+    mat<T> x(B * L, D);
+    for (index b = 0; b < B; ++b)
+      for (index t = 0; t < L; ++t) {
+        const index r = b * L + t;
+        x.row(r) = shared_->word.row(static_cast<index>(in.input_ids[static_cast<std::size_t>(r)])) +
+                   shared_->position.row(t);
+        if (shared_->token_type.size()) {
+          const index tt = in.token_type_ids.empty() ? 0 : static_cast<index>(in.token_type_ids[static_cast<std::size_t>(r)]);
+          x.row(r) += shared_->token_type.row(tt);
+        }
+      }
+    if (shared_->embedding_norm.present()) shared_->embedding_norm.apply(x, config_.layer_norm_eps);
+
+    const double eps = config_.layer_norm_eps;
+    mat<T> y, qkv, context(B * L, D), projected, hidden;
+    double attention_seconds = 0;
+    for (const auto& layer : shared_->layers) {
+      const bool pre = config_.norm == norm_placement::pre;
+      if (pre) {
+        y = x;
+        layer.attention_norm.apply(y, eps);
+        layer.qkv.apply(y, qkv);
+      } else {
+        layer.qkv.apply(x, qkv);
+      }
+      attention_seconds += attend(qkv, context, in);
+      layer.attention_out.apply(context, projected);
+      x += projected;
+      if (!pre) layer.attention_norm.apply(x, eps);
+      if (pre) {
+        y = x;
+        layer.output_norm.apply(y, eps);
+        layer.intermediate.apply(y, hidden);
+      } else {
+        layer.intermediate.apply(x, hidden);
+      }
+      apply_activation(config_.hidden_act, hidden);
+      layer.output.apply(hidden, projected);
+      x += projected;
+      if (!pre) layer.output_norm.apply(x, eps);
+    }
+    if (config_.norm == norm_placement::pre) shared_->final_norm.apply(x, eps);
+    if (time) {
+      time->attention += attention_seconds;
+      time->total += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    }
+    return x;
+  }
+
+  /// Masked-LM logits (rows, C) for rows of hidden states.
+  mat<T> mlm_logits(const mat<T>& hidden) const {
+    mat<T> h = hidden;
+    if (shared_->has_transform) {
+      mat<T> t;
+      shared_->transform.apply(h, t);
+      apply_activation(config_.hidden_act, t);
+      shared_->transform_norm.apply(t, config_.layer_norm_eps);
+      h = std::move(t);
+    }
+    mat<T> logits;
+    if (shared_->decoder.size())
+      logits.noalias() = h * shared_->decoder.transpose();
+    else
+      logits.noalias() = h * shared_->word.transpose();
+    logits.rowwise() += shared_->decoder_bias;
+    return logits;
+  }
+
+ private:
+  config config_;
+  std::shared_ptr<const weights<T>> shared_;
+  Attention attention_;
+  int threads_ = 0;
+
+  void check(const batch& in) const {
+    auto fail = [](const std::string& m) { throw invalid_argument("fastattn: batch: " + m); };
+    if (in.size < 1 || in.length < 1) fail("needs at least one sample of at least one token");
+    const auto n = static_cast<std::size_t>(in.size * in.length);
+    if (in.input_ids.size() != n) fail("input_ids must have B * L entries");
+    if (in.length > config_.max_position_embeddings)
+      fail("length " + std::to_string(in.length) + " exceeds max_position_embeddings = " +
+           std::to_string(config_.max_position_embeddings));
+    const index vocab = shared_->word.rows();
+    for (const auto id : in.input_ids)
+      if (id < 0 || id >= vocab)
+        fail("token id " + std::to_string(id) + " out of range [0, " + std::to_string(vocab) + ")");
+    if (!in.token_type_ids.empty()) {
+      if (in.token_type_ids.size() != n) fail("token_type_ids must have B * L entries");
+      const index types = std::max<index>(shared_->token_type.rows(), 1);
+      for (const auto t : in.token_type_ids)
+        if (t < 0 || t >= types)
+          fail("token type " + std::to_string(t) + " out of range [0, " + std::to_string(types) + ")");
+    }
+    if (!in.lengths.empty() && in.lengths.size() != static_cast<std::size_t>(in.size))
+      fail("lengths must be empty or have one entry per sample");
+    for (const index l : in.lengths)
+      if (l < 0 || l > in.length) fail("a sample length is out of [0, L]");
+  }
+
+  /// Multi-head attention straight from the fused (B*L, 3D) QKV buffer into (B*L, D).
+  double attend(const mat<T>& qkv, mat<T>& context, const batch& in) const {
+    const index B = in.size, L = in.length, D = config_.hidden_size, H = config_.num_attention_heads,
+                E = config_.head_dim();
+    const tensor_view<const T> q{qkv.data(), B, L, H, E, 3 * D};
+    const tensor_view<const T> k{qkv.data() + D, B, L, H, E, 3 * D};
+    const tensor_view<const T> v{qkv.data() + 2 * D, B, L, H, E, 3 * D};
+    const tensor_view<T> out{context.data(), B, L, H, E};
+    multihead_options opt;
+    opt.threads = threads_;
+    if (!in.lengths.empty()) {
+      opt.key_lengths = in.lengths;
+      opt.query_lengths = in.lengths;
+    }
+    const auto start = std::chrono::steady_clock::now();
+    multihead_attention(attention_, q, k, v, out, opt);
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  }
+};
+
+/// A model folder: config.json + model.safetensors.
+template <class T = float>
+struct model {
+  config cfg;
+  std::shared_ptr<const weights<T>> w;
+
+  static model load(const std::string& dir) {
+    const std::filesystem::path p(dir);
+    std::error_code ec;
+    if (!std::filesystem::is_directory(p, ec))
+      throw invalid_argument("fastattn: " + dir + ": not a directory (expected config.json + model.safetensors)");
+    model m;
+    m.cfg = config::load((p / "config.json").string());
+    const safetensors_file f((p / "model.safetensors").string());
+    m.w = std::make_shared<const weights<T>>(load_weights<T>(m.cfg, f));
+    return m;
+  }
+};
+
+}  // namespace fastattn::bert

@@ -1,0 +1,566 @@
+// The BERT-style example (examples/bert): a tiny random model written to disk by the test
+// (config.json + model.safetensors, Hugging Face names) loads, and the encoder + masked-LM head with
+// dense attention matches a plain float64 forward pass written here, for post- and pre-norm, both
+// GELU variants and every optional-tensor rule; broken files are refused with a clear message.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <fastattn/fastattn.hpp>
+
+#include "bert.hpp"
+#include "kernels.hpp"
+#include "safetensors.hpp"
+
+namespace fa = fastattn;
+namespace fb = fastattn::bert;
+namespace fx = fastattn::examples;
+namespace fs = std::filesystem;
+using idx = fa::index;
+using matd = fa::matrix<double>;
+
+namespace {
+
+/// How the test model is written.
+struct variant {
+  bool pre_norm = false;
+  bool tanh_gelu = false;
+  bool prefix = true;          ///< "bert." on encoder tensors
+  bool gamma_beta = false;     ///< old LayerNorm.gamma / .beta names
+  bool transform = true;       ///< cls.predictions.transform.*
+  bool tied = true;            ///< no decoder.weight
+  idx classes = 0;             ///< decoder rows when untied (0 = vocab)
+  idx type_vocab = 2;          ///< 0: no token-type embeddings
+  bool embedding_norm = true;
+  fx::st_dtype dtype = fx::st_dtype::F32;  ///< F32 or F64 weights
+  double eps = 1e-12;
+};
+
+constexpr idx vocab = 37, D = 16, H = 2, layers = 2, inter = 24, max_pos = 16;
+
+/// Canonical (unprefixed, weight/bias) name -> (shape, values rounded to the stored dtype).
+using tensor_map = std::map<std::string, std::pair<std::vector<idx>, std::vector<double>>>;
+
+tensor_map make_tensors(const variant& v, std::uint64_t seed) {
+  std::mt19937_64 gen(seed);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  tensor_map t;
+  auto add = [&](const std::string& name, std::vector<idx> shape, double sigma, double mean = 0) {
+    idx n = 1;
+    for (const idx d : shape) n *= d;
+    std::vector<double> x(static_cast<std::size_t>(n));
+    for (auto& e : x) {
+      e = mean + sigma * normal(gen);
+      if (v.dtype == fx::st_dtype::F32) e = static_cast<double>(static_cast<float>(e));
+    }
+    t[name] = {std::move(shape), std::move(x)};
+  };
+  auto norm = [&](const std::string& base) {
+    add(base + ".weight", {D}, 0.1, 1.0);
+    add(base + ".bias", {D}, 0.1);
+  };
+  add("embeddings.word_embeddings.weight", {vocab, D}, 1.0);
+  add("embeddings.position_embeddings.weight", {max_pos, D}, 0.5);
+  if (v.type_vocab > 0) add("embeddings.token_type_embeddings.weight", {v.type_vocab, D}, 0.5);
+  if (v.embedding_norm) norm("embeddings.LayerNorm");
+  const double w = 0.4;  // large enough that attention is far from uniform
+  for (idx l = 0; l < layers; ++l) {
+    const std::string p = "encoder.layer." + std::to_string(l) + ".";
+    for (const char* m : {"attention.self.query", "attention.self.key", "attention.self.value",
+                          "attention.output.dense"}) {
+      add(p + m + ".weight", {D, D}, w);
+      add(p + m + ".bias", {D}, 0.1);
+    }
+    norm(p + "attention.output.LayerNorm");
+    add(p + "intermediate.dense.weight", {inter, D}, w);
+    add(p + "intermediate.dense.bias", {inter}, 0.1);
+    add(p + "output.dense.weight", {D, inter}, w);
+    add(p + "output.dense.bias", {D}, 0.1);
+    norm(p + "output.LayerNorm");
+  }
+  if (v.pre_norm) norm("encoder.final_layer_norm");
+  if (v.transform) {
+    add("cls.predictions.transform.dense.weight", {D, D}, w);
+    add("cls.predictions.transform.dense.bias", {D}, 0.1);
+    norm("cls.predictions.transform.LayerNorm");
+  }
+  const idx C = v.tied ? vocab : (v.classes ? v.classes : vocab);
+  if (!v.tied) add("cls.predictions.decoder.weight", {C, D}, 0.5);
+  add("cls.predictions.bias", {C}, 0.1);
+  return t;
+}
+
+std::string stored_name(const variant& v, std::string name) {
+  if (v.gamma_beta && name.find("LayerNorm.") != std::string::npos) {
+    if (name.ends_with(".weight")) name = name.substr(0, name.size() - 7) + ".gamma";
+    else if (name.ends_with(".bias")) name = name.substr(0, name.size() - 5) + ".beta";
+  }
+  if (v.prefix && name.rfind("cls.", 0) != 0) name = "bert." + name;
+  return name;
+}
+
+void write_model(const fs::path& dir, const variant& v, const tensor_map& t) {
+  fs::create_directories(dir);
+  nlohmann::json cfg = {{"architectures", {"BertForMaskedLM"}},
+                        {"model_type", "bert"},
+                        {"vocab_size", vocab},
+                        {"hidden_size", D},
+                        {"num_hidden_layers", layers},
+                        {"num_attention_heads", H},
+                        {"intermediate_size", inter},
+                        {"max_position_embeddings", max_pos},
+                        {"type_vocab_size", v.type_vocab},
+                        {"layer_norm_eps", v.eps},
+                        {"hidden_act", v.tanh_gelu ? "gelu_new" : "gelu"},
+                        {"position_embedding_type", "absolute"},
+                        {"hidden_dropout_prob", 0.1}};
+  if (v.pre_norm) cfg["norm"] = "pre";
+  std::ofstream(dir / "config.json") << cfg.dump(2);
+  std::vector<fx::st_write_tensor> out;
+  for (const auto& [name, value] : t) {
+    if (v.dtype == fx::st_dtype::F32) {
+      std::vector<float> f(value.second.begin(), value.second.end());
+      out.push_back(fx::st_write_tensor::make(stored_name(v, name), value.first, f));
+    } else {
+      out.push_back(fx::st_write_tensor::make(stored_name(v, name), value.first, value.second));
+    }
+  }
+  // An unrelated tensor (as in BertForPreTraining checkpoints) is ignored.
+  out.push_back(fx::st_write_tensor::make("cls.seq_relationship.weight", {2, D}, std::vector<float>(2 * D, 0.f)));
+  fx::write_safetensors((dir / "model.safetensors").string(), out);
+}
+
+// ---- the float64 reference: plain loops over one sample's valid tokens ----
+
+struct reference_model {
+  const tensor_map& t;
+  variant v;
+  matd m(const std::string& name) const {
+    const auto& [shape, data] = t.at(name);
+    matd x(shape[0], shape.size() > 1 ? shape[1] : 1);
+    for (idx i = 0; i < x.size(); ++i) x.data()[i] = data[static_cast<std::size_t>(i)];
+    return x;
+  }
+  Eigen::RowVectorXd row(const std::string& name) const { return m(name).transpose(); }
+  bool has(const std::string& name) const { return t.count(name) > 0; }
+
+  matd linear(const matd& x, const std::string& base) const {
+    matd y = x * m(base + ".weight").transpose();
+    y.rowwise() += row(base + ".bias");
+    return y;
+  }
+  matd norm(const matd& x, const std::string& base) const {
+    matd y = x;
+    const auto g = row(base + ".weight"), b = row(base + ".bias");
+    for (idx r = 0; r < x.rows(); ++r) {
+      const double mean = x.row(r).mean();
+      double var = 0;
+      for (idx c = 0; c < x.cols(); ++c) var += (x(r, c) - mean) * (x(r, c) - mean);
+      var /= static_cast<double>(x.cols());
+      for (idx c = 0; c < x.cols(); ++c) y(r, c) = (x(r, c) - mean) / std::sqrt(var + v.eps) * g[c] + b[c];
+    }
+    return y;
+  }
+  matd act(matd x) const {
+    for (idx i = 0; i < x.size(); ++i) {
+      const double a = x.data()[i];
+      x.data()[i] = v.tanh_gelu
+                        ? 0.5 * a * (1 + std::tanh(std::sqrt(2 / M_PI) * (a + 0.044715 * a * a * a)))
+                        : 0.5 * a * (1 + std::erf(a / std::sqrt(2.0)));
+    }
+    return x;
+  }
+  matd attention(const matd& x, const std::string& p) const {
+    const matd q = linear(x, p + "attention.self.query"), k = linear(x, p + "attention.self.key"),
+               val = linear(x, p + "attention.self.value");
+    const idx n = x.rows(), E = D / H;
+    matd ctx(n, D);
+    for (idx h = 0; h < H; ++h)
+      for (idx i = 0; i < n; ++i) {
+        std::vector<double> s(static_cast<std::size_t>(n));
+        double mx = -1e300, sum = 0;
+        for (idx j = 0; j < n; ++j) {
+          double d = 0;
+          for (idx e = 0; e < E; ++e) d += q(i, h * E + e) * k(j, h * E + e);
+          s[static_cast<std::size_t>(j)] = d / std::sqrt(static_cast<double>(E));
+          mx = std::max(mx, s[static_cast<std::size_t>(j)]);
+        }
+        for (auto& e : s) sum += (e = std::exp(e - mx));
+        for (idx e = 0; e < E; ++e) {
+          double o = 0;
+          for (idx j = 0; j < n; ++j) o += s[static_cast<std::size_t>(j)] / sum * val(j, h * E + e);
+          ctx(i, h * E + e) = o;
+        }
+      }
+    return linear(ctx, p + "attention.output.dense");
+  }
+  /// Logits (n, C) for the first n tokens of one sample.
+  matd logits(const std::vector<std::int64_t>& ids, const std::vector<std::int64_t>& types) const {
+    const idx n = static_cast<idx>(ids.size());
+    const matd word = m("embeddings.word_embeddings.weight"), pos = m("embeddings.position_embeddings.weight");
+    matd x(n, D);
+    for (idx i = 0; i < n; ++i) {
+      x.row(i) = word.row(ids[static_cast<std::size_t>(i)]) + pos.row(i);
+      if (has("embeddings.token_type_embeddings.weight"))
+        x.row(i) += m("embeddings.token_type_embeddings.weight").row(types.empty() ? 0 : types[static_cast<std::size_t>(i)]);
+    }
+    if (has("embeddings.LayerNorm.weight")) x = norm(x, "embeddings.LayerNorm");
+    for (idx l = 0; l < layers; ++l) {
+      const std::string p = "encoder.layer." + std::to_string(l) + ".";
+      if (v.pre_norm) {
+        x = x + attention(norm(x, p + "attention.output.LayerNorm"), p);
+        x = x + linear(act(linear(norm(x, p + "output.LayerNorm"), p + "intermediate.dense")), p + "output.dense");
+      } else {
+        x = norm(x + attention(x, p), p + "attention.output.LayerNorm");
+        x = norm(x + linear(act(linear(x, p + "intermediate.dense")), p + "output.dense"), p + "output.LayerNorm");
+      }
+    }
+    if (v.pre_norm) x = norm(x, "encoder.final_layer_norm");
+    if (has("cls.predictions.transform.dense.weight"))
+      x = norm(act(linear(x, "cls.predictions.transform.dense")), "cls.predictions.transform.LayerNorm");
+    const matd dec = has("cls.predictions.decoder.weight") ? m("cls.predictions.decoder.weight") : word;
+    matd y = x * dec.transpose();
+    y.rowwise() += row("cls.predictions.bias");
+    return y;
+  }
+};
+
+class Bert : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    dir_ = fs::temp_directory_path() / ("fastattn_test_bert_" + std::to_string(::getpid()) + "_" + info->name());
+    fs::create_directories(dir_);
+  }
+  void TearDown() override {
+    std::error_code ec;
+    fs::remove_all(dir_, ec);
+  }
+  fs::path dir_;
+};
+
+fb::batch make_batch(idx B, idx L, const std::vector<idx>& lengths, bool types, std::uint64_t seed) {
+  std::mt19937_64 gen(seed);
+  fb::batch in;
+  in.size = B;
+  in.length = L;
+  for (idx i = 0; i < B * L; ++i) {
+    in.input_ids.push_back(std::uniform_int_distribution<std::int64_t>(0, vocab - 1)(gen));
+    if (types) in.token_type_ids.push_back(std::uniform_int_distribution<std::int64_t>(0, 1)(gen));
+  }
+  in.lengths = lengths;
+  return in;
+}
+
+/// Relative error of the encoder (dense, T) against the reference over every valid position.
+template <class T>
+double model_error(const fs::path& dir, const variant& v, const tensor_map& t) {
+  const auto m = fb::model<T>::load(dir.string());
+  const fb::encoder<fa::dense, T> enc(m.cfg, m.w);
+  const idx B = 3, L = 12;
+  const std::vector<idx> lengths = {12, 7, 1};
+  const fb::batch in = make_batch(B, L, lengths, v.type_vocab > 0, 99);
+  const auto hidden = enc.forward(in);
+  const reference_model ref{t, v};
+  double diff = 0, norm = 0;
+  for (idx b = 0; b < B; ++b) {
+    const idx n = lengths[static_cast<std::size_t>(b)];
+    const auto first = in.input_ids.begin() + b * L;
+    std::vector<std::int64_t> ids(first, first + n), types;
+    if (!in.token_type_ids.empty())
+      types.assign(in.token_type_ids.begin() + b * L, in.token_type_ids.begin() + b * L + n);
+    const matd expected = ref.logits(ids, types);
+    const auto got = enc.mlm_logits(hidden.middleRows(b * L, n)).template cast<double>().eval();
+    EXPECT_EQ(got.cols(), expected.cols());
+    if (got.cols() != expected.cols()) return 1.0;
+    diff += (got - expected).squaredNorm();
+    norm += expected.squaredNorm();
+  }
+  return std::sqrt(diff / norm);
+}
+
+TEST_F(Bert, DenseEncoderMatchesFloat64Reference) {
+  std::vector<std::pair<std::string, variant>> variants;
+  for (const bool pre : {false, true})
+    for (const bool tanh : {false, true})
+      variants.push_back({std::string(pre ? "pre" : "post") + (tanh ? "_gelu_new" : "_gelu"),
+                          variant{.pre_norm = pre, .tanh_gelu = tanh}});
+  variants.push_back({"unprefixed_gamma_beta_eps", variant{.prefix = false, .gamma_beta = true, .eps = 1e-5}});
+  variants.push_back({"no_transform_untied_fewer_classes",
+                      variant{.transform = false, .tied = false, .classes = 30}});
+  variants.push_back({"no_token_types_no_embedding_norm", variant{.type_vocab = 0, .embedding_norm = false}});
+  variants.push_back({"pre_untied_f64", variant{.pre_norm = true, .tied = false, .dtype = fx::st_dtype::F64}});
+  std::uint64_t seed = 1;
+  for (const auto& [name, v] : variants) {
+    SCOPED_TRACE(name);
+    const tensor_map t = make_tensors(v, seed++);
+    write_model(dir_ / name, v, t);
+    const double ef = model_error<float>(dir_ / name, v, t);
+    const double ed = model_error<double>(dir_ / name, v, t);
+    EXPECT_LT(ef, 1e-4) << "float encoder";
+    EXPECT_LT(ed, 1e-10) << "double encoder";
+    RecordProperty(name + "_float_rel_err", std::to_string(ef));
+  }
+}
+
+TEST_F(Bert, AnyPolicyRunsTheSameModel) {
+  const variant v{};
+  const tensor_map t = make_tensors(v, 5);
+  write_model(dir_ / "m", v, t);
+  const auto m = fb::model<float>::load((dir_ / "m").string());
+  const fb::batch in = make_batch(2, 16, {16, 10}, true, 3);
+  const auto exact = fb::encoder<fa::dense>(m.cfg, m.w).forward(in);
+  fx::for_each_kernel([&](const auto& tag) {
+    using P = std::decay_t<decltype(tag)>;
+    const fb::encoder<P> enc(m.cfg, m.w, P{});
+    fb::timing time;
+    const auto hidden = enc.forward(in, &time);
+    EXPECT_TRUE(hidden.allFinite()) << P::name;
+    EXPECT_GT(time.attention, 0.0);
+    EXPECT_LE(time.attention, time.total);
+    // With L = 16 every approximate kernel at its defaults degenerates to (nearly) exact attention.
+    EXPECT_LT((hidden - exact).norm() / exact.norm(), 0.5) << P::name;
+  });
+}
+
+// ---- broken files ----
+
+void write_raw(const fs::path& p, const std::string& bytes) { std::ofstream(p, std::ios::binary) << bytes; }
+std::string read_raw(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+void expect_refused(const fs::path& dir, const std::string& needle) {
+  try {
+    (void)fb::model<float>::load(dir.string());
+    ADD_FAILURE() << "loaded a broken model (expected '" << needle << "')";
+  } catch (const fa::invalid_argument& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find(needle), std::string::npos) << "expected '" << needle << "' in: " << what;
+    EXPECT_EQ(what.find('\n'), std::string::npos) << what;
+  }
+}
+
+TEST_F(Bert, LoadingRefusesBrokenFiles) {
+  const variant v{};
+  const tensor_map t = make_tensors(v, 7);
+  const fs::path good = dir_ / "good";
+  write_model(good, v, t);
+  const std::string st = read_raw(good / "model.safetensors");
+  const std::string cfg = read_raw(good / "config.json");
+  int case_id = 0;
+  auto with = [&](const std::string& safetensors, const std::string& config) {
+    const fs::path d = dir_ / ("case" + std::to_string(case_id++));
+    fs::create_directories(d);
+    write_raw(d / "model.safetensors", safetensors);
+    write_raw(d / "config.json", config);
+    return d;
+  };
+  auto cfg_edit = [&](const std::string& key, const nlohmann::json& value) {
+    auto j = nlohmann::json::parse(cfg);
+    if (value.is_null()) j.erase(key); else j[key] = value;
+    return j.dump();
+  };
+  auto st_with = [&](std::vector<fx::st_write_tensor> extra, const std::string& drop = "",
+                     const std::string& reshape = "", std::vector<idx> shape = {}) {
+    std::vector<fx::st_write_tensor> out;
+    for (const auto& [name, value] : t) {
+      const std::string n = stored_name(v, name);
+      if (n == drop) continue;
+      std::vector<float> f(value.second.begin(), value.second.end());
+      if (n == reshape) {
+        idx count = 1;
+        for (const idx d : shape) count *= d;
+        f.assign(static_cast<std::size_t>(count), 0.f);
+        out.push_back(fx::st_write_tensor::make(n, shape, f));
+      } else {
+        out.push_back(fx::st_write_tensor::make(n, value.first, f));
+      }
+    }
+    for (auto& e : extra) out.push_back(std::move(e));
+    const fs::path p = dir_ / "tmp.safetensors";
+    fx::write_safetensors(p.string(), out);
+    return read_raw(p);
+  };
+
+  expect_refused(dir_ / "nowhere", "not a directory");
+  expect_refused(with(st, "{not json"), "not valid JSON");
+  expect_refused(with(st, cfg_edit("hidden_size", nullptr)), "missing key 'hidden_size'");
+  expect_refused(with(st, cfg_edit("hidden_act", "relu")), "unsupported hidden_act 'relu'");
+  expect_refused(with(st, cfg_edit("num_attention_heads", 3)), "multiple of num_attention_heads");
+  expect_refused(with(st, cfg_edit("norm", "middle")), "'norm'");
+  expect_refused(with(st, cfg_edit("vocab_size", "many")), "'vocab_size' must be an integer");
+  expect_refused(with(st, cfg_edit("hidden_size", 32)), "expected [37, 32]");
+  expect_refused(with(st, cfg_edit("num_hidden_layers", 3)), "missing tensor 'bert.encoder.layer.2");
+  expect_refused(with(st, cfg_edit("num_hidden_layers", 1)), "more layers");
+  expect_refused(with(st, cfg_edit("norm", "pre")), "encoder.final_layer_norm");
+  expect_refused(with(st, cfg_edit("type_vocab_size", 0)), "type_vocab_size = 0");
+  expect_refused(with(st.substr(0, 5), cfg), "shorter than the 8-byte");
+  expect_refused(with(st.substr(0, st.size() - 10), cfg), "outside the data buffer");
+  std::string huge = st;
+  huge[6] = '\x7f';
+  expect_refused(with(huge, cfg), "exceeds the file");
+  std::string bad_json = st;
+  bad_json[8] = 'x';
+  expect_refused(with(bad_json, cfg), "not valid JSON");
+  expect_refused(with(st_with({}, "bert.encoder.layer.1.output.dense.bias"), cfg),
+                 "missing tensor 'bert.encoder.layer.1.output.dense.bias'");
+  expect_refused(with(st_with({}, "bert.embeddings.word_embeddings.weight"), cfg), "not a BERT checkpoint");
+  expect_refused(with(st_with({}, "bert.encoder.layer.0.output.LayerNorm.bias"), cfg), "weight without a bias");
+  expect_refused(with(st_with({}, "", "bert.encoder.layer.0.intermediate.dense.weight", {D, inter}), cfg),
+                 "has shape [16, 24], expected [24, 16]");
+  expect_refused(with(st_with({}, "", "cls.predictions.bias", {vocab + 1}), cfg), "cls.predictions.bias");
+  expect_refused(with(st_with({fx::st_write_tensor::make("cls.predictions.decoder.weight", {vocab + 5, D},
+                                                         std::vector<float>(static_cast<std::size_t>((vocab + 5) * D)))}),
+                      cfg),
+                 "1 <= C <= vocab_size");
+  // Wrong dtype kind for a weight, and a header whose sizes lie.
+  {
+    std::vector<fx::st_write_tensor> out;
+    for (const auto& [name, value] : t) {
+      const std::string n = stored_name(v, name);
+      if (n == "bert.embeddings.position_embeddings.weight") {
+        out.push_back(fx::st_write_tensor::make(n, value.first, std::vector<std::int32_t>(value.second.size())));
+      } else {
+        out.push_back(fx::st_write_tensor::make(n, value.first, std::vector<float>(value.second.begin(), value.second.end())));
+      }
+    }
+    fx::write_safetensors((dir_ / "tmp.safetensors").string(), out);
+    expect_refused(with(read_raw(dir_ / "tmp.safetensors"), cfg), "expected a floating-point dtype");
+  }
+  auto patched_header = [&](const std::string& from, const std::string& to) {
+    std::string s = st;
+    const auto pos = s.find(from);
+    EXPECT_NE(pos, std::string::npos) << from;
+    s.replace(pos, from.size(), to);  // same length keeps the header length valid
+    return s;
+  };
+  expect_refused(with(patched_header("\"F32\"", "\"Q32\""), cfg), "unsupported dtype 'Q32'");
+  expect_refused(with(patched_header("\"shape\":[37,16]", "\"shape\":[37,17]"), cfg), "does not match dtype");
+  expect_refused(with(patched_header("\"dtype\":\"F32\"", "\"dtype\":\"F64\""), cfg), "does not match dtype");
+  // Random damage never crashes the loader.
+  std::mt19937_64 gen(3);
+  for (int trial = 0; trial < 200; ++trial) {
+    std::string s = st;
+    if (trial % 3 == 0) {
+      s.resize(std::uniform_int_distribution<std::size_t>(0, s.size() - 1)(gen));
+    } else {
+      const std::size_t header = 8 + static_cast<std::size_t>(static_cast<unsigned char>(st[0]) | (static_cast<unsigned char>(st[1]) << 8));
+      for (int f = 0; f < 1 + trial % 4; ++f)
+        s[std::uniform_int_distribution<std::size_t>(0, header - 1)(gen)] =
+            static_cast<char>(std::uniform_int_distribution<int>(0, 255)(gen));
+    }
+    const fs::path d = with(s, cfg);
+    try {
+      (void)fb::model<float>::load(d.string());
+    } catch (const fa::invalid_argument&) {
+    }
+    fs::remove_all(d);
+  }
+}
+
+TEST_F(Bert, SafetensorsHalfPrecisionConversions) {
+  // F16 and BF16 as stored by PyTorch, hand-encoded: 1.0, -2.0, 0.5, 65504 (F16 max), a subnormal.
+  const std::vector<std::uint16_t> f16 = {0x3c00, 0xc000, 0x3800, 0x7bff, 0x0001};
+  const std::vector<std::uint16_t> bf16 = {0x3f80, 0xc000, 0x3f00, 0x4780, 0x0000};
+  auto raw = [](const std::vector<std::uint16_t>& v) {
+    std::string s;
+    for (const auto x : v) s += {static_cast<char>(x & 0xff), static_cast<char>(x >> 8)};
+    return s;
+  };
+  std::string header = R"({"a":{"dtype":"F16","shape":[5],"data_offsets":[0,10]},"b":{"dtype":"BF16","shape":[5],"data_offsets":[10,20]},"__metadata__":{"format":"pt"}})";
+  while (header.size() % 8) header += ' ';
+  std::string file(8, '\0');
+  for (int i = 0; i < 8; ++i) file[static_cast<std::size_t>(i)] = static_cast<char>((header.size() >> (8 * i)) & 0xff);
+  file += header + raw(f16) + raw(bf16);
+  write_raw(dir_ / "h.safetensors", file);
+  const fx::safetensors_file f((dir_ / "h.safetensors").string());
+  const auto a = f.read<float>("a"), b = f.read<float>("b");
+  EXPECT_EQ(a[0], 1.f);
+  EXPECT_EQ(a[1], -2.f);
+  EXPECT_EQ(a[2], 0.5f);
+  EXPECT_EQ(a[3], 65504.f);
+  EXPECT_FLOAT_EQ(a[4], std::ldexp(1.f, -24));
+  EXPECT_EQ(b[0], 1.f);
+  EXPECT_EQ(b[1], -2.f);
+  EXPECT_EQ(b[2], 0.5f);
+  EXPECT_EQ(b[3], 65536.f);
+  EXPECT_EQ(b[4], 0.f);
+  EXPECT_THROW((void)f.read<std::int64_t>("a"), fa::invalid_argument);
+}
+
+#ifdef FASTATTN_MLM_PATH
+TEST_F(Bert, MlmToolReportsLossAndTable) {
+  const variant v{};
+  const tensor_map t = make_tensors(v, 11);
+  write_model(dir_ / "m", v, t);
+  const idx B = 2, L = 12;
+  const fb::batch in = make_batch(B, L, {}, false, 4);
+  std::vector<std::int64_t> labels(static_cast<std::size_t>(B * L), -100), mask(static_cast<std::size_t>(B * L), 1);
+  for (idx i = 0; i < B * L; i += 3) labels[static_cast<std::size_t>(i)] = in.input_ids[static_cast<std::size_t>(i)];
+  for (idx i = 8; i < L; ++i) {  // sample 1 has 8 valid tokens
+    mask[static_cast<std::size_t>(L + i)] = 0;
+    labels[static_cast<std::size_t>(L + i)] = -100;
+  }
+  fx::write_safetensors((dir_ / "batch.safetensors").string(),
+                        {fx::st_write_tensor::make("input_ids", {B, L}, in.input_ids),
+                         fx::st_write_tensor::make("labels", {B, L}, labels),
+                         fx::st_write_tensor::make("attention_mask", {B, L}, mask)});
+  // Expected loss from the float64 reference.
+  const reference_model ref{t, v};
+  double loss = 0;
+  int count = 0;
+  for (idx b = 0; b < B; ++b) {
+    const idx n = b == 0 ? L : 8;
+    std::vector<std::int64_t> ids(in.input_ids.begin() + b * L, in.input_ids.begin() + b * L + n);
+    const matd logits = ref.logits(ids, {});
+    for (idx i = 0; i < n; ++i) {
+      const auto label = labels[static_cast<std::size_t>(b * L + i)];
+      if (label == -100) continue;
+      const double mx = logits.row(i).maxCoeff();
+      loss += std::log((logits.row(i).array() - mx).exp().sum()) + mx - logits(i, label);
+      ++count;
+    }
+  }
+  loss /= count;
+  const std::string base = std::string(FASTATTN_MLM_PATH) + " --model " + (dir_ / "m").string() +
+                           " --data " + (dir_ / "batch.safetensors").string();
+  const std::string out = (dir_ / "out.txt").string(), err = (dir_ / "err.txt").string();
+  int status = std::system((base + " --kernel dense >" + out + " 2>" + err).c_str());
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << read_raw(err);
+  const std::string text = read_raw(out);
+  const auto pos = text.find("loss: ");
+  ASSERT_NE(pos, std::string::npos) << text;
+  EXPECT_NEAR(std::stod(text.substr(pos + 6)), loss, 1e-4 * std::abs(loss)) << text;
+  status = std::system((base + " --kernel all >" + out + " 2>" + err).c_str());
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << read_raw(err);
+  const std::string table = read_raw(out);
+  fx::for_each_kernel([&](const auto& tag) {
+    using P = std::decay_t<decltype(tag)>;
+    EXPECT_NE(table.find(std::string(P::name) + " "), std::string::npos) << table;
+  });
+  // Mistakes give one line and status 1.
+  status = std::system((base + " --kernel dense --clusters 3 >" + out + " 2>" + err).c_str());
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 1);
+  const std::string message = read_raw(err);
+  EXPECT_EQ(std::count(message.begin(), message.end(), '\n'), 1) << message;
+  status = std::system((std::string(FASTATTN_MLM_PATH) + " --model " + (dir_ / "m").string() + " --data " +
+                        (dir_ / "m" / "config.json").string() + " --kernel dense >" + out + " 2>" + err)
+                           .c_str());
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 1);
+  EXPECT_NE(read_raw(err).find("config.json"), std::string::npos) << read_raw(err);
+}
+#endif
+
+}  // namespace
