@@ -4,5 +4,6 @@
 #include "attention.hpp"
 #include "clustered.hpp"
 #include "dense.hpp"
+#include "improved_clustered.hpp"
 #include "multihead.hpp"
 #include "smyrf.hpp"
