@@ -333,6 +333,32 @@ TEST_F(Bert, AnyPolicyRunsTheSameModel) {
   });
 }
 
+TEST_F(Bert, SaveModelRoundTrips) {
+  for (const bool pre : {false, true}) {
+    fb::config c;
+    c.vocab_size = vocab;
+    c.hidden_size = 12;
+    c.num_hidden_layers = 2;
+    c.num_attention_heads = 3;
+    c.intermediate_size = 20;
+    c.max_position_embeddings = 10;
+    c.norm = pre ? fb::norm_placement::pre : fb::norm_placement::post;
+    c.hidden_act = pre ? fb::activation::gelu_tanh : fb::activation::gelu_erf;
+    const auto w = fb::random_weights<float>(c, 3);
+    const fs::path d = dir_ / (pre ? "pre" : "post");
+    fs::create_directories(d);
+    fb::save_model(d.string(), c, w);
+    const auto m = fb::model<float>::load(d.string());
+    EXPECT_EQ(m.cfg.norm, c.norm);
+    EXPECT_EQ(m.cfg.hidden_act, c.hidden_act);
+    const fb::batch in = make_batch(2, 10, {10, 6}, true, 8);
+    const fb::encoder<fa::dense> a(c, w), b(m.cfg, m.w);
+    const auto ha = a.forward(in), hb = b.forward(in);
+    EXPECT_EQ(ha, hb);
+    EXPECT_EQ(a.mlm_logits(ha), b.mlm_logits(hb));
+  }
+}
+
 // ---- broken files ----
 
 void write_raw(const fs::path& p, const std::string& bytes) { std::ofstream(p, std::ios::binary) << bytes; }

@@ -532,6 +532,70 @@ class encoder {
   }
 };
 
+/// Writes config.json + model.safetensors (F32, BertForMaskedLM names with the "bert." prefix)
+/// into `dir`, which must exist: the inverse of model<T>::load.
+template <class T>
+void save_model(const std::string& dir, const config& c, const weights<T>& w) {
+  const std::filesystem::path p(dir);
+  nlohmann::json j = {{"architectures", {"BertForMaskedLM"}},
+                      {"model_type", "bert"},
+                      {"vocab_size", c.vocab_size},
+                      {"hidden_size", c.hidden_size},
+                      {"num_hidden_layers", c.num_hidden_layers},
+                      {"num_attention_heads", c.num_attention_heads},
+                      {"intermediate_size", c.intermediate_size},
+                      {"max_position_embeddings", c.max_position_embeddings},
+                      {"type_vocab_size", c.type_vocab_size},
+                      {"layer_norm_eps", c.layer_norm_eps},
+                      {"hidden_act", c.hidden_act == activation::gelu_erf ? "gelu" : "gelu_new"},
+                      {"norm", c.norm == norm_placement::pre ? "pre" : "post"}};
+  std::ofstream(p / "config.json") << j.dump(2) << "\n";
+  std::vector<examples::st_write_tensor> out;
+  auto put = [&](const std::string& name, const auto& m) {
+    if (m.size() == 0) return;
+    std::vector<float> data(static_cast<std::size_t>(m.size()));
+    for (index i = 0; i < m.size(); ++i) data[static_cast<std::size_t>(i)] = static_cast<float>(m.data()[i]);
+    std::vector<index> shape = {m.rows(), m.cols()};
+    if (m.rows() == 1) shape = {m.cols()};  // row vectors are 1-d tensors
+    out.push_back(examples::st_write_tensor::make(name, shape, data));
+  };
+  auto put_linear = [&](const std::string& base, const linear<T>& l) {
+    put(base + ".weight", l.weight);
+    put(base + ".bias", l.bias);
+  };
+  auto put_norm = [&](const std::string& base, const layer_norm<T>& n) {
+    put(base + ".weight", n.weight);
+    put(base + ".bias", n.bias);
+  };
+  const index D = c.hidden_size;
+  put("bert.embeddings.word_embeddings.weight", w.word);
+  put("bert.embeddings.position_embeddings.weight", w.position);
+  put("bert.embeddings.token_type_embeddings.weight", w.token_type);
+  put_norm("bert.embeddings.LayerNorm", w.embedding_norm);
+  for (std::size_t i = 0; i < w.layers.size(); ++i) {
+    const auto& l = w.layers[i];
+    const std::string q = "bert.encoder.layer." + std::to_string(i) + ".";
+    const char* parts[3] = {"query", "key", "value"};
+    for (index k = 0; k < 3; ++k) {
+      put(q + "attention.self." + parts[k] + ".weight", mat<T>(l.qkv.weight.middleRows(k * D, D)));
+      put(q + "attention.self." + parts[k] + ".bias", vec<T>(l.qkv.bias.segment(k * D, D)));
+    }
+    put_linear(q + "attention.output.dense", l.attention_out);
+    put_norm(q + "attention.output.LayerNorm", l.attention_norm);
+    put_linear(q + "intermediate.dense", l.intermediate);
+    put_linear(q + "output.dense", l.output);
+    put_norm(q + "output.LayerNorm", l.output_norm);
+  }
+  if (c.norm == norm_placement::pre) put_norm("bert.encoder.final_layer_norm", w.final_norm);
+  if (w.has_transform) {
+    put_linear("cls.predictions.transform.dense", w.transform);
+    put_norm("cls.predictions.transform.LayerNorm", w.transform_norm);
+  }
+  put("cls.predictions.decoder.weight", w.decoder);
+  put("cls.predictions.bias", w.decoder_bias);
+  examples::write_safetensors((p / "model.safetensors").string(), out);
+}
+
 /// A model folder: config.json + model.safetensors.
 template <class T = float>
 struct model {

@@ -165,14 +165,14 @@ int mlm_main(int argc, const char* const* argv) {
     return 0;
   }
 
-  std::printf("%-20s %-44s %10s %10s %9s %9s %7s\n", "kernel", "settings", "loss", "d_loss", "accuracy",
+  std::printf("%-20s %-66s %10s %10s %9s %9s %7s\n", "kernel", "settings", "loss", "d_loss", "accuracy",
               "time_s", "attn%");
   double dense_loss = std::numeric_limits<double>::quiet_NaN();
   auto row = [&](const auto& policy) {
     using P = std::decay_t<decltype(policy)>;
     const evaluation ev = evaluate(m, data, policy, threads, repeat);
     if (std::isnan(dense_loss)) dense_loss = ev.loss;
-    std::printf("%-20s %-44s %10.5f %+10.5f %9.4f %9.3f %6.1f%%\n", std::string(P::name).c_str(),
+    std::printf("%-20s %-66s %10.5f %+10.5f %9.4f %9.3f %6.1f%%\n", std::string(P::name).c_str(),
                 fx::describe(policy).c_str(), ev.loss, ev.loss - dense_loss, ev.accuracy, ev.time.total,
                 100.0 * ev.time.attention / ev.time.total);
     std::fflush(stdout);
