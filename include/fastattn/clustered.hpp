@@ -10,6 +10,7 @@
 #include "dense.hpp"
 #include "detail/clustering.hpp"
 #include "detail/rng.hpp"
+#include "detail/scratch.hpp"
 
 namespace fastattn {
 
@@ -64,12 +65,13 @@ struct clustered {
     out.bottomRows(out.rows() - Lv).setZero();
     if (Lv == 0) return;
 
+    const detail::arena::scope scratch;  // the thread's reusable scratch: no allocation per call
     detail::rng gen(seed, ctx.stream);
     detail::query_clustering<T> groups;
     groups.run(q, Lv, knobs, gen);
 
     // Attention of the centroids: exact, streamed over key blocks (C x S, never L x S).
-    matrix<T> rows(groups.count(), v.cols());
+    auto rows = detail::scratch_matrix<T>(groups.count(), v.cols());
     context centroid_ctx = ctx;
     centroid_ctx.query_length = groups.count();
     centroid_ctx.causal = false;

@@ -12,6 +12,7 @@
 #include "attention.hpp"
 #include "detail/clustering.hpp"
 #include "detail/rng.hpp"
+#include "detail/scratch.hpp"
 #include "detail/topk.hpp"
 
 namespace fastattn {
@@ -72,6 +73,7 @@ struct improved_clustered {
       return;
     }
 
+    const detail::arena::scope scratch;  // the thread's reusable scratch: no allocation per call
     detail::rng gen(seed, ctx.stream);
     detail::query_clustering<T> groups;
     groups.run(q, Lv, knobs, gen);
@@ -81,19 +83,19 @@ struct improved_clustered {
     const auto values = v.topRows(Sv);
 
     // Centroid scores (C x Sv), their top-k, then probabilities with the top-k zeroed.
-    matrix<T> probabilities(C, Sv);
+    auto probabilities = detail::scratch_matrix<T>(C, Sv);
     probabilities.noalias() = (groups.centroids() * scale) * keys.transpose();
-    std::vector<index> selected(static_cast<std::size_t>(C * top));
-    std::vector<T> mass(static_cast<std::size_t>(C));
+    index* const selected = detail::arena::local().take<index>(static_cast<std::size_t>(C * top));
+    T* const mass = detail::arena::local().take<T>(static_cast<std::size_t>(C));
     detail::top_k<T> select;
     for (index j = 0; j < C; ++j) {
       auto row = probabilities.row(j);
-      index* chosen = selected.data() + j * top;
+      index* chosen = selected + j * top;
       select(row.data(), Sv, top, chosen);
       const T peak = row.maxCoeff();
       if (!(peak > -std::numeric_limits<T>::infinity())) {  // no finite score: zero row
         row.setZero();
-        mass[static_cast<std::size_t>(j)] = T(0);
+        mass[j] = T(0);
         continue;
       }
       row = (row.array() - peak).exp();
@@ -103,19 +105,22 @@ struct improved_clustered {
         m += row(chosen[t]);
         row(chosen[t]) = T(0);
       }
-      mass[static_cast<std::size_t>(j)] = m;
+      mass[j] = m;
     }
     // The centroid's attention on the keys outside its top-k.
-    matrix<T> residual(C, M);
+    auto residual = detail::scratch_matrix<T>(C, M);
     residual.noalias() = probabilities * values;
 
     // Members against their cluster's top-k keys: one small product per cluster.
     const index most = groups.largest();
-    matrix<T> member_q(most, E), top_keys(top, E), top_values(top, M), scores(most, top),
-        member_out(most, M);
+    auto member_q = detail::scratch_matrix<T>(most, E);
+    auto top_keys = detail::scratch_matrix<T>(top, E);
+    auto top_values = detail::scratch_matrix<T>(top, M);
+    auto scores = detail::scratch_matrix<T>(most, top);
+    auto member_out = detail::scratch_matrix<T>(most, M);
     for (index j = 0; j < C; ++j) {
       const index n = groups.size(j), first = groups.begin(j);
-      const index* chosen = selected.data() + j * top;
+      const index* chosen = selected + j * top;
       for (index t = 0; t < top; ++t) {
         top_keys.row(t) = keys.row(chosen[t]) * scale;
         top_values.row(t) = values.row(chosen[t]);
@@ -123,7 +128,7 @@ struct improved_clustered {
       for (index r = 0; r < n; ++r) member_q.row(r) = q.row(groups.member(first + r));
       auto s = scores.topRows(n);
       s.noalias() = member_q.topRows(n) * top_keys.transpose();
-      const T m = mass[static_cast<std::size_t>(j)];
+      const T m = mass[j];
       for (index r = 0; r < n; ++r) {
         auto row = s.row(r);
         row = (row.array() - row.maxCoeff()).exp();

@@ -82,19 +82,36 @@ class hamming_kmeans {
     const std::uint64_t* centroids = centroids_.data();
     const auto clusters = static_cast<std::uint64_t>(centroids_.size());
     bool changed = false;
-    for (index i = 0; i < n; ++i) {
-      const std::uint64_t h = hashes[i];
-      // (distance << 32 | cluster): the minimum key is the nearest centroid with the lowest
-      // index, and a plain min-reduction the compiler vectorises.
-      std::uint64_t best = ~std::uint64_t{0};
-      for (std::uint64_t j = 0; j < clusters; ++j) {
-        const auto distance = static_cast<std::uint64_t>(std::popcount(h ^ centroids[j]));
-        best = std::min(best, (distance << 32) | j);
-      }
+    auto store = [&](index i, std::uint64_t best) {
       const auto cluster = static_cast<index>(best & 0xFFFFFFFFu);
       auto& slot = assignment_[static_cast<std::size_t>(i)];
       changed |= slot != cluster;
       slot = cluster;
+    };
+    // Keys (distance << 32 | cluster): the minimum key is the nearest centroid with the lowest
+    // index, a plain min-reduction. Blocks of `lanes` hashes against one centroid at a time: the
+    // inner loop is what the compiler vectorises (vpopcntq and vpminuq with AVX-512).
+    constexpr index lanes = 16;
+    index i = 0;
+    for (; i + lanes <= n; i += lanes) {
+      std::uint64_t best[lanes], h[lanes];
+      for (index t = 0; t < lanes; ++t) {
+        best[t] = ~std::uint64_t{0};
+        h[t] = hashes[i + t];
+      }
+      for (std::uint64_t j = 0; j < clusters; ++j) {
+        const std::uint64_t c = centroids[j];
+        for (index t = 0; t < lanes; ++t)
+          best[t] = std::min(best[t], (static_cast<std::uint64_t>(std::popcount(h[t] ^ c)) << 32) | j);
+      }
+      for (index t = 0; t < lanes; ++t) store(i + t, best[t]);
+    }
+    for (; i < n; ++i) {
+      const std::uint64_t h = hashes[i];
+      std::uint64_t best = ~std::uint64_t{0};
+      for (std::uint64_t j = 0; j < clusters; ++j)
+        best = std::min(best, (static_cast<std::uint64_t>(std::popcount(h ^ centroids[j])) << 32) | j);
+      store(i, best);
     }
     return changed;
   }
