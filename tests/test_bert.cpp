@@ -309,7 +309,9 @@ TEST_F(Bert, DenseEncoderMatchesFloat64Reference) {
     const double ed = model_error<double>(dir_ / name, v, t);
     EXPECT_LT(ef, 1e-4) << "float encoder";
     EXPECT_LT(ed, 1e-10) << "double encoder";
-    RecordProperty(name + "_float_rel_err", std::to_string(ef));
+    char buffer[32];
+    std::snprintf(buffer, sizeof buffer, "%.2e", ef);
+    RecordProperty(name + "_float_rel_err", buffer);
   }
 }
 

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include <nlohmann/json.hpp>
+#include <unsupported/Eigen/SpecialFunctions>
 
 #include <fastattn/attention.hpp>
 #include <fastattn/multihead.hpp>
@@ -377,15 +378,15 @@ struct timing {
   double total = 0, attention = 0;
 };
 
+/// GELU in place, vectorised through Eigen's erf / tanh (std::erf element by element was a
+/// sixth of a forward pass at L = 4096).
 template <class T>
 void apply_activation(activation a, mat<T>& x) {
-  if (a == activation::gelu_erf) {  // exact GELU: x/2 (1 + erf(x / sqrt 2))
-    x = x.unaryExpr([](T v) { return v * T(0.5) * (T(1) + std::erf(v * T(0.70710678118654752440))); });
-  } else {  // tanh approximation (gelu_new, gelu_pytorch_tanh)
-    x = x.unaryExpr([](T v) {
-      return v * T(0.5) * (T(1) + std::tanh(T(0.79788456080286535588) * (v + T(0.044715) * v * v * v)));
-    });
-  }
+  auto v = x.array();
+  if (a == activation::gelu_erf)  // exact GELU: x/2 (1 + erf(x / sqrt 2))
+    v = v * T(0.5) * (T(1) + (v * T(0.70710678118654752440)).erf());
+  else  // tanh approximation (gelu_new, gelu_pytorch_tanh)
+    v = v * T(0.5) * (T(1) + (T(0.79788456080286535588) * (v + T(0.044715) * v.cube())).tanh());
 }
 
 /// BERT encoder + masked-LM head; `Attention` is any fastattn policy.
