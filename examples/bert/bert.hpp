@@ -409,12 +409,29 @@ class encoder {
   const Attention& attention() const { return attention_; }
   void set_attention(const Attention& a) { attention_ = a; }
 
-  /// Hidden states after the encoder, (B * L, D), row b * L + t.
-  mat<T> forward(const batch& in, timing* time = nullptr) const {
+  /// Buffers of a forward pass. Reusing them across calls matters: fresh multi-megabyte
+  /// buffers each call cost page faults that took ~100 ms of a 4096-token forward pass here.
+  struct workspace {
+    mat<T> x, y, qkv, context, projected, hidden;
+  };
+
+  /// Hidden states after the encoder, (B * L, D), row b * L + t. Uses `ws` for its buffers, or
+  /// the calling thread's own workspace when null (so concurrent calls are safe).
+  mat<T> forward(const batch& in, timing* time = nullptr, workspace* ws = nullptr) const {
+    if (ws == nullptr) {
+      thread_local workspace mine;
+      ws = &mine;
+    }
+    return forward_into(in, *ws, time);
+  }
+
+ private:
+  mat<T> forward_into(const batch& in, workspace& ws, timing* time) const {
     const auto start = std::chrono::steady_clock::now();
     check(in);
     const index B = in.size, L = in.length, D = config_.hidden_size;
-    mat<T> x(B * L, D);
+    mat<T>& x = ws.x;
+    x.resize(B * L, D);
     for (index b = 0; b < B; ++b)
       for (index t = 0; t < L; ++t) {
         const index r = b * L + t;
@@ -428,7 +445,8 @@ class encoder {
     if (shared_->embedding_norm.present()) shared_->embedding_norm.apply(x, config_.layer_norm_eps);
 
     const double eps = config_.layer_norm_eps;
-    mat<T> y, qkv, context(B * L, D), projected, hidden;
+    mat<T>&y = ws.y, &qkv = ws.qkv, &context = ws.context, &projected = ws.projected, &hidden = ws.hidden;
+    context.resize(B * L, D);
     double attention_seconds = 0;
     for (const auto& layer : shared_->layers) {
       const bool pre = config_.norm == norm_placement::pre;
@@ -463,6 +481,8 @@ class encoder {
     return x;
   }
 
+
+ public:
   /// Masked-LM logits (rows, C) for rows of hidden states.
   mat<T> mlm_logits(const mat<T>& hidden) const {
     mat<T> h = hidden;
