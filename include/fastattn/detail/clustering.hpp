@@ -72,12 +72,12 @@ class query_clustering {
       members_[static_cast<std::size_t>(cursor_[j]++)] = i;
     }
 
-    // Centroids in query space: the mean of the members' raw queries.
+    // Centroids in query space: the mean of the members' raw queries (summed in query order:
+    // q is streamed once, the C x E sums stay in cache).
     centroids_.setZero(count, E);
-    for (index j = 0; j < count; ++j) {
-      for (index r = begin(j); r < end(j); ++r) centroids_.row(j) += q.row(member(r));
-      centroids_.row(j) /= static_cast<T>(size(j));
-    }
+    for (index i = 0; i < valid; ++i)
+      centroids_.row(renumber_[static_cast<std::size_t>(assignment[static_cast<std::size_t>(i)])]) += q.row(i);
+    for (index j = 0; j < count; ++j) centroids_.row(j) /= static_cast<T>(size(j));
   }
 
   /// Non-empty clusters.
