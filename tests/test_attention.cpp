@@ -153,3 +153,36 @@ TEST(Options, ScaleDefaultsToInverseSqrtE) {
 }
 
 }  // namespace
+
+namespace {
+
+using fa::index;
+
+TEST(NonFinite, RejectedByDefaultWithTheLocation) {
+  auto q = gaussian<float>(6, 4, 1), k = gaussian<float>(7, 4, 2), v = gaussian<float>(7, 3, 3);
+  q(3, 1) = std::numeric_limits<float>::quiet_NaN();
+  expect_error([&] { (void)fa::attention(fa::dense{}, q, k, v); }, {"q has a non-finite", "row 3", "column 1", "check_finite"});
+  q(3, 1) = 0.f;
+  v(6, 2) = std::numeric_limits<float>::infinity();
+  expect_error([&] { (void)fa::attention(fa::dense{}, q, k, v); }, {"v has a non-finite", "row 6", "column 2"});
+  // Padding is never read, so it may hold anything.
+  EXPECT_NO_THROW((void)fa::attention(fa::dense{}, q, k, v, {.key_length = 6}));
+  k(0, 0) = -std::numeric_limits<float>::infinity();
+  expect_error([&] { (void)fa::attention(fa::dense{}, q, k, v, {.key_length = 6}); }, {"k has a non-finite", "row 0"});
+}
+
+TEST(NonFinite, DensePropagatesToExactlyTheAffectedRowsWhenUnchecked) {
+  auto q = gaussian<double>(10, 4, 1), k = gaussian<double>(10, 4, 2);
+  const auto v = gaussian<double>(10, 3, 3);
+  q(2, 0) = std::numeric_limits<double>::quiet_NaN();
+  k(5, 1) = std::numeric_limits<double>::quiet_NaN();
+  const auto o = fa::attention(fa::dense{.query_block = 3, .key_block = 4}, q, k, v,
+                               {.causal = true, .check_finite = false});
+  // Causal: rows before 5 never see key 5; row 2 has a NaN query; every row from 5 on sees key 5.
+  for (index i = 0; i < 10; ++i) {
+    const bool affected = i == 2 || i >= 5;
+    EXPECT_EQ(o.row(i).allFinite(), !affected) << "row " << i;
+  }
+}
+
+}  // namespace

@@ -17,6 +17,10 @@
 
 #include <Eigen/Core>
 
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
 namespace fastattn {
 
 using index = Eigen::Index;
@@ -52,6 +56,13 @@ struct options {
   std::optional<index> query_length{};
   /// Query i sees keys j <= i only. Kernels whose `supports_causal` is false throw if asked.
   bool causal = false;
+  /// Non-finite policy. When true (the default) the front door scans the valid rows of q, k and v
+  /// (O((L + S) E) reads, a fraction of a percent of any kernel's cost) and throws
+  /// invalid_argument naming the tensor, row and column of the first NaN or infinity. When
+  /// false nothing is checked: dense then propagates a non-finite value to exactly the output
+  /// rows whose softmax it enters, and the approximate kernels to whole clusters; padding rows
+  /// are never read, so they may hold anything in either mode.
+  bool check_finite = true;
 };
 
 /// Options after validation against the shapes: what a kernel's `compute` receives.
@@ -101,6 +112,27 @@ template <class... Parts>
   throw invalid_argument(message);
 }
 
+/// Keeps Eigen's products inside a kernel on the calling thread. fastattn parallelises over
+/// heads (multihead.hpp); with OpenMP enabled, Eigen would otherwise open a parallel region for
+/// every small block product of a kernel, which costs more than the product. Sets the calling
+/// thread's OpenMP thread count to 1 for the scope and restores it (other threads are not
+/// affected). An explicit Eigen::setNbThreads(n) by the user takes precedence, as in Eigen.
+class serial_products_scope {
+ public:
+#if defined(_OPENMP)
+  serial_products_scope() : previous_(omp_get_max_threads()) { omp_set_num_threads(1); }
+  ~serial_products_scope() { omp_set_num_threads(previous_); }
+
+ private:
+  int previous_;
+#else
+  serial_products_scope() = default;
+#endif
+ public:
+  serial_products_scope(const serial_products_scope&) = delete;
+  serial_products_scope& operator=(const serial_products_scope&) = delete;
+};
+
 /// Validates the shapes of one head and resolves the options. `name` is the kernel's name.
 inline context make_context(std::string_view name, bool supports_causal, index L, index E,
                             index S, index Ek, index Sv_rows, const options& opt,
@@ -130,6 +162,33 @@ inline context make_context(std::string_view name, bool supports_causal, index L
   return ctx;
 }
 
+/// Throws invalid_argument naming `tensor`, the row and the column of the first non-finite
+/// value among the first `rows` rows of m.
+template <class Matrix>
+void check_finite(const char* tensor, const Matrix& m, index rows) {
+  // x * 0 is 0 for finite x and NaN otherwise: one vectorised reduction, no branch per value.
+  using T = typename Matrix::Scalar;
+  if (rows == 0 || !std::isnan(static_cast<double>((m.topRows(rows).array() * T(0)).sum())))
+    return;
+  for (index r = 0; r < rows; ++r) {
+    const auto row = m.row(r);
+    if (row.allFinite()) continue;
+    for (index c = 0; c < row.size(); ++c)
+      if (!std::isfinite(static_cast<double>(row(c))))
+        fail(tensor, " has a non-finite value (", std::to_string(static_cast<double>(row(c))),
+             ") at row ", r, ", column ", c,
+             "; pass options.check_finite = false to skip this check");
+  }
+}
+
+/// The front door's data check: valid rows of q, k and v (padding is never read).
+template <class Q, class K, class V>
+void check_inputs_finite(const Q& q, const K& k, const V& v, const context& ctx) {
+  check_finite("q", q, ctx.query_length);
+  check_finite("k", k, ctx.key_length);
+  check_finite("v", v, ctx.key_length);
+}
+
 }  // namespace detail
 
 /// Runs `policy` on one head and writes the L x M result into `out` without allocating it.
@@ -151,6 +210,8 @@ void attention(const Policy& policy, const Eigen::MatrixBase<DQ>& q,
     detail::fail("out must be L x M = ", q.rows(), " x ", v.cols(), ", got ", out.rows(), " x ",
                  out.cols());
   const const_view<Scalar> qv(q.derived()), kv(k.derived()), vv(v.derived());
+  if (opt.check_finite) detail::check_inputs_finite(qv, kv, vv, ctx);
+  const detail::serial_products_scope serial;
   policy.compute(qv, kv, vv, out, ctx);
 }
 

@@ -120,6 +120,17 @@ void multihead_attention(const Policy& policy, tensor_view<const T> q, tensor_vi
     }
   }
 
+  if (opt.common.check_finite)
+    for (index b = 0; b < q.batch; ++b)
+      for (index h = 0; h < H; ++h) {
+        try {
+          detail::check_inputs_finite(detail::head_map(q, b, h), detail::head_map(k, b, h),
+                                      detail::head_map(v, b, h), contexts[static_cast<std::size_t>(b)]);
+        } catch (const invalid_argument& e) {
+          detail::fail("sample ", b, ", head ", h, ": ", std::string(e.what()).substr(10));
+        }
+      }
+
   const index tasks = q.batch * H;
   std::exception_ptr error;
 #if defined(_OPENMP)
@@ -135,6 +146,7 @@ void multihead_attention(const Policy& policy, tensor_view<const T> q, tensor_vi
       const auto kh = detail::head_map(k, b, h);
       const auto vh = detail::head_map(v, b, h);
       auto oh = detail::head_map(out, b, h);
+      const detail::serial_products_scope serial;
       policy.compute(const_view<T>(qh), const_view<T>(kh), const_view<T>(vh), view<T>(oh), ctx);
     } catch (...) {
 #if defined(_OPENMP)

@@ -53,7 +53,8 @@ class online_softmax {
       }
       auto seen = row.head(visible).array();
       const T m_new = std::max(max_(r), seen.maxCoeff());
-      if (!(m_new > -std::numeric_limits<T>::infinity())) {  // no finite score yet
+      if (m_new == -std::numeric_limits<T>::infinity()) {  // every score so far is -inf or NaN
+        if (seen.isNaN().any()) sum_(r) = std::numeric_limits<T>::quiet_NaN();  // propagate
         row.setZero();
         continue;
       }
@@ -72,7 +73,7 @@ class online_softmax {
   template <class Out>
   void finish(Out&& out, T* lse = nullptr) const {
     for (index r = 0; r < rows_; ++r) {
-      if (sum_(r) > T(0)) {
+      if (sum_(r) != T(0)) {  // 0 only when no key was visible; NaN propagates
         out.row(r) = acc_.row(r) / sum_(r);
         if (lse) lse[r] = max_(r) + std::log(sum_(r));
       } else {
