@@ -20,7 +20,9 @@ namespace fastattn::detail {
 ///   reference's loop): iterations = 1 assigns every hash to the initial centroids only.
 /// - Assignment: argmin over clusters of popcount(h xor c_j), ties to the lowest j.
 /// - Update: per bit, the majority vote of the members' bits (a tie gives 0), from per-cluster bit
-///   counts gathered in one pass over the hashes, O(n B).
+///   counts: gathered in one pass over the hashes, O(n B), then kept up to date by the
+///   assignment passes (a hash that changes cluster moves its bits), so later updates cost
+///   O(C B) plus O(B) per moved hash.
 /// - Empty clusters (**ours**; the reference draws a random word from an unseedable generator,
 ///   which almost never attracts a member at B = 63): after the votes, each empty cluster in
 ///   index order gets the hash of a query drawn from `gen` with probability proportional to its
@@ -31,7 +33,7 @@ namespace fastattn::detail {
 ///   centroids are a fixed point and the remaining passes would repeat it: they are skipped. The
 ///   result is bit-identical to running them.
 ///
-/// Cost: O(passes n C) popcounts + O(passes n B) counting; memory O(n + C B).
+/// Cost: O(passes n C) popcounts + O(n B + moves B + passes C B) counting; memory O(n + C B).
 class hamming_kmeans {
  public:
   /// Clusters hashes[0..n). Preconditions: 1 <= clusters <= n, clusters < 2^32,
@@ -40,8 +42,8 @@ class hamming_kmeans {
            rng& gen) {
     const auto count = static_cast<std::size_t>(clusters);
     centroids_.resize(count);
-    sizes_.resize(count);
-    bit_counts_.resize(count * 64);
+    sizes_.assign(count, 0u);
+    bit_counts_.assign(count * 64, 0u);
     assignment_.assign(static_cast<std::size_t>(n), -1);
 
     // Initial centroids: C distinct indices drawn uniformly (partial Fisher-Yates shuffle).
@@ -85,8 +87,10 @@ class hamming_kmeans {
     auto store = [&](index i, std::uint64_t best) {
       const auto cluster = static_cast<index>(best & 0xFFFFFFFFu);
       auto& slot = assignment_[static_cast<std::size_t>(i)];
-      changed |= slot != cluster;
+      if (slot == cluster) return;
+      move(hashes[i], slot, cluster);
       slot = cluster;
+      changed = true;
     };
     // Keys (distance << 32 | cluster): the minimum key is the nearest centroid with the lowest
     // index, a plain min-reduction. Blocks of `lanes` hashes against one centroid at a time: the
@@ -116,18 +120,24 @@ class hamming_kmeans {
     return changed;
   }
 
-  // Majority-vote update; returns whether an empty cluster was refilled.
-  bool update(const std::uint64_t* hashes, index n, int bits, rng& gen) {
-    std::fill(sizes_.begin(), sizes_.end(), 0u);
-    std::fill(bit_counts_.begin(), bit_counts_.end(), 0u);
-    for (index i = 0; i < n; ++i) {
-      const auto c = static_cast<std::size_t>(assignment_[static_cast<std::size_t>(i)]);
-      ++sizes_[c];
-      const std::uint64_t h = hashes[i];
-      std::uint32_t* counts = bit_counts_.data() + c * 64;
-      // Masks from a table rather than a variable shift: the form compilers vectorise.
-      for (std::size_t b = 0; b < 64; ++b) counts[b] += (h & bit_masks[b]) != 0 ? 1u : 0u;
+  // Moves hash h from cluster `from` (-1: none) to cluster `to` in the per-cluster sizes and
+  // bit counts, which the assignment passes keep up to date: after the first pass only the
+  // hashes that change cluster cost anything, instead of a full O(n B) recount per update.
+  void move(std::uint64_t h, index from, index to) {
+    // Masks from a table rather than a variable shift: the form compilers vectorise.
+    if (from >= 0) {
+      --sizes_[static_cast<std::size_t>(from)];
+      std::uint32_t* counts = bit_counts_.data() + static_cast<std::size_t>(from) * 64;
+      for (std::size_t b = 0; b < 64; ++b) counts[b] -= (h & bit_masks[b]) != 0 ? 1u : 0u;
     }
+    ++sizes_[static_cast<std::size_t>(to)];
+    std::uint32_t* counts = bit_counts_.data() + static_cast<std::size_t>(to) * 64;
+    for (std::size_t b = 0; b < 64; ++b) counts[b] += (h & bit_masks[b]) != 0 ? 1u : 0u;
+  }
+
+  // Majority-vote update from the maintained bit counts; returns whether an empty cluster was
+  // refilled.
+  bool update(const std::uint64_t* hashes, index n, int bits, rng& gen) {
     bool refilled = false;
     for (std::size_t c = 0; c < centroids_.size(); ++c) {
       if (sizes_[c] == 0) {
