@@ -1,31 +1,54 @@
 #!/usr/bin/env bash
-# Builds and runs every test: the developer preset (tests, examples, packaging checks), then the
-# same tests under AddressSanitizer + UndefinedBehaviorSanitizer.
-#   ./scripts/test.sh            everything
-#   ./scripts/test.sh --no-sanitize   skip the sanitizer build
+# Builds and runs every test:
+#   1. g++ developer preset (-Werror), all tests, examples and packaging checks;
+#   2. the same tests under AddressSanitizer + UndefinedBehaviorSanitizer;
+#   3. clang++ build (-Werror) of all tests, run;
+#   4. clang-tidy (bugprone-*, performance-*) over the headers;
+#   5. each libFuzzer target for a bounded time from its committed corpus (scripts/fuzz.sh).
+#   ./scripts/test.sh                 everything
+#   ./scripts/test.sh --quick         step 1 only
+#   ./scripts/test.sh --fuzz-seconds N   fuzzing budget per target (default 60)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
-fastattn_require_packages "${FASTATTN_BUILD_PACKAGES[@]}"
+fastattn_require_packages "${FASTATTN_BUILD_PACKAGES[@]}" clang libomp-14-dev clang-tidy
 
-sanitize=1
-for arg in "$@"; do
-  case "$arg" in
-    --no-sanitize) sanitize=0 ;;
-    *) echo "usage: $0 [--no-sanitize]" >&2; exit 2 ;;
+quick=0
+fuzz_seconds=60
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) quick=1 ;;
+    --fuzz-seconds) fuzz_seconds=$2; shift ;;
+    *) echo "usage: $0 [--quick] [--fuzz-seconds N]" >&2; exit 2 ;;
   esac
+  shift
 done
 
 jobs=$(nproc)
-echo "== dev build (g++, -Werror) and tests"
+step() { echo; echo "== $*"; }
+
+step "1/5 g++ build (-Werror) and tests"
 cmake --preset dev >/dev/null
 cmake --build --preset dev -j "$jobs"
 ctest --preset dev
+[ "$quick" = 1 ] && { echo "== quick: all tests passed"; exit 0; }
 
-if [ "$sanitize" = 1 ]; then
-  echo "== address + undefined sanitizer build and tests"
-  cmake --preset asan-ubsan >/dev/null
-  cmake --build --preset asan-ubsan -j "$jobs"
-  ctest --preset asan-ubsan
+step "2/5 address + undefined sanitizer build and tests"
+cmake --preset asan-ubsan >/dev/null
+cmake --build --preset asan-ubsan -j "$jobs"
+ctest --preset asan-ubsan
+
+step "3/5 clang++ build (-Werror) and tests"
+cmake --preset clang >/dev/null
+cmake --build --preset clang -j "$jobs"
+ctest --preset clang
+
+step "4/5 clang-tidy"
+./scripts/tidy.sh
+
+if [ -x scripts/fuzz.sh ]; then
+  step "5/5 fuzzing, ${fuzz_seconds} s per target"
+  ./scripts/fuzz.sh --seconds "$fuzz_seconds"
 fi
+echo
 echo "== all tests passed"
