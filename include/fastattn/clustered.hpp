@@ -20,13 +20,14 @@ namespace fastattn {
 /// 1. The valid queries are hashed with `bits` random hyperplanes with thresholds
 ///    (bit b of q is q . a_b > t_b, entries N(0, 1)).
 /// 2. The hashes are clustered by k-means in Hamming space (`iterations` assignment passes,
-///    majority-vote updates, initial centroids the hashes of C distinct random valid queries).
+///    majority-vote updates, initial centroids the hashes of C distinct random valid queries,
+///    empty clusters re-seeded by the k-means++ rule; see detail::hamming_kmeans).
 /// 3. Each cluster's centroid is the mean of its members' raw queries; its attention row
 ///    softmax(scale c K^T + key mask) V is computed exactly (C x S scores, streamed by dense).
 /// 4. Every member query gets its centroid's row; padded query rows are zero.
 ///
-/// Cost: 2 Lv E B (hashing) + O(passes Lv C) popcounts + O(passes Lv B) centroid updates
-/// + 2 C S (E + M) (centroid attention) + O(Lv (E + M)) (centroids and broadcast), i.e. linear in
+/// Cost: 2 Lv E B (hashing) + O(passes Lv C) popcounts (passes <= iterations, fewer once k-means
+/// reaches a fixed point) + O(Lv B) bit counting + 2 C S (E + M) (centroid attention) + O(Lv (E + M)) (centroids and broadcast), i.e. linear in
 /// L and S for fixed C. No L x S matrix is formed; extra memory O(Lv + C (E + M + B)).
 ///
 /// Padding: queries at and beyond ctx.query_length output zero rows and take no part in hashing
