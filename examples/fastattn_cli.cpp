@@ -15,6 +15,7 @@
 #include <exception>
 #include <iostream>
 #include <new>
+#include <regex>
 #include <string>
 #include <vector>
 
@@ -48,6 +49,8 @@ const char* const usage_text =
     "  --precision P          auto (default: double if q, k, v are all float64, else float),\n"
     "                         float or double; the output is written in this precision\n"
     "  --threads N            OpenMP threads over heads (default 0 = OpenMP's default)\n"
+    "  --no-check-finite      do not reject NaN/Inf in the valid rows of q, k, v (when the\n"
+    "                         library checks them: options.check_finite)\n"
     "  --reference            also print the relative error ||O - O_exact||_F / ||O_exact||_F\n"
     "                         against exact attention (dense in float64) and the time taken\n"
     "  --help                 this text\n"
@@ -186,11 +189,17 @@ int run_all(const fx::parsed_args& args, const std::string& kernel, const proble
   return 0;
 }
 
+/// options::check_finite where the library has it (a no-op otherwise).
+template <class Options>
+void set_check_finite(Options& opt, bool check) {
+  if constexpr (requires { opt.check_finite = check; }) opt.check_finite = check;
+}
+
 int cli_main(int argc, const char* const* argv) {
   const fx::parsed_args args = fx::parse_args(
       argc, argv,
       {"kernel", "q", "k", "v", "out", "scale", "key-length", "query-length", "precision", "threads"},
-      {"causal", "reference", "help"});
+      {"causal", "reference", "help", "no-check-finite"});
   if (args.switches.count("help") || argc == 1) {
     std::cout << usage_text << fx::kernels_help();
     return argc == 1 ? 1 : 0;
@@ -215,6 +224,7 @@ int cli_main(int argc, const char* const* argv) {
   if (args.values.count("query-length"))
     opt.query_length = fx::parse_value<fa::index>("query-length", args.values.at("query-length"));
   opt.causal = args.switches.count("causal") > 0;
+  set_check_finite(opt, args.switches.count("no-check-finite") == 0);
   const int threads =
       args.values.count("threads") ? fx::parse_value<int>("threads", args.values.at("threads")) : 0;
   const std::string precision = args.values.count("precision") ? args.values.at("precision") : "auto";
@@ -248,6 +258,12 @@ int main(int argc, char** argv) {
   } catch (const fa::invalid_argument& e) {
     std::string what = one_line(e.what());
     if (what.rfind("fastattn: ", 0) != 0) what = "fastattn: " + what;
+    // Speak the tool's language: the library's hint names the C++ option.
+    const std::string hint = "pass options.check_finite = false to skip this check";
+    if (const auto pos = what.find(hint); pos != std::string::npos)
+      what.replace(pos, hint.size(), "pass --no-check-finite to skip this check");
+    // The tool runs heads as the driver's batch axis: "sample h, head 0" is head h.
+    what = std::regex_replace(what, std::regex("sample ([0-9]+), head 0"), "head $1");
     std::fprintf(stderr, "%s\n", what.c_str());
     return 1;
   } catch (const std::bad_alloc&) {

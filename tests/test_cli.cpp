@@ -299,6 +299,19 @@ TEST_F(Cli, BadFilesGiveOneClearLine) {
   expect_clean_error(variant("empty.npy", ""), "too short");
 }
 
+TEST_F(Cli, NonFiniteInputs) {
+  auto q = fa::testing::gaussian<float>(10, 4, 1);
+  q(3, 2) = std::numeric_limits<float>::quiet_NaN();
+  save("q.npy", q);
+  save("k.npy", fa::testing::gaussian<float>(12, 4, 2));
+  save("v.npy", fa::testing::gaussian<float>(12, 3, 3));
+  if constexpr (requires(fa::options o) { o.check_finite = true; }) {
+    expect_clean_error("--kernel dense " + qkv() + " --out " + path("o.npy"), "--no-check-finite");
+  }
+  const result r = run("--kernel dense --no-check-finite " + qkv() + " --out " + path("o.npy"));
+  EXPECT_EQ(r.status, 0) << r.err;
+}
+
 TEST_F(Cli, FuzzedFilesNeverCrashTheTool) {
   // Random byte flips and truncations of valid q, k and v files: every run either succeeds or
   // fails cleanly (status 1, one line on stderr); a crash or a sanitizer report fails the test.
