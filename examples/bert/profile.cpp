@@ -27,12 +27,12 @@ namespace {
 
 int profile_main(int argc, const char* const* argv) {
   const fx::parsed_args args = fx::parse_args(
-      argc, argv, {"hidden", "heads", "layers", "intermediate", "lengths", "batch", "repeat", "threads", "save"},
+      argc, argv, {"hidden", "heads", "layers", "intermediate", "lengths", "batch", "repeat", "threads", "save", "vocab"},
       {"help"});
   if (args.switches.count("help")) {
     std::cout << "usage: fastattn_bert_profile [--hidden 256] [--heads 4] [--layers 2] [--intermediate 1024]\n"
                  "                             [--lengths 512,4096] [--batch 1] [--repeat 3] [--threads 0]\n"
-                 "                             [--save DIR]\n"
+                 "                             [--vocab 1000] [--save DIR]\n"
                  "--save DIR writes the random model (config.json + model.safetensors) and a random\n"
                  "masked-LM batch (DIR/batch.safetensors, first length, 15% labelled) for fastattn_mlm\n"
                  "instead of profiling.\n";
@@ -47,7 +47,7 @@ int profile_main(int argc, const char* const* argv) {
   c.num_attention_heads = get("heads", 4);
   c.num_hidden_layers = get("layers", 2);
   c.intermediate_size = get("intermediate", 4 * c.hidden_size);
-  c.vocab_size = 1000;
+  c.vocab_size = get("vocab", 1000);
   std::vector<idx> lengths;
   {
     std::stringstream list(args.values.count("lengths") ? args.values.at("lengths") : "512,4096");
