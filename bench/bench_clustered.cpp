@@ -46,7 +46,7 @@ const bool clustered_sweep_registered = [] {
                    clustered_flops(policy));
   }
   for (const auto& [clusters, topk] :
-       {std::pair<index, index>{25, 32}, {100, 8}, {100, 16}, {100, 32}, {100, 64}, {200, 32}}) {
+       {std::pair<index, index>{25, 32}, {50, 32}, {100, 32}, {200, 32}, {100, 16}, {100, 64}}) {
     const improved_clustered policy{.clusters = clusters, .seed = 1, .topk = topk};
     register_sweep("improved_clustered",
                    "clusters:" + std::to_string(clusters) + ",topk:" + std::to_string(topk),
