@@ -189,12 +189,6 @@ int run_all(const fx::parsed_args& args, const std::string& kernel, const proble
   return 0;
 }
 
-/// options::check_finite where the library has it (a no-op otherwise).
-template <class Options>
-void set_check_finite(Options& opt, bool check) {
-  if constexpr (requires { opt.check_finite = check; }) opt.check_finite = check;
-}
-
 int cli_main(int argc, const char* const* argv) {
   const fx::parsed_args args = fx::parse_args(
       argc, argv,
@@ -224,7 +218,7 @@ int cli_main(int argc, const char* const* argv) {
   if (args.values.count("query-length"))
     opt.query_length = fx::parse_value<fa::index>("query-length", args.values.at("query-length"));
   opt.causal = args.switches.count("causal") > 0;
-  set_check_finite(opt, args.switches.count("no-check-finite") == 0);
+  opt.check_finite = args.switches.count("no-check-finite") == 0;
   const int threads =
       args.values.count("threads") ? fx::parse_value<int>("threads", args.values.at("threads")) : 0;
   const std::string precision = args.values.count("precision") ? args.values.at("precision") : "auto";

@@ -26,18 +26,9 @@
 
 #include <fastattn/attention.hpp>
 #include <fastattn/dense.hpp>
-#if __has_include(<fastattn/clustered.hpp>)
 #include <fastattn/clustered.hpp>
-#define FASTATTN_EXAMPLES_HAVE_CLUSTERED 1
-#endif
-#if __has_include(<fastattn/improved_clustered.hpp>)
 #include <fastattn/improved_clustered.hpp>
-#define FASTATTN_EXAMPLES_HAVE_IMPROVED_CLUSTERED 1
-#endif
-#if __has_include(<fastattn/smyrf.hpp>)
 #include <fastattn/smyrf.hpp>
-#define FASTATTN_EXAMPLES_HAVE_SMYRF 1
-#endif
 
 namespace fastattn::examples {
 
@@ -77,7 +68,6 @@ struct policy_knobs<dense> {
                       FASTATTN_KNOB(dense, key_block, "keys per block streamed through the online softmax (>= 1)"));
 };
 
-#ifdef FASTATTN_EXAMPLES_HAVE_CLUSTERED
 template <>
 struct policy_knobs<clustered> {
   static constexpr auto list = std::make_tuple(
@@ -87,9 +77,7 @@ struct policy_knobs<clustered> {
       FASTATTN_KNOB(clustered, hash_bias, "random thresholds on the hyperplanes (true/false)"),
       FASTATTN_KNOB(clustered, seed, "seed of every random draw"));
 };
-#endif
 
-#ifdef FASTATTN_EXAMPLES_HAVE_IMPROVED_CLUSTERED
 template <>
 struct policy_knobs<improved_clustered> {
   static constexpr auto list = std::make_tuple(
@@ -100,9 +88,7 @@ struct policy_knobs<improved_clustered> {
       FASTATTN_KNOB(improved_clustered, topk, "keys each cluster attends to exactly (clamped to S)"),
       FASTATTN_KNOB(improved_clustered, seed, "seed of every random draw"));
 };
-#endif
 
-#ifdef FASTATTN_EXAMPLES_HAVE_SMYRF
 template <>
 struct policy_knobs<smyrf> {
   static constexpr auto list = std::make_tuple(
@@ -111,23 +97,12 @@ struct policy_knobs<smyrf> {
       FASTATTN_KNOB(smyrf, r, "E2LSH bucket width (> 0)"),
       FASTATTN_KNOB(smyrf, seed, "seed of every random draw"));
 };
-#endif
 
 /// The kernels the tools offer, in --help order.
 template <class... Policies>
 struct kernel_list {};
 
-using kernels = kernel_list<dense
-#ifdef FASTATTN_EXAMPLES_HAVE_CLUSTERED
-                            , clustered
-#endif
-#ifdef FASTATTN_EXAMPLES_HAVE_IMPROVED_CLUSTERED
-                            , improved_clustered
-#endif
-#ifdef FASTATTN_EXAMPLES_HAVE_SMYRF
-                            , smyrf
-#endif
-                            >;
+using kernels = kernel_list<dense, clustered, improved_clustered, smyrf>;
 
 /// The settings `fastattn_mlm --kernel all` runs for each kernel. The primary template runs the
 /// policy's defaults, so a new kernel is swept without any entry here.
@@ -136,15 +111,12 @@ struct policy_sweep {
   static std::vector<Policy> settings() { return {Policy{}}; }
 };
 
-#ifdef FASTATTN_EXAMPLES_HAVE_CLUSTERED
 template <>
 struct policy_sweep<clustered> {
   static std::vector<clustered> settings() {
     return {clustered{.clusters = 25}, clustered{.clusters = 100}, clustered{.clusters = 200}};
   }
 };
-#endif
-#ifdef FASTATTN_EXAMPLES_HAVE_IMPROVED_CLUSTERED
 template <>
 struct policy_sweep<improved_clustered> {
   static std::vector<improved_clustered> settings() {
@@ -152,8 +124,6 @@ struct policy_sweep<improved_clustered> {
             improved_clustered{.clusters = 100, .topk = 64}};
   }
 };
-#endif
-#ifdef FASTATTN_EXAMPLES_HAVE_SMYRF
 template <>
 struct policy_sweep<smyrf> {
   static std::vector<smyrf> settings() {
@@ -161,7 +131,6 @@ struct policy_sweep<smyrf> {
             smyrf{.hashes = 4, .cluster_size = 128}};
   }
 };
-#endif
 
 // ---------------------------------------------------------------------------------------------
 // Value parsing and printing by member type.
