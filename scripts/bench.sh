@@ -69,7 +69,7 @@ scripts/report.sh "$out"
   echo
   echo "Produced by \`./scripts/bench.sh$([ "$quick" = 1 ] && echo ' --quick')\` on $(date -u '+%Y-%m-%d %H:%M UTC'),"
   echo "$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(g++ --version | head -1)."
-  echo "One head, E = M = 64, float, one thread; medians of Google Benchmark repetitions (wall-clock ms per call)."
+  echo "One head, E = M = 64, float, one thread; medians of Google Benchmark repetitions: CPU ms per call for the one-thread rows (robust to a shared machine), wall-clock ms for the multi-head thread-scaling rows."
   echo
   cat "$out/peak.txt" 2>/dev/null || true
   echo

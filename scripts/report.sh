@@ -103,21 +103,21 @@ if command -v gnuplot >/dev/null 2>&1; then
   for term in pngcairo svg; do
     ext=$([ "$term" = svg ] && echo svg || echo png)
     gnuplot <<GP
-set terminal $term size 900,600 $([ "$term" = pngcairo ] && echo "font ',11'")
+set terminal $term size 900,600 noenhanced $([ "$term" = pngcairo ] && echo "font ',11'")
 set output "$dir/time_vs_n.$ext"
 set title "fastattn: time per head vs sequence length (E = M = 64, float, one thread)"
 set logscale xy 2
 set xlabel "N (queries = keys)"
-set ylabel "median time per call (ms)"
+set ylabel "median CPU time per call (ms)"
 set key top left
 set grid
 set datafile missing "NaN"
 plot for [c=2:7] "$dir/time_vs_n.tsv" using 1:(c == 4 ? NaN : column(c)) with linespoints lw 2 title columnheader(c), \
-     "$dir/time_vs_n.tsv" using 1:4 with lines lw 2 dt 2 lc rgb "gray40" title "gemm\\_bound (floor of dense)"
+     "$dir/time_vs_n.tsv" using 1:4 with lines lw 2 dt 2 lc rgb "gray40" title "gemm_bound (floor of dense)"
 GP
     if [ -s "$dir/error_vs_time.tsv" ]; then
       gnuplot <<GP
-set terminal $term size 900,600 $([ "$term" = pngcairo ] && echo "font ',11'")
+set terminal $term size 900,600 noenhanced $([ "$term" = pngcairo ] && echo "font ',11'")
 set output "$dir/error_vs_time.$ext"
 set title "fastattn: relative error vs time at N = 4096, one point per knob setting"
 set logscale xy
@@ -125,7 +125,7 @@ set xlabel "median time per call (ms)"
 set ylabel "relative Frobenius error vs exact"
 set grid
 set key top right
-plot for [k in "clustered improved_clustered smyrf"] "< grep '^".k."\t' $dir/error_vs_time.tsv" using 3:4 with linespoints pt 7 ps 1.2 title k, \
+plot for [k in "clustered improved_clustered smyrf"] "< grep '^".k."\t' $dir/error_vs_time.tsv" using 3:4 with points pt 7 ps 1.4 title k, \
      for [k in "clustered improved_clustered smyrf"] "< grep '^".k."\t' $dir/error_vs_time.tsv" using 3:4:2 with labels offset 0,1 font ",9" notitle
 GP
     fi
