@@ -398,11 +398,11 @@ TYPED_TEST(EdgeCases, DenseWithoutCheckPropagatesToExactlyTheAffectedRows) {
 // N = 65536 through multihead_attention on 2 threads (B = 1, H = 2): finite, convex, padded, and
 // sampled rows close to the oracle. Float only (one run is enough; memory is ~4 MB per head).
 TYPED_TEST(EdgeCases, VeryLargeNThroughMultiheadOnTwoThreads) {
-  using T = typename TypeParam::scalar;
-  using P = typename TypeParam::policy;
 #if defined(FASTATTN_TEST_SANITIZED)
   GTEST_SKIP() << "large-N case skipped under sanitizers (too slow)";
 #else
+  using T = typename TypeParam::scalar;
+  using P = typename TypeParam::policy;
   if constexpr (!std::is_same_v<T, float>) {
     GTEST_SKIP() << "float only";
   } else {

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Builds fastattn's libFuzzer targets with clang (build/fuzz) and runs each for a bounded time from
+# a copy of its committed seed corpus (fuzz/corpus/<target>/), so runs never modify the repository.
+# Prints each target's number of executions; exits non-zero if any target finds a crash, leak,
+# timeout or property violation (the reproducer is kept under build/fuzz/artifacts/<target>/).
+#   ./scripts/fuzz.sh                 every target, 60 s each
+#   ./scripts/fuzz.sh --seconds 10    every target, 10 s each
+#   ./scripts/fuzz.sh fuzz_npy        one target
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/deps.sh
+FASTATTN_FUZZ_PACKAGES=(clang-14 libclang-rt-14-dev libomp-14-dev)
+fastattn_require_packages "${FASTATTN_BUILD_PACKAGES[@]}" "${FASTATTN_FUZZ_PACKAGES[@]}"
+
+seconds=60
+targets=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --seconds) seconds="$2"; shift 2 ;;
+    --seconds=*) seconds="${1#*=}"; shift ;;
+    fuzz_*) targets+=("$1"); shift ;;
+    *) echo "usage: $0 [--seconds N] [fuzz_attention|fuzz_npy|fuzz_safetensors ...]" >&2; exit 2 ;;
+  esac
+done
+[ ${#targets[@]} -eq 0 ] && targets=(fuzz_attention fuzz_npy fuzz_safetensors)
+
+cxx=clang++-14
+command -v "$cxx" >/dev/null 2>&1 || cxx=clang++
+build=build/fuzz
+echo "== configure and build ($cxx, $build)"
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER="$cxx" \
+  -DFASTATTN_BUILD_FUZZERS=ON -DFASTATTN_WERROR=ON -DFASTATTN_BUILD_TESTS=OFF \
+  -DFASTATTN_BUILD_BENCHMARKS=OFF -DFASTATTN_BUILD_EXAMPLES=OFF -DFASTATTN_INSTALL=OFF >/dev/null
+cmake --build "$build" -j "$(nproc)" --target "${targets[@]}"
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+status=0
+summary=()
+for t in "${targets[@]}"; do
+  corpus="$work/$t"
+  artifacts="$build/artifacts/$t"
+  mkdir -p "$corpus" "$artifacts"
+  cp -r "fuzz/corpus/$t/." "$corpus/"
+  echo "== $t: ${seconds} s from $(ls "fuzz/corpus/$t" | wc -l) seed(s)"
+  log="$work/$t.log"
+  set +e
+  # One worker, bounded time; per-input timeout 10 s; the reproducer of any finding goes to
+  # $artifacts. UBSan findings abort (the targets are built with -fno-sanitize-recover=all).
+  ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+    "$build/fuzz/$t" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=8192 \
+    -print_final_stats=1 -artifact_prefix="$artifacts/" "$corpus" >"$log" 2>&1
+  rc=$?
+  set -e
+  runs=$(grep -Eo 'stat::number_of_executed_units: *[0-9]+' "$log" | grep -Eo '[0-9]+$' | tail -1)
+  [ -z "$runs" ] && runs=$(grep -Eo 'Done [0-9]+ runs' "$log" | grep -Eo '[0-9]+' | tail -1)
+  if [ "$rc" -ne 0 ]; then
+    status=1
+    echo "!! $t: FAILED (exit $rc); log tail:"
+    tail -n 60 "$log"
+    cp "$log" "$artifacts/last.log"
+    summary+=("$t: FAILED after ${runs:-?} executions (see $artifacts)")
+  else
+    summary+=("$t: ${runs:-?} executions in ${seconds} s, no finding")
+  fi
+done
+echo "== fuzzing summary"
+printf '%s\n' "${summary[@]}"
+exit "$status"
