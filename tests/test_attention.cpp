@@ -41,8 +41,8 @@ static_assert(fa::attention_policy<fa::dense>);
 static_assert(fa::attention_policy<band_attention>);
 static_assert(!fa::attention_policy<int>);
 struct missing_name {
-  static constexpr bool is_exact = true;
-  static constexpr bool supports_causal = true;
+  [[maybe_unused]] static constexpr bool is_exact = true;
+  [[maybe_unused]] static constexpr bool supports_causal = true;
   template <class T>
   void compute(fa::const_view<T>, fa::const_view<T>, fa::const_view<T>, fa::view<T>,
                const fa::context&) const {}

@@ -59,9 +59,11 @@ struct options {
   /// Non-finite policy. When true (the default) the front door scans the valid rows of q, k and v
   /// (O((L + S) E) reads, a fraction of a percent of any kernel's cost) and throws
   /// invalid_argument naming the tensor, row and column of the first NaN or infinity. When
-  /// false nothing is checked: dense then propagates a non-finite value to exactly the output
-  /// rows whose softmax it enters, and the approximate kernels to whole clusters; padding rows
-  /// are never read, so they may hold anything in either mode.
+  /// false nothing is checked: dense then propagates a non-finite q or k entry to exactly the
+  /// output rows whose softmax it enters, and a non-finite v row to the rows that see it (with
+  /// causal masking, also to earlier rows of the same query x key tile, since a masked weight of
+  /// 0 times NaN is NaN); the approximate kernels propagate to whole clusters. Padding rows are
+  /// never read, so they may hold anything in either mode.
   bool check_finite = true;
 };
 
