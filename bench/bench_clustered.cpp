@@ -49,8 +49,8 @@ const bool clustered_sweep_registered = [] {
        {std::pair<index, index>{25, 32}, {50, 32}, {100, 32}, {200, 32}, {100, 16}, {100, 64}}) {
     const improved_clustered policy{.clusters = clusters, .seed = 1, .topk = topk};
     register_sweep("improved_clustered",
-                   "clusters:" + std::to_string(clusters) + ",topk:" + std::to_string(topk),
-                   policy, improved_flops(policy));
+                   "clusters:" + std::to_string(clusters) + ",topk:" + std::to_string(topk), policy,
+                   improved_flops(policy));
   }
   return true;
 }();

@@ -30,7 +30,7 @@
 
 namespace fastattn::bench {
 
-inline constexpr index head_dim = 64;          // E = M
+inline constexpr index head_dim = 64;  // E = M
 inline constexpr std::uint64_t input_seed = 2024;
 inline constexpr index min_n = 256;
 inline constexpr index max_n = 32768;
@@ -49,7 +49,8 @@ inline problem& get_problem(index n) {
   const std::lock_guard lock(mutex);
   auto& slot = cache[n];
   if (!slot) {
-    auto in = testing::make_peaked<float>(n, n, head_dim, head_dim, input_seed + static_cast<std::uint64_t>(n));
+    auto in = testing::make_peaked<float>(n, n, head_dim, head_dim,
+                                          input_seed + static_cast<std::uint64_t>(n));
     slot = std::make_unique<problem>();
     slot->q = std::move(in.q);
     slot->k = std::move(in.k);
@@ -61,13 +62,16 @@ inline problem& get_problem(index n) {
 /// The float64 exact output of problem N (computed on first call, never inside a timed region).
 inline const testing::matd& exact_output(index n) {
   problem& p = get_problem(n);
-  if (!p.exact) p.exact = std::make_unique<testing::matd>(testing::reference_attention(p.q, p.k, p.v));
+  if (!p.exact)
+    p.exact = std::make_unique<testing::matd>(testing::reference_attention(p.q, p.k, p.v));
   return *p.exact;
 }
 
 /// Sets the `flops` rate counter and, for small N, `rel_err` of `out` against the reference.
-inline void report(benchmark::State& state, index n, double flops_per_call, const matrix<float>* out) {
-  state.counters["flops"] = benchmark::Counter(flops_per_call, benchmark::Counter::kIsIterationInvariantRate);
+inline void report(benchmark::State& state, index n, double flops_per_call,
+                   const matrix<float>* out) {
+  state.counters["flops"] =
+      benchmark::Counter(flops_per_call, benchmark::Counter::kIsIterationInvariantRate);
   if (out && n <= max_n_with_error)
     state.counters["rel_err"] = testing::relative_error(*out, exact_output(n));
   state.counters["N"] = static_cast<double>(n);
@@ -91,8 +95,8 @@ void run_kernel(benchmark::State& state, const Policy& policy, index n, FlopFn f
   report(state, n, static_cast<double>(flops(n)), &out);
 }
 
-inline constexpr index scaling_n = 4096;     // thread-scaling problem: B = 1, L = S = 4096,
-inline constexpr index scaling_heads = 8;    // H = 8, through the multi-head driver
+inline constexpr index scaling_n = 4096;   // thread-scaling problem: B = 1, L = S = 4096,
+inline constexpr index scaling_heads = 8;  // H = 8, through the multi-head driver
 
 /// Times multihead_attention over (1, scaling_n, scaling_heads, head_dim) on `threads` threads
 /// (wall-clock time).
@@ -105,7 +109,8 @@ void run_multihead(benchmark::State& state, const Policy& policy, int threads) {
     k.resize(q.size());
     v.resize(q.size());
     for (index h = 0; h < H; ++h) {
-      const auto in = testing::make_peaked<float>(n, n, head_dim, head_dim, input_seed + 100 + static_cast<std::uint64_t>(h));
+      const auto in = testing::make_peaked<float>(n, n, head_dim, head_dim,
+                                                  input_seed + 100 + static_cast<std::uint64_t>(h));
       for (index t = 0; t < n; ++t)
         for (index e = 0; e < head_dim; ++e) {
           const auto at = static_cast<std::size_t>((t * H + h) * head_dim + e);
@@ -123,7 +128,8 @@ void run_multihead(benchmark::State& state, const Policy& policy, int threads) {
       k{buffers[1].data(), 1, scaling_n, scaling_heads, head_dim},
       v{buffers[2].data(), 1, scaling_n, scaling_heads, head_dim};
   for (auto _ : state) {
-    multihead_attention(policy, q, k, v, tensor_view<float>{out.data(), 1, scaling_n, scaling_heads, head_dim}, opt);
+    multihead_attention(policy, q, k, v,
+                        tensor_view<float>{out.data(), 1, scaling_n, scaling_heads, head_dim}, opt);
     benchmark::DoNotOptimize(out.data());
   }
   state.counters["threads"] = threads;
@@ -140,10 +146,13 @@ bool register_kernel(std::string_view name, Policy policy, FlopFn flops, index l
     })->Unit(benchmark::kMillisecond);
   }
   for (int threads : {1, 2}) {
-    const std::string full = "multihead/" + std::string(name) + "/threads:" + std::to_string(threads);
-    benchmark::RegisterBenchmark(full.c_str(), [policy, threads](benchmark::State& state) {
-      run_multihead(state, policy, threads);
-    })->Unit(benchmark::kMillisecond)->UseRealTime();
+    const std::string full =
+        "multihead/" + std::string(name) + "/threads:" + std::to_string(threads);
+    benchmark::RegisterBenchmark(
+        full.c_str(),
+        [policy, threads](benchmark::State& state) { run_multihead(state, policy, threads); })
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
   }
   return true;
 }

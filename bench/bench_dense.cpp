@@ -13,7 +13,9 @@ namespace fastattn::bench {
 namespace {
 
 // Q K^T and P V: 2 L S E + 2 L S M flops.
-double dense_flops(index n) { return 4.0 * static_cast<double>(n) * static_cast<double>(n) * head_dim; }
+double dense_flops(index n) {
+  return 4.0 * static_cast<double>(n) * static_cast<double>(n) * head_dim;
+}
 
 const bool dense_registered = register_kernel("dense", dense{}, dense_flops);
 

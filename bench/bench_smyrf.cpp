@@ -30,9 +30,10 @@ const bool smyrf_sweep_registered = [] {
   for (const auto& [hashes, cluster_size] :
        {std::pair<index, index>{1, 64}, {2, 64}, {4, 64}, {8, 64}, {2, 32}, {4, 32}, {2, 128}}) {
     const smyrf policy{.hashes = hashes, .cluster_size = cluster_size};
-    register_sweep("smyrf",
-                   "hashes:" + std::to_string(hashes) + ",cluster_size:" + std::to_string(cluster_size),
-                   policy, smyrf_flops(policy));
+    register_sweep(
+        "smyrf",
+        "hashes:" + std::to_string(hashes) + ",cluster_size:" + std::to_string(cluster_size),
+        policy, smyrf_flops(policy));
   }
   return true;
 }();

@@ -23,14 +23,16 @@ int main(int argc, char** argv) {
   const fastattn::index n = argc > 1 ? std::stol(argv[1]) : 32768, d = 64;
   Eigen::setNbThreads(1);
   const auto in = fastattn::testing::make_peaked<float>(n, n, d, d, 1);
-  fastattn::matrix<float> out = fastattn::matrix<float>::Zero(n, d);  // touched: counted in baseline
+  fastattn::matrix<float> out =
+      fastattn::matrix<float>::Zero(n, d);  // touched: counted in baseline
   const double before = max_rss_mib();
   fastattn::attention(fastattn::dense{}, in.q, in.k, in.v, fastattn::view<float>(out));
   const double after = max_rss_mib();
   const double inputs = 4.0 * static_cast<double>(n * d) * 4.0 / (1024.0 * 1024.0);
   const double naive = static_cast<double>(n) * static_cast<double>(n) * 4.0 / (1024.0 * 1024.0);
-  std::printf("dense N=%ld: peak extra memory %.1f MiB (inputs + output %.1f MiB; an L x S float "
-              "matrix would be %.0f MiB)\n",
-              static_cast<long>(n), after - before, inputs, naive);
+  std::printf(
+      "dense N=%ld: peak extra memory %.1f MiB (inputs + output %.1f MiB; an L x S float "
+      "matrix would be %.0f MiB)\n",
+      static_cast<long>(n), after - before, inputs, naive);
   return out.allFinite() ? 0 : 1;
 }

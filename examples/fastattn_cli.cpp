@@ -34,7 +34,8 @@ const char* const usage_text =
     "                [--scale X] [--key-length N] [--query-length N] [--causal]\n"
     "                [--precision auto|float|double] [--threads N] [--reference]\n"
     "\n"
-    "Runs one attention kernel on NumPy arrays (.npy, float32 or float64, little-endian, C order):\n"
+    "Runs one attention kernel on NumPy arrays (.npy, float32 or float64, little-endian, C "
+    "order):\n"
     "  q (L, E), k (S, E), v (S, M)  -> out (L, M)        one head\n"
     "  q (H, L, E), k (H, S, E), v (H, S, M) -> out (H, L, M)   H heads\n"
     "\n"
@@ -79,7 +80,8 @@ problem check_shapes(const std::string& qp, const std::vector<fa::index>& q, con
                      const std::vector<fa::index>& v) {
   auto rank_error = [](const std::string& path, const std::string& name,
                        const std::vector<fa::index>& s) {
-    fx::usage_error(path + ": " + name + " must be 2-d (rows, features) or 3-d (heads, rows, features), got shape " +
+    fx::usage_error(path + ": " + name +
+                    " must be 2-d (rows, features) or 3-d (heads, rows, features), got shape " +
                     shape_string(s));
   };
   if (q.size() != 2 && q.size() != 3) rank_error(qp, "q", q);
@@ -138,8 +140,8 @@ int run_all(const fx::parsed_args& args, const std::string& kernel, const proble
   // different files): refuse sizes the machine cannot hold instead of being OOM-killed.
   const double out_bytes = static_cast<double>(p.H) * static_cast<double>(p.L) *
                            static_cast<double>(p.M) * static_cast<double>(sizeof(T));
-  const double memory = static_cast<double>(sysconf(_SC_PHYS_PAGES)) *
-                        static_cast<double>(sysconf(_SC_PAGE_SIZE));
+  const double memory =
+      static_cast<double>(sysconf(_SC_PHYS_PAGES)) * static_cast<double>(sysconf(_SC_PAGE_SIZE));
   if (memory > 0 && out_bytes > 0.5 * memory)
     fx::usage_error("the output (" + std::to_string(p.H) + ", " + std::to_string(p.L) + ", " +
                     std::to_string(p.M) + ") would need " + std::to_string(out_bytes / 1e9) +
@@ -190,10 +192,11 @@ int run_all(const fx::parsed_args& args, const std::string& kernel, const proble
 }
 
 int cli_main(int argc, const char* const* argv) {
-  const fx::parsed_args args = fx::parse_args(
-      argc, argv,
-      {"kernel", "q", "k", "v", "out", "scale", "key-length", "query-length", "precision", "threads"},
-      {"causal", "reference", "help", "no-check-finite"});
+  const fx::parsed_args args =
+      fx::parse_args(argc, argv,
+                     {"kernel", "q", "k", "v", "out", "scale", "key-length", "query-length",
+                      "precision", "threads"},
+                     {"causal", "reference", "help", "no-check-finite"});
   if (args.switches.count("help") || argc == 1) {
     std::cout << usage_text << fx::kernels_help();
     return argc == 1 ? 1 : 0;
@@ -221,7 +224,8 @@ int cli_main(int argc, const char* const* argv) {
   opt.check_finite = args.switches.count("no-check-finite") == 0;
   const int threads =
       args.values.count("threads") ? fx::parse_value<int>("threads", args.values.at("threads")) : 0;
-  const std::string precision = args.values.count("precision") ? args.values.at("precision") : "auto";
+  const std::string precision =
+      args.values.count("precision") ? args.values.at("precision") : "auto";
   if (precision != "auto" && precision != "float" && precision != "double")
     fx::usage_error("--precision must be auto, float or double, got '" + precision + "'");
 

@@ -63,15 +63,16 @@ struct policy_knobs {
 
 template <>
 struct policy_knobs<dense> {
-  static constexpr auto list =
-      std::make_tuple(FASTATTN_KNOB(dense, query_block, "queries per block (>= 1)"),
-                      FASTATTN_KNOB(dense, key_block, "keys per block streamed through the online softmax (>= 1)"));
+  static constexpr auto list = std::make_tuple(
+      FASTATTN_KNOB(dense, query_block, "queries per block (>= 1)"),
+      FASTATTN_KNOB(dense, key_block, "keys per block streamed through the online softmax (>= 1)"));
 };
 
 template <>
 struct policy_knobs<clustered> {
   static constexpr auto list = std::make_tuple(
-      FASTATTN_KNOB(clustered, clusters, "number of query clusters C (clamped to the valid queries)"),
+      FASTATTN_KNOB(clustered, clusters,
+                    "number of query clusters C (clamped to the valid queries)"),
       FASTATTN_KNOB(clustered, bits, "hash bits B of the hyperplane LSH (1..64)"),
       FASTATTN_KNOB(clustered, iterations, "Hamming k-means assignment passes"),
       FASTATTN_KNOB(clustered, hash_bias, "random thresholds on the hyperplanes (true/false)"),
@@ -81,11 +82,14 @@ struct policy_knobs<clustered> {
 template <>
 struct policy_knobs<improved_clustered> {
   static constexpr auto list = std::make_tuple(
-      FASTATTN_KNOB(improved_clustered, clusters, "number of query clusters C (clamped to the valid queries)"),
+      FASTATTN_KNOB(improved_clustered, clusters,
+                    "number of query clusters C (clamped to the valid queries)"),
       FASTATTN_KNOB(improved_clustered, bits, "hash bits B of the hyperplane LSH (1..64)"),
       FASTATTN_KNOB(improved_clustered, iterations, "Hamming k-means assignment passes"),
-      FASTATTN_KNOB(improved_clustered, hash_bias, "random thresholds on the hyperplanes (true/false)"),
-      FASTATTN_KNOB(improved_clustered, topk, "keys each cluster attends to exactly (clamped to S)"),
+      FASTATTN_KNOB(improved_clustered, hash_bias,
+                    "random thresholds on the hyperplanes (true/false)"),
+      FASTATTN_KNOB(improved_clustered, topk,
+                    "keys each cluster attends to exactly (clamped to S)"),
       FASTATTN_KNOB(improved_clustered, seed, "seed of every random draw"));
 };
 
@@ -120,7 +124,8 @@ struct policy_sweep<clustered> {
 template <>
 struct policy_sweep<improved_clustered> {
   static std::vector<improved_clustered> settings() {
-    return {improved_clustered{.clusters = 25, .topk = 32}, improved_clustered{.clusters = 100, .topk = 32},
+    return {improved_clustered{.clusters = 25, .topk = 32},
+            improved_clustered{.clusters = 100, .topk = 32},
             improved_clustered{.clusters = 100, .topk = 64}};
   }
 };
@@ -141,8 +146,10 @@ T parse_value(const std::string& flag, const std::string& text) {
     usage_error("--" + flag + ": '" + text + "' is not " + what);
   };
   if constexpr (std::is_same_v<T, bool>) {
-    if (text == "1" || text == "true" || text == "True" || text == "yes" || text == "on") return true;
-    if (text == "0" || text == "false" || text == "False" || text == "no" || text == "off") return false;
+    if (text == "1" || text == "true" || text == "True" || text == "yes" || text == "on")
+      return true;
+    if (text == "0" || text == "false" || text == "False" || text == "no" || text == "off")
+      return false;
     return bad("a boolean (true/false/1/0)");
   } else if constexpr (std::is_integral_v<T>) {
     T value{};
@@ -290,12 +297,13 @@ inline std::string kernels_help() {
 
 struct parsed_args {
   std::map<std::string, std::string> values;  ///< flag (without --) -> value
-  std::set<std::string> switches;              ///< boolean switches that were given
+  std::set<std::string> switches;             ///< boolean switches that were given
 };
 
 /// Parses argv. `value_flags` take a value, `switch_flags` do not; every knob flag of every
 /// kernel takes a value. Anything else is an error.
-inline parsed_args parse_args(int argc, const char* const* argv, const std::set<std::string>& value_flags,
+inline parsed_args parse_args(int argc, const char* const* argv,
+                              const std::set<std::string>& value_flags,
                               const std::set<std::string>& switch_flags) {
   const std::set<std::string> knobs = all_knob_flags();
   parsed_args args;

@@ -20,10 +20,10 @@ int main() {
   const Eigen::MatrixXf o = fastattn::attention(fastattn::dense{}, q, k, v, {.causal = true});
   const Eigen::MatrixXf c =
       fastattn::attention(fastattn::clustered{.clusters = 100, .seed = 7}, q, k, v);
-  const Eigen::MatrixXf i = fastattn::attention(
-      fastattn::improved_clustered{.clusters = 25, .topk = 32}, q, k, v);
-  const Eigen::MatrixXf s = fastattn::attention(
-      fastattn::smyrf{.hashes = 2, .cluster_size = 64}, q, k, v, {.key_length = 900});
+  const Eigen::MatrixXf i =
+      fastattn::attention(fastattn::improved_clustered{.clusters = 25, .topk = 32}, q, k, v);
+  const Eigen::MatrixXf s = fastattn::attention(fastattn::smyrf{.hashes = 2, .cluster_size = 64}, q,
+                                                k, v, {.key_length = 900});
 
   const self_attention<fastattn::improved_clustered> layer{};
   const Eigen::MatrixXf y = layer(q, 1000);  // rows 1000.. are padding: zero output

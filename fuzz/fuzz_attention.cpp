@@ -43,21 +43,36 @@ template <class T>
 T special_value(FuzzedDataProvider& in) {
   using lim = std::numeric_limits<T>;
   switch (in.ConsumeIntegralInRange<int>(0, 15)) {
-    case 0: return T(0);
-    case 1: return -T(0);
-    case 2: return T(1);
-    case 3: return T(-1);
-    case 4: return lim::quiet_NaN();
-    case 5: return lim::infinity();
-    case 6: return -lim::infinity();
-    case 7: return lim::denorm_min();
-    case 8: return -lim::denorm_min() * T(3);
-    case 9: return lim::min();
-    case 10: return static_cast<T>(1e30);
-    case 11: return static_cast<T>(-1e30);
-    case 12: return lim::max();
-    case 13: return lim::lowest();
-    case 14: return static_cast<T>(in.ConsumeFloatingPointInRange<double>(-1e4, 1e4));
+    case 0:
+      return T(0);
+    case 1:
+      return -T(0);
+    case 2:
+      return T(1);
+    case 3:
+      return T(-1);
+    case 4:
+      return lim::quiet_NaN();
+    case 5:
+      return lim::infinity();
+    case 6:
+      return -lim::infinity();
+    case 7:
+      return lim::denorm_min();
+    case 8:
+      return -lim::denorm_min() * T(3);
+    case 9:
+      return lim::min();
+    case 10:
+      return static_cast<T>(1e30);
+    case 11:
+      return static_cast<T>(-1e30);
+    case 12:
+      return lim::max();
+    case 13:
+      return lim::lowest();
+    case 14:
+      return static_cast<T>(in.ConsumeFloatingPointInRange<double>(-1e4, 1e4));
     default: {
       if constexpr (std::is_same_v<T, float>)
         return std::bit_cast<float>(in.ConsumeIntegral<std::uint32_t>());
@@ -96,21 +111,31 @@ void fill(FuzzedDataProvider& in, std::vector<T>& data) {
 
 index knob_index(FuzzedDataProvider& in, index lo, index hi) {
   switch (in.ConsumeIntegralInRange<int>(0, 7)) {
-    case 0: return -1;
-    case 1: return 0;
-    case 2: return std::numeric_limits<index>::min();
-    case 3: return index{0xFFFFFFFF};        // largest accepted clusters
-    case 4: return index{0x100000000};       // first rejected clusters
-    default: return in.ConsumeIntegralInRange<index>(lo, hi);
+    case 0:
+      return -1;
+    case 1:
+      return 0;
+    case 2:
+      return std::numeric_limits<index>::min();
+    case 3:
+      return index{0xFFFFFFFF};  // largest accepted clusters
+    case 4:
+      return index{0x100000000};  // first rejected clusters
+    default:
+      return in.ConsumeIntegralInRange<index>(lo, hi);
   }
 }
 
 int knob_int(FuzzedDataProvider& in, int lo, int hi) {
   switch (in.ConsumeIntegralInRange<int>(0, 5)) {
-    case 0: return -1;
-    case 1: return 0;
-    case 2: return std::numeric_limits<int>::min();
-    default: return in.ConsumeIntegralInRange<int>(lo, hi);
+    case 0:
+      return -1;
+    case 1:
+      return 0;
+    case 2:
+      return std::numeric_limits<int>::min();
+    default:
+      return in.ConsumeIntegralInRange<int>(lo, hi);
   }
 }
 
@@ -167,29 +192,45 @@ bool knobs_valid(const kernel_choice& k) {
            iterations >= 1;
   };
   switch (k.id) {
-    case 0: return k.d.query_block >= 1 && k.d.key_block >= 1;
-    case 1: return clustering_ok(k.c.clusters, k.c.bits, k.c.iterations);
-    case 2: return clustering_ok(k.ic.clusters, k.ic.bits, k.ic.iterations) && k.ic.topk >= 1;
-    default: return k.s.hashes >= 1 && k.s.cluster_size >= 1 && std::isfinite(k.s.r) && k.s.r > 0;
+    case 0:
+      return k.d.query_block >= 1 && k.d.key_block >= 1;
+    case 1:
+      return clustering_ok(k.c.clusters, k.c.bits, k.c.iterations);
+    case 2:
+      return clustering_ok(k.ic.clusters, k.ic.bits, k.ic.iterations) && k.ic.topk >= 1;
+    default:
+      return k.s.hashes >= 1 && k.s.cluster_size >= 1 && std::isfinite(k.s.r) && k.s.r > 0;
   }
 }
 
 bool exact_for(const kernel_choice& k, index Lv, index Sv) {
   switch (k.id) {
-    case 0: return true;
-    case 1: return Lv <= 1;
-    case 2: return k.ic.topk >= Sv || Lv <= 1;
-    default: return k.s.cluster_size >= Lv;
+    case 0:
+      return true;
+    case 1:
+      return Lv <= 1;
+    case 2:
+      return k.ic.topk >= Sv || Lv <= 1;
+    default:
+      return k.s.cluster_size >= Lv;
   }
 }
 
 template <class F>
 void dispatch(const kernel_choice& k, F&& f) {
   switch (k.id) {
-    case 0: f(k.d); break;
-    case 1: f(k.c); break;
-    case 2: f(k.ic); break;
-    default: f(k.s); break;
+    case 0:
+      f(k.d);
+      break;
+    case 1:
+      f(k.c);
+      break;
+    case 2:
+      f(k.ic);
+      break;
+    default:
+      f(k.s);
+      break;
   }
 }
 
@@ -260,8 +301,10 @@ void run(FuzzedDataProvider& in) {
   const index L = in.ConsumeIntegralInRange<index>(0, 64);
   const index S = in.ConsumeIntegralInRange<index>(0, 64);
   const index E = in.ConsumeIntegralInRange<index>(0, 64);
-  const index Ek = in.ConsumeIntegralInRange<int>(0, 7) == 0 ? in.ConsumeIntegralInRange<index>(0, 64) : E;
-  const index Sv_rows = in.ConsumeIntegralInRange<int>(0, 7) == 0 ? in.ConsumeIntegralInRange<index>(0, 64) : S;
+  const index Ek =
+      in.ConsumeIntegralInRange<int>(0, 7) == 0 ? in.ConsumeIntegralInRange<index>(0, 64) : E;
+  const index Sv_rows =
+      in.ConsumeIntegralInRange<int>(0, 7) == 0 ? in.ConsumeIntegralInRange<index>(0, 64) : S;
   const index M = in.ConsumeIntegralInRange<index>(0, 64);
 
   fa::options opt;
@@ -283,8 +326,8 @@ void run(FuzzedDataProvider& in) {
   const int threads = in.ConsumeIntegralInRange<int>(-1, 2);
 
   // Buffers: (B, rows, H, dim) packed.
-  std::vector<T> q(static_cast<std::size_t>(B * L * H * E)), k(static_cast<std::size_t>(B * S * H * Ek)),
-      v(static_cast<std::size_t>(B * Sv_rows * H * M));
+  std::vector<T> q(static_cast<std::size_t>(B * L * H * E)),
+      k(static_cast<std::size_t>(B * S * H * Ek)), v(static_cast<std::size_t>(B * Sv_rows * H * M));
   fill(in, q);
   fill(in, k);
   fill(in, v);
@@ -305,9 +348,11 @@ void run(FuzzedDataProvider& in) {
   bool any_task = false;
   for (index b = 0; b < B && valid; ++b) {
     const index Lv = (!qlens.empty() && static_cast<index>(qlens.size()) == B)
-                         ? qlens[static_cast<std::size_t>(b)] : opt.query_length.value_or(L);
+                         ? qlens[static_cast<std::size_t>(b)]
+                         : opt.query_length.value_or(L);
     const index Sv = (!klens.empty() && static_cast<index>(klens.size()) == B)
-                         ? klens[static_cast<std::size_t>(b)] : opt.key_length.value_or(S);
+                         ? klens[static_cast<std::size_t>(b)]
+                         : opt.key_length.value_or(S);
     if (Lv < 0 || Lv > L || Sv < 0 || Sv > S) {
       valid = false;
       break;
@@ -322,8 +367,7 @@ void run(FuzzedDataProvider& in) {
   // With no sample the driver validates only the tensors (k and v lengths), the per-sample
   // spans and the thread count: shapes of heads, scale, causal and knobs are checked per sample
   // (scale, causal, E) or inside compute (knobs), and there is none.
-  if (multihead && B == 0)
-    valid = S == Sv_rows && threads >= 0 && qlens.empty() && klens.empty();
+  if (multihead && B == 0) valid = S == Sv_rows && threads >= 0 && qlens.empty() && klens.empty();
   (void)any_task;
   bool finite_ok = true;
   if (valid && opt.check_finite)

@@ -42,7 +42,8 @@ void read_and_round_trip(const std::string& path) {
   const auto b = fastattn::io::read_npy<T>(out);
   if (b.shape != a.shape) violation("round trip changed the shape");
   if (b.data.size() != a.data.size() ||
-      (!a.data.empty() && std::memcmp(a.data.data(), b.data.data(), a.data.size() * sizeof(T)) != 0))
+      (!a.data.empty() &&
+       std::memcmp(a.data.data(), b.data.data(), a.data.size() * sizeof(T)) != 0))
     violation("round trip changed the data");
 }
 

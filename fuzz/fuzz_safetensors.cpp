@@ -23,7 +23,8 @@ namespace {
 }
 
 template <class T>
-void read_one(const fe::safetensors_file& f, const std::string& name, const fe::st_tensor_info& info) {
+void read_one(const fe::safetensors_file& f, const std::string& name,
+              const fe::st_tensor_info& info) {
   std::vector<T> values;
   try {
     values = f.read<T>(name);

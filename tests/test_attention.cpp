@@ -85,12 +85,14 @@ void expect_error(const std::function<void()>& call, std::initializer_list<const
 }
 
 TEST(Errors, FeatureDimensionMismatch) {
-  const auto q = gaussian<float>(5, 4, 1), k = gaussian<float>(6, 3, 2), v = gaussian<float>(6, 2, 3);
+  const auto q = gaussian<float>(5, 4, 1), k = gaussian<float>(6, 3, 2),
+             v = gaussian<float>(6, 2, 3);
   expect_error([&] { (void)fa::attention(fa::dense{}, q, k, v); }, {"(E)", "5 x 4", "6 x 3"});
 }
 
 TEST(Errors, ValueRowsMismatch) {
-  const auto q = gaussian<float>(5, 4, 1), k = gaussian<float>(6, 4, 2), v = gaussian<float>(7, 2, 3);
+  const auto q = gaussian<float>(5, 4, 1), k = gaussian<float>(6, 4, 2),
+             v = gaussian<float>(7, 2, 3);
   expect_error([&] { (void)fa::attention(fa::dense{}, q, k, v); }, {"v must have", "6", "7"});
 }
 
@@ -100,7 +102,8 @@ TEST(Errors, EmptyFeatureDimension) {
 }
 
 TEST(Errors, QueryLengthOutOfRange) {
-  const auto q = gaussian<float>(5, 4, 1), k = gaussian<float>(6, 4, 2), v = gaussian<float>(6, 2, 3);
+  const auto q = gaussian<float>(5, 4, 1), k = gaussian<float>(6, 4, 2),
+             v = gaussian<float>(6, 2, 3);
   expect_error([&] { (void)fa::attention(fa::dense{}, q, k, v, {.query_length = 6}); },
                {"query_length", "L = 5", "6"});
   expect_error([&] { (void)fa::attention(fa::dense{}, q, k, v, {.query_length = -1}); },
@@ -108,7 +111,8 @@ TEST(Errors, QueryLengthOutOfRange) {
 }
 
 TEST(Errors, KeyLengthOutOfRange) {
-  const auto q = gaussian<float>(5, 4, 1), k = gaussian<float>(6, 4, 2), v = gaussian<float>(6, 2, 3);
+  const auto q = gaussian<float>(5, 4, 1), k = gaussian<float>(6, 4, 2),
+             v = gaussian<float>(6, 2, 3);
   expect_error([&] { (void)fa::attention(fa::dense{}, q, k, v, {.key_length = 7}); },
                {"key_length", "S = 6", "7"});
   expect_error([&] { (void)fa::attention(fa::dense{}, q, k, v, {.key_length = -2}); },
@@ -119,20 +123,19 @@ TEST(Errors, NonFiniteScale) {
   const auto q = gaussian<float>(5, 4, 1);
   expect_error([&] { (void)fa::attention(fa::dense{}, q, q, q, {.scale = std::nan("")}); },
                {"scale"});
-  expect_error(
-      [&] { (void)fa::attention(fa::dense{}, q, q, q, {.scale = HUGE_VAL}); }, {"scale"});
+  expect_error([&] { (void)fa::attention(fa::dense{}, q, q, q, {.scale = HUGE_VAL}); }, {"scale"});
 }
 
 TEST(Errors, OutputShape) {
-  const auto q = gaussian<float>(5, 4, 1), k = gaussian<float>(6, 4, 2), v = gaussian<float>(6, 2, 3);
+  const auto q = gaussian<float>(5, 4, 1), k = gaussian<float>(6, 4, 2),
+             v = gaussian<float>(6, 2, 3);
   fa::matrix<float> out(5, 3);
   expect_error([&] { fa::attention(fa::dense{}, q, k, v, out); }, {"out", "5 x 2", "5 x 3"});
 }
 
 TEST(Errors, BadBlockSizesNameTheKnob) {
   const auto q = gaussian<float>(5, 4, 1);
-  expect_error([&] { (void)fa::attention(fa::dense{.key_block = 0}, q, q, q); },
-               {"key_block = 0"});
+  expect_error([&] { (void)fa::attention(fa::dense{.key_block = 0}, q, q, q); }, {"key_block = 0"});
 }
 
 TEST(Options, EmptyInputsAreDefined) {
@@ -146,7 +149,8 @@ TEST(Options, EmptyInputsAreDefined) {
 }
 
 TEST(Options, ScaleDefaultsToInverseSqrtE) {
-  const auto q = gaussian<double>(7, 9, 1), k = gaussian<double>(8, 9, 2), v = gaussian<double>(8, 3, 3);
+  const auto q = gaussian<double>(7, 9, 1), k = gaussian<double>(8, 9, 2),
+             v = gaussian<double>(8, 3, 3);
   const auto a = fa::attention(fa::dense{}, q, k, v);
   const auto b = fa::attention(fa::dense{}, q, k, v, {.scale = 1.0 / 3.0});
   EXPECT_LT(fa::testing::relative_error(a, b), 1e-15);
@@ -161,14 +165,17 @@ using fa::index;
 TEST(NonFinite, RejectedByDefaultWithTheLocation) {
   auto q = gaussian<float>(6, 4, 1), k = gaussian<float>(7, 4, 2), v = gaussian<float>(7, 3, 3);
   q(3, 1) = std::numeric_limits<float>::quiet_NaN();
-  expect_error([&] { (void)fa::attention(fa::dense{}, q, k, v); }, {"q has a non-finite", "row 3", "column 1", "check_finite"});
+  expect_error([&] { (void)fa::attention(fa::dense{}, q, k, v); },
+               {"q has a non-finite", "row 3", "column 1", "check_finite"});
   q(3, 1) = 0.f;
   v(6, 2) = std::numeric_limits<float>::infinity();
-  expect_error([&] { (void)fa::attention(fa::dense{}, q, k, v); }, {"v has a non-finite", "row 6", "column 2"});
+  expect_error([&] { (void)fa::attention(fa::dense{}, q, k, v); },
+               {"v has a non-finite", "row 6", "column 2"});
   // Padding is never read, so it may hold anything.
   EXPECT_NO_THROW((void)fa::attention(fa::dense{}, q, k, v, {.key_length = 6}));
   k(0, 0) = -std::numeric_limits<float>::infinity();
-  expect_error([&] { (void)fa::attention(fa::dense{}, q, k, v, {.key_length = 6}); }, {"k has a non-finite", "row 0"});
+  expect_error([&] { (void)fa::attention(fa::dense{}, q, k, v, {.key_length = 6}); },
+               {"k has a non-finite", "row 0"});
 }
 
 TEST(NonFinite, DensePropagatesToExactlyTheAffectedRowsWhenUnchecked) {

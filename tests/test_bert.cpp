@@ -1,7 +1,7 @@
 // The BERT-style example (examples/bert): a tiny random model written to disk by the test
-// (config.json + model.safetensors, Hugging Face names) loads, and the encoder + masked-LM head with
-// dense attention matches a plain float64 forward pass written here, for post- and pre-norm, both
-// GELU variants and every optional-tensor rule; broken files are refused with a clear message.
+// (config.json + model.safetensors, Hugging Face names) loads, and the encoder + masked-LM head
+// with dense attention matches a plain float64 forward pass written here, for post- and pre-norm,
+// both GELU variants and every optional-tensor rule; broken files are refused with a clear message.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -35,12 +35,12 @@ namespace {
 struct variant {
   bool pre_norm = false;
   bool tanh_gelu = false;
-  bool prefix = true;          ///< "bert." on encoder tensors
-  bool gamma_beta = false;     ///< old LayerNorm.gamma / .beta names
-  bool transform = true;       ///< cls.predictions.transform.*
-  bool tied = true;            ///< no decoder.weight
-  idx classes = 0;             ///< decoder rows when untied (0 = vocab)
-  idx type_vocab = 2;          ///< 0: no token-type embeddings
+  bool prefix = true;       ///< "bert." on encoder tensors
+  bool gamma_beta = false;  ///< old LayerNorm.gamma / .beta names
+  bool transform = true;    ///< cls.predictions.transform.*
+  bool tied = true;         ///< no decoder.weight
+  idx classes = 0;          ///< decoder rows when untied (0 = vocab)
+  idx type_vocab = 2;       ///< 0: no token-type embeddings
   bool embedding_norm = true;
   fx::st_dtype dtype = fx::st_dtype::F32;  ///< F32 or F64 weights
   double eps = 1e-12;
@@ -102,8 +102,10 @@ tensor_map make_tensors(const variant& v, std::uint64_t seed) {
 
 std::string stored_name(const variant& v, std::string name) {
   if (v.gamma_beta && name.find("LayerNorm.") != std::string::npos) {
-    if (name.ends_with(".weight")) name = name.substr(0, name.size() - 7) + ".gamma";
-    else if (name.ends_with(".bias")) name = name.substr(0, name.size() - 5) + ".beta";
+    if (name.ends_with(".weight"))
+      name = name.substr(0, name.size() - 7) + ".gamma";
+    else if (name.ends_with(".bias"))
+      name = name.substr(0, name.size() - 5) + ".beta";
   }
   if (v.prefix && name.rfind("cls.", 0) != 0) name = "bert." + name;
   return name;
@@ -136,7 +138,8 @@ void write_model(const fs::path& dir, const variant& v, const tensor_map& t) {
     }
   }
   // An unrelated tensor (as in BertForPreTraining checkpoints) is ignored.
-  out.push_back(fx::st_write_tensor::make("cls.seq_relationship.weight", {2, D}, std::vector<float>(2 * D, 0.f)));
+  out.push_back(fx::st_write_tensor::make("cls.seq_relationship.weight", {2, D},
+                                          std::vector<float>(2 * D, 0.f)));
   fx::write_safetensors((dir / "model.safetensors").string(), out);
 }
 
@@ -167,16 +170,17 @@ struct reference_model {
       double var = 0;
       for (idx c = 0; c < x.cols(); ++c) var += (x(r, c) - mean) * (x(r, c) - mean);
       var /= static_cast<double>(x.cols());
-      for (idx c = 0; c < x.cols(); ++c) y(r, c) = (x(r, c) - mean) / std::sqrt(var + v.eps) * g[c] + b[c];
+      for (idx c = 0; c < x.cols(); ++c)
+        y(r, c) = (x(r, c) - mean) / std::sqrt(var + v.eps) * g[c] + b[c];
     }
     return y;
   }
   matd act(matd x) const {
     for (idx i = 0; i < x.size(); ++i) {
       const double a = x.data()[i];
-      x.data()[i] = v.tanh_gelu
-                        ? 0.5 * a * (1 + std::tanh(std::sqrt(2 / M_PI) * (a + 0.044715 * a * a * a)))
-                        : 0.5 * a * (1 + std::erf(a / std::sqrt(2.0)));
+      x.data()[i] =
+          v.tanh_gelu ? 0.5 * a * (1 + std::tanh(std::sqrt(2 / M_PI) * (a + 0.044715 * a * a * a)))
+                      : 0.5 * a * (1 + std::erf(a / std::sqrt(2.0)));
     }
     return x;
   }
@@ -207,28 +211,34 @@ struct reference_model {
   /// Logits (n, C) for the first n tokens of one sample.
   matd logits(const std::vector<std::int64_t>& ids, const std::vector<std::int64_t>& types) const {
     const idx n = static_cast<idx>(ids.size());
-    const matd word = m("embeddings.word_embeddings.weight"), pos = m("embeddings.position_embeddings.weight");
+    const matd word = m("embeddings.word_embeddings.weight"),
+               pos = m("embeddings.position_embeddings.weight");
     matd x(n, D);
     for (idx i = 0; i < n; ++i) {
       x.row(i) = word.row(ids[static_cast<std::size_t>(i)]) + pos.row(i);
       if (has("embeddings.token_type_embeddings.weight"))
-        x.row(i) += m("embeddings.token_type_embeddings.weight").row(types.empty() ? 0 : types[static_cast<std::size_t>(i)]);
+        x.row(i) += m("embeddings.token_type_embeddings.weight")
+                        .row(types.empty() ? 0 : types[static_cast<std::size_t>(i)]);
     }
     if (has("embeddings.LayerNorm.weight")) x = norm(x, "embeddings.LayerNorm");
     for (idx l = 0; l < layers; ++l) {
       const std::string p = "encoder.layer." + std::to_string(l) + ".";
       if (v.pre_norm) {
         x = x + attention(norm(x, p + "attention.output.LayerNorm"), p);
-        x = x + linear(act(linear(norm(x, p + "output.LayerNorm"), p + "intermediate.dense")), p + "output.dense");
+        x = x + linear(act(linear(norm(x, p + "output.LayerNorm"), p + "intermediate.dense")),
+                       p + "output.dense");
       } else {
         x = norm(x + attention(x, p), p + "attention.output.LayerNorm");
-        x = norm(x + linear(act(linear(x, p + "intermediate.dense")), p + "output.dense"), p + "output.LayerNorm");
+        x = norm(x + linear(act(linear(x, p + "intermediate.dense")), p + "output.dense"),
+                 p + "output.LayerNorm");
       }
     }
     if (v.pre_norm) x = norm(x, "encoder.final_layer_norm");
     if (has("cls.predictions.transform.dense.weight"))
-      x = norm(act(linear(x, "cls.predictions.transform.dense")), "cls.predictions.transform.LayerNorm");
-    const matd dec = has("cls.predictions.decoder.weight") ? m("cls.predictions.decoder.weight") : word;
+      x = norm(act(linear(x, "cls.predictions.transform.dense")),
+               "cls.predictions.transform.LayerNorm");
+    const matd dec =
+        has("cls.predictions.decoder.weight") ? m("cls.predictions.decoder.weight") : word;
     matd y = x * dec.transpose();
     y.rowwise() += row("cls.predictions.bias");
     return y;
@@ -239,7 +249,8 @@ class Bert : public ::testing::Test {
  protected:
   void SetUp() override {
     const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    dir_ = fs::temp_directory_path() / ("fastattn_test_bert_" + std::to_string(::getpid()) + "_" + info->name());
+    dir_ = fs::temp_directory_path() /
+           ("fastattn_test_bert_" + std::to_string(::getpid()) + "_" + info->name());
     fs::create_directories(dir_);
   }
   void TearDown() override {
@@ -249,7 +260,8 @@ class Bert : public ::testing::Test {
   fs::path dir_;
 };
 
-fb::batch make_batch(idx B, idx L, const std::vector<idx>& lengths, bool types, std::uint64_t seed) {
+fb::batch make_batch(idx B, idx L, const std::vector<idx>& lengths, bool types,
+                     std::uint64_t seed) {
   std::mt19937_64 gen(seed);
   fb::batch in;
   in.size = B;
@@ -295,11 +307,14 @@ TEST_F(Bert, DenseEncoderMatchesFloat64Reference) {
     for (const bool tanh : {false, true})
       variants.push_back({std::string(pre ? "pre" : "post") + (tanh ? "_gelu_new" : "_gelu"),
                           variant{.pre_norm = pre, .tanh_gelu = tanh}});
-  variants.push_back({"unprefixed_gamma_beta_eps", variant{.prefix = false, .gamma_beta = true, .eps = 1e-5}});
+  variants.push_back(
+      {"unprefixed_gamma_beta_eps", variant{.prefix = false, .gamma_beta = true, .eps = 1e-5}});
   variants.push_back({"no_transform_untied_fewer_classes",
                       variant{.transform = false, .tied = false, .classes = 30}});
-  variants.push_back({"no_token_types_no_embedding_norm", variant{.type_vocab = 0, .embedding_norm = false}});
-  variants.push_back({"pre_untied_f64", variant{.pre_norm = true, .tied = false, .dtype = fx::st_dtype::F64}});
+  variants.push_back(
+      {"no_token_types_no_embedding_norm", variant{.type_vocab = 0, .embedding_norm = false}});
+  variants.push_back(
+      {"pre_untied_f64", variant{.pre_norm = true, .tied = false, .dtype = fx::st_dtype::F64}});
   std::uint64_t seed = 1;
   for (const auto& [name, v] : variants) {
     SCOPED_TRACE(name);
@@ -363,7 +378,9 @@ TEST_F(Bert, SaveModelRoundTrips) {
 
 // ---- broken files ----
 
-void write_raw(const fs::path& p, const std::string& bytes) { std::ofstream(p, std::ios::binary) << bytes; }
+void write_raw(const fs::path& p, const std::string& bytes) {
+  std::ofstream(p, std::ios::binary) << bytes;
+}
 std::string read_raw(const fs::path& p) {
   std::ifstream in(p, std::ios::binary);
   return std::string(std::istreambuf_iterator<char>(in), {});
@@ -397,7 +414,10 @@ TEST_F(Bert, LoadingRefusesBrokenFiles) {
   };
   auto cfg_edit = [&](const std::string& key, const nlohmann::json& value) {
     auto j = nlohmann::json::parse(cfg);
-    if (value.is_null()) j.erase(key); else j[key] = value;
+    if (value.is_null())
+      j.erase(key);
+    else
+      j[key] = value;
     return j.dump();
   };
   auto st_with = [&](std::vector<fx::st_write_tensor> extra, const std::string& drop = "",
@@ -430,7 +450,8 @@ TEST_F(Bert, LoadingRefusesBrokenFiles) {
   expect_refused(with(st, cfg_edit("norm", "middle")), "'norm'");
   expect_refused(with(st, cfg_edit("vocab_size", "many")), "'vocab_size' must be an integer");
   expect_refused(with(st, cfg_edit("hidden_size", 32)), "expected [37, 32]");
-  expect_refused(with(st, cfg_edit("num_hidden_layers", 3)), "missing tensor 'bert.encoder.layer.2");
+  expect_refused(with(st, cfg_edit("num_hidden_layers", 3)),
+                 "missing tensor 'bert.encoder.layer.2");
   expect_refused(with(st, cfg_edit("num_hidden_layers", 1)), "more layers");
   expect_refused(with(st, cfg_edit("norm", "pre")), "encoder.final_layer_norm");
   expect_refused(with(st, cfg_edit("type_vocab_size", 0)), "type_vocab_size = 0");
@@ -444,13 +465,18 @@ TEST_F(Bert, LoadingRefusesBrokenFiles) {
   expect_refused(with(bad_json, cfg), "not valid JSON");
   expect_refused(with(st_with({}, "bert.encoder.layer.1.output.dense.bias"), cfg),
                  "missing tensor 'bert.encoder.layer.1.output.dense.bias'");
-  expect_refused(with(st_with({}, "bert.embeddings.word_embeddings.weight"), cfg), "not a BERT checkpoint");
-  expect_refused(with(st_with({}, "bert.encoder.layer.0.output.LayerNorm.bias"), cfg), "weight without a bias");
-  expect_refused(with(st_with({}, "", "bert.encoder.layer.0.intermediate.dense.weight", {D, inter}), cfg),
-                 "has shape [16, 24], expected [24, 16]");
-  expect_refused(with(st_with({}, "", "cls.predictions.bias", {vocab + 1}), cfg), "cls.predictions.bias");
-  expect_refused(with(st_with({fx::st_write_tensor::make("cls.predictions.decoder.weight", {vocab + 5, D},
-                                                         std::vector<float>(static_cast<std::size_t>((vocab + 5) * D)))}),
+  expect_refused(with(st_with({}, "bert.embeddings.word_embeddings.weight"), cfg),
+                 "not a BERT checkpoint");
+  expect_refused(with(st_with({}, "bert.encoder.layer.0.output.LayerNorm.bias"), cfg),
+                 "weight without a bias");
+  expect_refused(
+      with(st_with({}, "", "bert.encoder.layer.0.intermediate.dense.weight", {D, inter}), cfg),
+      "has shape [16, 24], expected [24, 16]");
+  expect_refused(with(st_with({}, "", "cls.predictions.bias", {vocab + 1}), cfg),
+                 "cls.predictions.bias");
+  expect_refused(with(st_with({fx::st_write_tensor::make(
+                          "cls.predictions.decoder.weight", {vocab + 5, D},
+                          std::vector<float>(static_cast<std::size_t>((vocab + 5) * D)))}),
                       cfg),
                  "1 <= C <= vocab_size");
   // Wrong dtype kind for a weight, and a header whose sizes lie.
@@ -459,13 +485,16 @@ TEST_F(Bert, LoadingRefusesBrokenFiles) {
     for (const auto& [name, value] : t) {
       const std::string n = stored_name(v, name);
       if (n == "bert.embeddings.position_embeddings.weight") {
-        out.push_back(fx::st_write_tensor::make(n, value.first, std::vector<std::int32_t>(value.second.size())));
+        out.push_back(fx::st_write_tensor::make(n, value.first,
+                                                std::vector<std::int32_t>(value.second.size())));
       } else {
-        out.push_back(fx::st_write_tensor::make(n, value.first, std::vector<float>(value.second.begin(), value.second.end())));
+        out.push_back(fx::st_write_tensor::make(
+            n, value.first, std::vector<float>(value.second.begin(), value.second.end())));
       }
     }
     fx::write_safetensors((dir_ / "tmp.safetensors").string(), out);
-    expect_refused(with(read_raw(dir_ / "tmp.safetensors"), cfg), "expected a floating-point dtype");
+    expect_refused(with(read_raw(dir_ / "tmp.safetensors"), cfg),
+                   "expected a floating-point dtype");
   }
   auto patched_header = [&](const std::string& from, const std::string& to) {
     std::string s = st;
@@ -475,8 +504,10 @@ TEST_F(Bert, LoadingRefusesBrokenFiles) {
     return s;
   };
   expect_refused(with(patched_header("\"F32\"", "\"Q32\""), cfg), "unsupported dtype 'Q32'");
-  expect_refused(with(patched_header("\"shape\":[37,16]", "\"shape\":[37,17]"), cfg), "does not match dtype");
-  expect_refused(with(patched_header("\"dtype\":\"F32\"", "\"dtype\":\"F64\""), cfg), "does not match dtype");
+  expect_refused(with(patched_header("\"shape\":[37,16]", "\"shape\":[37,17]"), cfg),
+                 "does not match dtype");
+  expect_refused(with(patched_header("\"dtype\":\"F32\"", "\"dtype\":\"F64\""), cfg),
+                 "does not match dtype");
   // Random damage never crashes the loader.
   std::mt19937_64 gen(3);
   for (int trial = 0; trial < 200; ++trial) {
@@ -484,7 +515,9 @@ TEST_F(Bert, LoadingRefusesBrokenFiles) {
     if (trial % 3 == 0) {
       s.resize(std::uniform_int_distribution<std::size_t>(0, s.size() - 1)(gen));
     } else {
-      const std::size_t header = 8 + static_cast<std::size_t>(static_cast<unsigned char>(st[0]) | (static_cast<unsigned char>(st[1]) << 8));
+      const std::size_t header =
+          8 + static_cast<std::size_t>(static_cast<unsigned char>(st[0]) |
+                                       (static_cast<unsigned char>(st[1]) << 8));
       for (int f = 0; f < 1 + trial % 4; ++f)
         s[std::uniform_int_distribution<std::size_t>(0, header - 1)(gen)] =
             static_cast<char>(std::uniform_int_distribution<int>(0, 255)(gen));
@@ -507,10 +540,12 @@ TEST_F(Bert, SafetensorsHalfPrecisionConversions) {
     for (const auto x : v) s += {static_cast<char>(x & 0xff), static_cast<char>(x >> 8)};
     return s;
   };
-  std::string header = R"({"a":{"dtype":"F16","shape":[5],"data_offsets":[0,10]},"b":{"dtype":"BF16","shape":[5],"data_offsets":[10,20]},"__metadata__":{"format":"pt"}})";
+  std::string header =
+      R"({"a":{"dtype":"F16","shape":[5],"data_offsets":[0,10]},"b":{"dtype":"BF16","shape":[5],"data_offsets":[10,20]},"__metadata__":{"format":"pt"}})";
   while (header.size() % 8) header += ' ';
   std::string file(8, '\0');
-  for (int i = 0; i < 8; ++i) file[static_cast<std::size_t>(i)] = static_cast<char>((header.size() >> (8 * i)) & 0xff);
+  for (int i = 0; i < 8; ++i)
+    file[static_cast<std::size_t>(i)] = static_cast<char>((header.size() >> (8 * i)) & 0xff);
   file += header + raw(f16) + raw(bf16);
   write_raw(dir_ / "h.safetensors", file);
   const fx::safetensors_file f((dir_ / "h.safetensors").string());
@@ -535,8 +570,10 @@ TEST_F(Bert, MlmToolReportsLossAndTable) {
   write_model(dir_ / "m", v, t);
   const idx B = 2, L = 12;
   const fb::batch in = make_batch(B, L, {}, false, 4);
-  std::vector<std::int64_t> labels(static_cast<std::size_t>(B * L), -100), mask(static_cast<std::size_t>(B * L), 1);
-  for (idx i = 0; i < B * L; i += 3) labels[static_cast<std::size_t>(i)] = in.input_ids[static_cast<std::size_t>(i)];
+  std::vector<std::int64_t> labels(static_cast<std::size_t>(B * L), -100),
+      mask(static_cast<std::size_t>(B * L), 1);
+  for (idx i = 0; i < B * L; i += 3)
+    labels[static_cast<std::size_t>(i)] = in.input_ids[static_cast<std::size_t>(i)];
   for (idx i = 8; i < L; ++i) {  // sample 1 has 8 valid tokens
     mask[static_cast<std::size_t>(L + i)] = 0;
     labels[static_cast<std::size_t>(L + i)] = -100;
@@ -583,8 +620,9 @@ TEST_F(Bert, MlmToolReportsLossAndTable) {
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 1);
   const std::string message = read_raw(err);
   EXPECT_EQ(std::count(message.begin(), message.end(), '\n'), 1) << message;
-  status = std::system((std::string(FASTATTN_MLM_PATH) + " --model " + (dir_ / "m").string() + " --data " +
-                        (dir_ / "m" / "config.json").string() + " --kernel dense >" + out + " 2>" + err)
+  status = std::system((std::string(FASTATTN_MLM_PATH) + " --model " + (dir_ / "m").string() +
+                        " --data " + (dir_ / "m" / "config.json").string() + " --kernel dense >" +
+                        out + " 2>" + err)
                            .c_str());
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 1);
   EXPECT_NE(read_raw(err).find("config.json"), std::string::npos) << read_raw(err);

@@ -31,7 +31,7 @@ namespace {
 #endif
 
 struct result {
-  int status = -1;       ///< exit status, or -1 if killed by a signal
+  int status = -1;  ///< exit status, or -1 if killed by a signal
   bool signaled = false;
   std::string out, err;
 };
@@ -112,12 +112,13 @@ TEST_F(Cli, HelpListsEveryKernelAndKnobWithDefaults) {
     EXPECT_NE(r.out.find("--kernel " + std::string(P::name)), std::string::npos) << P::name;
     const P defaults{};
     fa::examples::for_each_knob<P>([&](const auto& k) {
-      const std::string line = "--" + k.flag() + " " + fa::examples::format_value(defaults.*(k.member));
+      const std::string line =
+          "--" + k.flag() + " " + fa::examples::format_value(defaults.*(k.member));
       EXPECT_NE(r.out.find(line), std::string::npos) << line;
     });
   });
-  for (const char* flag : {"--scale", "--key-length", "--query-length", "--causal", "--reference",
-                           "--q", "--out"})
+  for (const char* flag :
+       {"--scale", "--key-length", "--query-length", "--causal", "--reference", "--q", "--out"})
     EXPECT_NE(r.out.find(flag), std::string::npos) << flag;
 }
 
@@ -129,7 +130,8 @@ TEST_F(Cli, EveryKernelRoundTripsAndMatchesAttention) {
   fa::examples::for_each_kernel([&](const auto& tag) {
     using P = std::decay_t<decltype(tag)>;
     SCOPED_TRACE(std::string(P::name));
-    const result r = run("--kernel " + std::string(P::name) + " " + qkv() + " --out " + path("o.npy"));
+    const result r =
+        run("--kernel " + std::string(P::name) + " " + qkv() + " --out " + path("o.npy"));
     ASSERT_EQ(r.status, 0) << r.err;
     const auto o = fa::testing::load_npy<float>(path("o.npy"));
     ASSERT_EQ(o.shape, (std::vector<fa::index>{150, 12}));
@@ -139,13 +141,16 @@ TEST_F(Cli, EveryKernelRoundTripsAndMatchesAttention) {
 }
 
 TEST_F(Cli, KnobsAndCommonOptionsReachThePolicy) {
-  const auto q = fa::testing::gaussian<double>(70, 8, 1), k = fa::testing::gaussian<double>(90, 8, 2),
+  const auto q = fa::testing::gaussian<double>(70, 8, 1),
+             k = fa::testing::gaussian<double>(90, 8, 2),
              v = fa::testing::gaussian<double>(90, 5, 3);
   save("q.npy", q);
   save("k.npy", k);
   save("v.npy", v);
-  const result r = run("--kernel dense --query-block 7 --key-block=13 --scale 0.3 --key-length 80 "
-                       "--query-length 60 --causal " + qkv() + " --out " + path("o.npy"));
+  const result r =
+      run("--kernel dense --query-block 7 --key-block=13 --scale 0.3 --key-length 80 "
+          "--query-length 60 --causal " +
+          qkv() + " --out " + path("o.npy"));
   ASSERT_EQ(r.status, 0) << r.err;
   const auto o = fa::testing::load_npy<double>(path("o.npy"));  // float64 in -> float64 out
   const fa::options opt{.scale = 0.3, .key_length = 80, .query_length = 60, .causal = true};
@@ -164,10 +169,13 @@ TEST_F(Cli, ClusteredKnobsMatchThePolicy) {
   save("q.npy", in.q);
   save("k.npy", in.k);
   save("v.npy", in.v);
-  const result r = run("--kernel clustered --clusters 7 --bits 31 --iterations 3 --hash-bias false "
-                       "--seed 42 " + qkv() + " --out " + path("o.npy"));
+  const result r =
+      run("--kernel clustered --clusters 7 --bits 31 --iterations 3 --hash-bias false "
+          "--seed 42 " +
+          qkv() + " --out " + path("o.npy"));
   ASSERT_EQ(r.status, 0) << r.err;
-  const fa::clustered policy{.clusters = 7, .bits = 31, .iterations = 3, .hash_bias = false, .seed = 42};
+  const fa::clustered policy{
+      .clusters = 7, .bits = 31, .iterations = 3, .hash_bias = false, .seed = 42};
   EXPECT_EQ(fa::testing::as_matrix(fa::testing::load_npy<float>(path("o.npy"))),
             fa::matrix<float>(fa::attention(policy, in.q, in.k, in.v)));
   expect_clean_error("--kernel clustered --causal " + qkv() + " --out " + path("o.npy"), "causal");
@@ -198,8 +206,9 @@ TEST_F(Cli, SeveralHeadsMatchPerHeadAttention) {
       std::copy_n(o.data.begin() + h * 64 * 6, 64 * 6, got.data());
       fa::matrix<float> expected(64, 6);
       if constexpr (P::is_exact) {
-        expected = fa::attention(P{}, q[static_cast<std::size_t>(h)], k[static_cast<std::size_t>(h)],
-                                 v[static_cast<std::size_t>(h)], {.key_length = 70});
+        expected =
+            fa::attention(P{}, q[static_cast<std::size_t>(h)], k[static_cast<std::size_t>(h)],
+                          v[static_cast<std::size_t>(h)], {.key_length = 70});
         EXPECT_LT(fa::testing::relative_error(got, expected), 1e-6);
       } else if (h == 0) {  // head 0 uses random stream 0, as attention() does
         expected = fa::attention(P{}, q[0], k[0], v[0], {.key_length = 70});
@@ -247,7 +256,8 @@ TEST_F(Cli, BadFlagsAndShapesGiveOneClearLine) {
   expect_clean_error("--kernel dense --causal=1 " + qkv() + out, "takes no value");
   expect_clean_error("--kernel dense --kernel dense " + qkv() + out, "twice");
   if (fa::examples::all_knob_flags().count("clusters"))
-    expect_clean_error("--kernel dense --clusters 5 " + qkv() + out, "not a knob of kernel 'dense'");
+    expect_clean_error("--kernel dense --clusters 5 " + qkv() + out,
+                       "not a knob of kernel 'dense'");
   expect_clean_error("--kernel dense --key-length 13 " + qkv() + out, "key_length");
   expect_clean_error("--kernel dense --query-length -1 " + qkv() + out, "query_length");
   expect_clean_error("--kernel dense --precision half " + qkv() + out, "--precision");
@@ -338,8 +348,8 @@ TEST_F(Cli, FuzzedFilesNeverCrashTheTool) {
     std::ofstream(path("fuzz.npy"), std::ios::binary) << bytes;
     std::string files[3] = {path("q.npy"), path("k.npy"), path("v.npy")};
     files[which] = path("fuzz.npy");
-    const result r = run("--kernel dense --q " + files[0] + " --k " + files[1] + " --v " + files[2] +
-                         " --out " + path("o.npy"));
+    const result r = run("--kernel dense --q " + files[0] + " --k " + files[1] + " --v " +
+                         files[2] + " --out " + path("o.npy"));
     ASSERT_FALSE(r.signaled) << "trial " << trial;
     if (r.status == 0) {
       ++ok;

@@ -126,7 +126,8 @@ TYPED_TEST(ClusteredTyped, EdgeSizes) {
   for (index i = 0; i < 20; ++i) EXPECT_LT(relative_error(o.row(i), v.row(0)), tolerance<T>());
   // bits = 1 and bits = 64, iterations = 1.
   for (const int bits : {1, 64}) {
-    const auto ob = fa::attention(fa::clustered{.clusters = 4, .bits = bits, .iterations = 1}, q, k, v);
+    const auto ob =
+        fa::attention(fa::clustered{.clusters = 4, .bits = bits, .iterations = 1}, q, k, v);
     EXPECT_TRUE(ob.allFinite());
   }
 }
@@ -137,8 +138,8 @@ TEST(Clustered, SameSeedSameBitsAndSeedMatters) {
   const auto o1 = fa::attention(a, in.q, in.k, in.v), o2 = fa::attention(a, in.q, in.k, in.v);
   EXPECT_EQ(o1, o2);
   EXPECT_NE(o1, fa::attention(b, in.q, in.k, in.v));
-  const auto nb = fa::attention(fa::clustered{.clusters = 12, .hash_bias = false, .seed = 5},
-                                in.q, in.k, in.v);
+  const auto nb =
+      fa::attention(fa::clustered{.clusters = 12, .hash_bias = false, .seed = 5}, in.q, in.k, in.v);
   EXPECT_TRUE(nb.allFinite());
 }
 
@@ -157,10 +158,14 @@ TEST(Clustered, MultiheadIsIdenticalOnOneAndTwoThreads) {
   fa::multihead_attention(policy, qt, kt, vt, fa::tensor_view<float>{o2.data(), B, L, H, E}, opt);
   EXPECT_EQ(o1, o2);
   // Head (0, 0) runs with stream 0, as the single-head front door does.
-  const Eigen::Map<const fa::matrix<float>, 0, Eigen::OuterStride<>> q00(q.data(), L, E, Eigen::OuterStride<>(H * E)),
-      k00(k.data(), S, E, Eigen::OuterStride<>(H * E)), v00(v.data(), S, E, Eigen::OuterStride<>(H * E));
-  const auto single = fa::attention(policy, fa::matrix<float>(q00), fa::matrix<float>(k00), fa::matrix<float>(v00));
-  const Eigen::Map<const fa::matrix<float>, 0, Eigen::OuterStride<>> o00(o1.data(), L, E, Eigen::OuterStride<>(H * E));
+  const Eigen::Map<const fa::matrix<float>, 0, Eigen::OuterStride<>> q00(
+      q.data(), L, E, Eigen::OuterStride<>(H * E)),
+      k00(k.data(), S, E, Eigen::OuterStride<>(H * E)),
+      v00(v.data(), S, E, Eigen::OuterStride<>(H * E));
+  const auto single =
+      fa::attention(policy, fa::matrix<float>(q00), fa::matrix<float>(k00), fa::matrix<float>(v00));
+  const Eigen::Map<const fa::matrix<float>, 0, Eigen::OuterStride<>> o00(
+      o1.data(), L, E, Eigen::OuterStride<>(H * E));
   EXPECT_EQ(fa::matrix<float>(o00), single);
 }
 

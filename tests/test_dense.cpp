@@ -144,10 +144,10 @@ TEST(Dense, WritesIntoCallerBufferAndStridedViews) {
 TEST(Dense, BlockSizesDoNotChangeTheResultBeyondRounding) {
   const auto q = gaussian<double>(97, 16, 5), k = gaussian<double>(131, 16, 6),
              v = gaussian<double>(131, 16, 7);
-  const auto a = fa::attention(fa::dense{.query_block = 1, .key_block = 1}, q, k, v,
-                               {.causal = true});
-  const auto b = fa::attention(fa::dense{.query_block = 500, .key_block = 500}, q, k, v,
-                               {.causal = true});
+  const auto a =
+      fa::attention(fa::dense{.query_block = 1, .key_block = 1}, q, k, v, {.causal = true});
+  const auto b =
+      fa::attention(fa::dense{.query_block = 500, .key_block = 500}, q, k, v, {.causal = true});
   EXPECT_LT(relative_error(a, b), 1e-13);
 }
 

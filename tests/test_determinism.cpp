@@ -45,10 +45,11 @@ struct kernel_case {
 template <class Case>
 class Determinism : public ::testing::Test {};
 
-using Cases = ::testing::Types<
-    kernel_case<fa::clustered, float>, kernel_case<fa::clustered, double>,
-    kernel_case<fa::improved_clustered, float>, kernel_case<fa::improved_clustered, double>,
-    kernel_case<fa::smyrf, float>, kernel_case<fa::smyrf, double>>;
+using Cases =
+    ::testing::Types<kernel_case<fa::clustered, float>, kernel_case<fa::clustered, double>,
+                     kernel_case<fa::improved_clustered, float>,
+                     kernel_case<fa::improved_clustered, double>, kernel_case<fa::smyrf, float>,
+                     kernel_case<fa::smyrf, double>>;
 
 struct case_names {
   template <class Case>
@@ -149,7 +150,9 @@ TYPED_TEST(Determinism, FrontDoorRepeatsAndIgnoresTheArenaHistory) {
   (void)fa::attention(policy, small.q, small.k, small.v);
   const auto second = fa::attention(policy, in.q, in.k, in.v);
   ASSERT_EQ(first.size(), second.size());
-  EXPECT_EQ(std::memcmp(first.data(), second.data(), sizeof(T) * static_cast<std::size_t>(first.size())), 0);
+  EXPECT_EQ(
+      std::memcmp(first.data(), second.data(), sizeof(T) * static_cast<std::size_t>(first.size())),
+      0);
   // The front door uses stream 0: it equals head (0, 0) of the multi-head driver.
   const problem<T> pb;
   const auto multi = pb.run(policy, 2);
@@ -161,11 +164,13 @@ TYPED_TEST(Determinism, FrontDoorRepeatsAndIgnoresTheArenaHistory) {
     for (index e = 0; e < B::E; ++e) k0(t, e) = pb.k[static_cast<std::size_t>(t * B::H * B::E + e)];
     for (index m = 0; m < B::M; ++m) v0(t, m) = pb.v[static_cast<std::size_t>(t * B::H * B::M + m)];
   }
-  const auto head00 = fa::attention(policy, q0, k0, v0,
-                                    {.key_length = pb.key_lengths[0], .query_length = pb.query_lengths[0]});
+  const auto head00 = fa::attention(
+      policy, q0, k0, v0, {.key_length = pb.key_lengths[0], .query_length = pb.query_lengths[0]});
   for (index t = 0; t < B::L; ++t)
     for (index m = 0; m < B::M; ++m)
-      ASSERT_EQ(std::memcmp(&head00(t, m), &multi[static_cast<std::size_t>(t * B::H * B::M + m)], sizeof(T)), 0)
+      ASSERT_EQ(std::memcmp(&head00(t, m), &multi[static_cast<std::size_t>(t * B::H * B::M + m)],
+                            sizeof(T)),
+                0)
           << "row " << t << " col " << m;
 }
 

@@ -107,8 +107,7 @@ using mat = fa::matrix<T>;
 // weight the values with non-negative weights summing to one), so each entry lies within the
 // column's range over the valid rows. Rows past Lv must be exactly zero.
 template <class T>
-::testing::AssertionResult convex_and_padded(const mat<T>& o, const mat<T>& v, index Lv,
-                                             index Sv) {
+::testing::AssertionResult convex_and_padded(const mat<T>& o, const mat<T>& v, index Lv, index Sv) {
   if (!o.allFinite()) return ::testing::AssertionFailure() << "non-finite output";
   for (index i = Lv; i < o.rows(); ++i)
     if (!(o.row(i).array() == T(0)).all())
@@ -129,9 +128,8 @@ template <class T>
       const double slack = tolerance<T>() * 10 * std::max({1.0, std::abs(lo), std::abs(hi)});
       const double x = static_cast<double>(o(i, m));
       if (x < lo - slack || x > hi + slack)
-        return ::testing::AssertionFailure()
-               << "out(" << i << ", " << m << ") = " << x << " outside [" << lo << ", " << hi
-               << "]";
+        return ::testing::AssertionFailure() << "out(" << i << ", " << m << ") = " << x
+                                             << " outside [" << lo << ", " << hi << "]";
     }
   }
   return ::testing::AssertionSuccess();
@@ -149,8 +147,8 @@ class EdgeCases : public ::testing::Test {
                  const fa::options& opt = {}, const char* what = "", double score_magnitude = 1) {
     using T = FixT;
     // The softmax's condition number grows with the scores: rounding of a score s is ~eps |s|.
-    const double tol = std::max(tolerance<T>(),
-                                4 * std::numeric_limits<T>::epsilon() * score_magnitude);
+    const double tol =
+        std::max(tolerance<T>(), 4 * std::numeric_limits<T>::epsilon() * score_magnitude);
     using K = FixK;
     const index Lv = opt.query_length.value_or(q.rows()), Sv = opt.key_length.value_or(k.rows());
     const auto o = fa::attention(K::approx(), q, k, v, opt);
@@ -163,11 +161,12 @@ class EdgeCases : public ::testing::Test {
   }
 };
 
-using Cases = ::testing::Types<
-    kernel_case<fa::dense, float>, kernel_case<fa::dense, double>,
-    kernel_case<fa::clustered, float>, kernel_case<fa::clustered, double>,
-    kernel_case<fa::improved_clustered, float>, kernel_case<fa::improved_clustered, double>,
-    kernel_case<fa::smyrf, float>, kernel_case<fa::smyrf, double>>;
+using Cases =
+    ::testing::Types<kernel_case<fa::dense, float>, kernel_case<fa::dense, double>,
+                     kernel_case<fa::clustered, float>, kernel_case<fa::clustered, double>,
+                     kernel_case<fa::improved_clustered, float>,
+                     kernel_case<fa::improved_clustered, double>, kernel_case<fa::smyrf, float>,
+                     kernel_case<fa::smyrf, double>>;
 
 struct case_names {
   template <class Case>
@@ -191,7 +190,8 @@ TYPED_TEST(EdgeCases, HugeScoresDoNotOverflow) {
   this->check_all(q, k, v, {}, "scores +-1e4", 2e4);
   // Scale 1e3 on N(0, 1) entries: scores in the thousands.
   this->check_all(gaussian<T>(L, E, 4), gaussian<T>(S, E, 5), v, {.scale = 1e3}, "scale 1e3", 2e4);
-  this->check_all(gaussian<T>(L, E, 4), gaussian<T>(S, E, 5), v, {.scale = -1e3}, "scale -1e3", 2e4);
+  this->check_all(gaussian<T>(L, E, 4), gaussian<T>(S, E, 5), v, {.scale = -1e3}, "scale -1e3",
+                  2e4);
   // Every score about -1e4: the softmax must not underflow to 0 / 0.
   mat<T> qn = mat<T>::Constant(L, E, T(100));
   mat<T> kn = mat<T>::Constant(S, E, T(-100)) + gaussian<T>(S, E, 6, 0.01);
@@ -284,8 +284,13 @@ TYPED_TEST(EdgeCases, PaddingIsZeroAndNaNNeverLeaks) {
   const index L = 45, S = 38, E = 6, M = 5;
   const auto in = make_peaked<T>(L, S, E, M, 19, 4);
   const T nan = std::numeric_limits<T>::quiet_NaN(), inf = std::numeric_limits<T>::infinity();
-  for (const auto& [Lv, Sv] : {std::pair<index, index>{30, 20}, {1, 1}, {L - 1, S - 1}, {0, 10},
-                              {10, 0}, {L, 5}, {7, S}}) {
+  for (const auto& [Lv, Sv] : {std::pair<index, index>{30, 20},
+                               {1, 1},
+                               {L - 1, S - 1},
+                               {0, 10},
+                               {10, 0},
+                               {L, 5},
+                               {7, S}}) {
     const std::string what = "Lv=" + std::to_string(Lv) + " Sv=" + std::to_string(Sv);
     mat<T> q = in.q, k = in.k, v = in.v;
     q.bottomRows(L - Lv).setConstant(nan);
@@ -429,13 +434,13 @@ TYPED_TEST(EdgeCases, VeryLargeNThroughMultiheadOnTwoThreads) {
                             fa::tensor_view<T>{out.data(), 1, N, H, M}, opt);
     for (index h = 0; h < H; ++h) {
       const Eigen::Map<const mat<T>, 0, Eigen::OuterStride<>> qh(in.q.data() + h * E, N, E,
-                                                                  Eigen::OuterStride<>(H * E));
+                                                                 Eigen::OuterStride<>(H * E));
       const Eigen::Map<const mat<T>, 0, Eigen::OuterStride<>> kh(in.k.data() + h * E, S, E,
-                                                                  Eigen::OuterStride<>(H * E));
+                                                                 Eigen::OuterStride<>(H * E));
       const Eigen::Map<const mat<T>, 0, Eigen::OuterStride<>> vh(in.v.data() + h * M, S, M,
-                                                                  Eigen::OuterStride<>(H * M));
+                                                                 Eigen::OuterStride<>(H * M));
       const Eigen::Map<const mat<T>, 0, Eigen::OuterStride<>> oh(out.data() + h * M, N, M,
-                                                                  Eigen::OuterStride<>(H * M));
+                                                                 Eigen::OuterStride<>(H * M));
       const mat<T> o = oh, v = vh;
       ASSERT_TRUE(convex_and_padded<T>(o, v, Lv, Sv)) << "head " << h;
       // 64 sampled valid rows against the oracle (each row is 65536 x 16 in float64).
@@ -454,7 +459,8 @@ TYPED_TEST(EdgeCases, VeryLargeNThroughMultiheadOnTwoThreads) {
       } else if constexpr (!std::is_same_v<P, fa::smyrf>) {
         EXPECT_LT(err, 1.5) << "head " << h;  // a sanity bound
       }
-      ::testing::Test::RecordProperty("relative_error_head_" + std::to_string(h), std::to_string(err));
+      ::testing::Test::RecordProperty("relative_error_head_" + std::to_string(h),
+                                      std::to_string(err));
     }
   }
 #endif

@@ -131,12 +131,15 @@ TEST(Hash, ManyRowsUseBlocksConsistently) {
 // ---------------------------------------------------------------------------------------------
 // Hamming k-means.
 
-std::uint64_t mask(int bits) { return bits == 64 ? ~std::uint64_t{0} : (std::uint64_t{1} << bits) - 1; }
+std::uint64_t mask(int bits) {
+  return bits == 64 ? ~std::uint64_t{0} : (std::uint64_t{1} << bits) - 1;
+}
 
 index nearest(std::uint64_t h, const std::vector<std::uint64_t>& centroids) {
   index best = 0;
   for (std::size_t j = 1; j < centroids.size(); ++j)
-    if (std::popcount(h ^ centroids[j]) < std::popcount(h ^ centroids[static_cast<std::size_t>(best)]))
+    if (std::popcount(h ^ centroids[j]) <
+        std::popcount(h ^ centroids[static_cast<std::size_t>(best)]))
       best = static_cast<index>(j);
   return best;
 }
@@ -209,11 +212,13 @@ TEST(HammingKmeans, UpdateIsPerBitMajorityWithTiesToZero) {
     for (std::size_t i = 0; i < many.size(); ++i) {
       if (one.assignment()[i] != c) continue;
       ++size;
-      for (int b = 0; b < 63; ++b) ones[static_cast<std::size_t>(b)] += static_cast<int>((many[i] >> b) & 1u);
+      for (int b = 0; b < 63; ++b)
+        ones[static_cast<std::size_t>(b)] += static_cast<int>((many[i] >> b) & 1u);
     }
     ASSERT_GT(size, 0);
     for (int b = 0; b < 63; ++b)
-      if (2 * ones[static_cast<std::size_t>(b)] > size) expected[static_cast<std::size_t>(c)] |= std::uint64_t{1} << b;
+      if (2 * ones[static_cast<std::size_t>(b)] > size)
+        expected[static_cast<std::size_t>(c)] |= std::uint64_t{1} << b;
   }
   EXPECT_EQ(two.centroids(), expected);
   for (std::size_t i = 0; i < many.size(); ++i)
@@ -224,7 +229,8 @@ TEST(HammingKmeans, UpdateIsPerBitMajorityWithTiesToZero) {
 long objective(const std::vector<std::uint64_t>& hashes, const hamming_kmeans& km) {
   long total = 0;
   for (std::size_t i = 0; i < hashes.size(); ++i)
-    total += std::popcount(hashes[i] ^ km.centroids()[static_cast<std::size_t>(km.assignment()[i])]);
+    total +=
+        std::popcount(hashes[i] ^ km.centroids()[static_cast<std::size_t>(km.assignment()[i])]);
   return total;
 }
 
@@ -281,7 +287,8 @@ TEST(HammingKmeans, RecoversPlantedGroups) {
     for (std::size_t i = 0; i < p.hashes.size(); ++i) {
       int& o = owner[static_cast<std::size_t>(km.assignment()[i])];
       if (o == -1) o = p.group[i];
-      ASSERT_EQ(o, p.group[i]) << "cluster " << km.assignment()[i] << " mixes groups, seed " << seed;
+      ASSERT_EQ(o, p.group[i]) << "cluster " << km.assignment()[i] << " mixes groups, seed "
+                               << seed;
       groups_seen.insert(p.group[i]);
     }
     EXPECT_EQ(groups_seen.size(), 8u);
@@ -376,7 +383,8 @@ std::vector<index> brute_top_k(const std::vector<T>& v, index k) {
 TEST(TopK, MatchesSortingWithTiesAndNaN) {
   std::mt19937_64 gen(5);
   fa::detail::top_k<float> select;
-  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN(),
+              inf = std::numeric_limits<float>::infinity();
   for (int trial = 0; trial < 400; ++trial) {
     const index n = std::uniform_int_distribution<index>(0, 700)(gen);
     const index k = std::uniform_int_distribution<index>(0, 80)(gen);
@@ -384,11 +392,21 @@ TEST(TopK, MatchesSortingWithTiesAndNaN) {
     std::vector<float> v(static_cast<std::size_t>(n));
     for (auto& x : v) {
       switch (kind) {
-        case 0: x = std::normal_distribution<float>()(gen); break;
-        case 1: x = static_cast<float>(gen() % 4); break;  // heavy ties
-        case 2: x = gen() % 3 == 0 ? nan : static_cast<float>(gen() % 5); break;
-        case 3: x = gen() % 2 == 0 ? -inf : (gen() % 7 == 0 ? nan : 1.f); break;
-        default: x = static_cast<float>(&x - v.data()); break;  // sorted ascending
+        case 0:
+          x = std::normal_distribution<float>()(gen);
+          break;
+        case 1:
+          x = static_cast<float>(gen() % 4);
+          break;  // heavy ties
+        case 2:
+          x = gen() % 3 == 0 ? nan : static_cast<float>(gen() % 5);
+          break;
+        case 3:
+          x = gen() % 2 == 0 ? -inf : (gen() % 7 == 0 ? nan : 1.f);
+          break;
+        default:
+          x = static_cast<float>(&x - v.data());
+          break;  // sorted ascending
       }
     }
     if (kind == 4 && trial % 2 == 0) std::reverse(v.begin(), v.end());

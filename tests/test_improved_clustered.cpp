@@ -94,14 +94,16 @@ TYPED_TEST(ImprovedTyped, PaddingEqualsKernelOnUnpaddedPrefix) {
 TYPED_TEST(ImprovedTyped, EdgeSizes) {
   using T = TypeParam;
   const auto q1 = gaussian<T>(1, 3, 1), k1 = gaussian<T>(1, 3, 2), v1 = gaussian<T>(1, 4, 3);
-  EXPECT_LT(relative_error(fa::attention(fa::improved_clustered{}, q1, k1, v1), v1), tolerance<T>());
+  EXPECT_LT(relative_error(fa::attention(fa::improved_clustered{}, q1, k1, v1), v1),
+            tolerance<T>());
   const auto q = gaussian<T>(20, 3, 4), k = gaussian<T>(15, 3, 5), v = gaussian<T>(15, 4, 6);
   const fa::improved_clustered p{.clusters = 4, .topk = 2};
   EXPECT_TRUE((fa::attention(p, q, k, v, {.query_length = 0}).array() == T(0)).all());
   EXPECT_TRUE((fa::attention(p, q, k, v, {.key_length = 0}).array() == T(0)).all());
   const auto o = fa::attention(p, q, k, v, {.key_length = 1});
   for (index i = 0; i < 20; ++i) EXPECT_LT(relative_error(o.row(i), v.row(0)), tolerance<T>());
-  const auto o1 = fa::attention(fa::improved_clustered{.clusters = 2, .bits = 64, .iterations = 1, .topk = 1}, q, k, v);
+  const auto o1 = fa::attention(
+      fa::improved_clustered{.clusters = 2, .bits = 64, .iterations = 1, .topk = 1}, q, k, v);
   EXPECT_TRUE(o1.allFinite());
 }
 
@@ -114,9 +116,10 @@ TEST(ImprovedClustered, AttentionRowsAreNeverFurtherFromExactThanClustered) {
     const fa::matrix<double> identity = fa::matrix<double>::Identity(S, S);
     const auto exact = reference_attention(in.q, in.k, identity);
     for (const index C : {1, 3, 8, 30}) {
-      const auto a_improved = fa::attention(fa::improved_clustered{.clusters = C, .seed = s, .topk = 5},
-                                            in.q, in.k, identity);
-      const auto a_clustered = fa::attention(fa::clustered{.clusters = C, .seed = s}, in.q, in.k, identity);
+      const auto a_improved = fa::attention(
+          fa::improved_clustered{.clusters = C, .seed = s, .topk = 5}, in.q, in.k, identity);
+      const auto a_clustered =
+          fa::attention(fa::clustered{.clusters = C, .seed = s}, in.q, in.k, identity);
       double improved_total = 0, clustered_total = 0;
       for (index i = 0; i < L; ++i) {
         const double di = (a_improved.row(i) - exact.row(i)).cwiseAbs().sum();
@@ -152,7 +155,8 @@ TEST(ImprovedClustered, BeatsClusteredOnAverageAndErrorFalls) {
     for (std::size_t s = 0; s < inputs.size(); ++s) {
       const auto& in = inputs[s];
       improved_total += relative_error(
-          fa::attention(fa::improved_clustered{.clusters = C, .seed = s}, in.q, in.k, in.v), refs[s]);
+          fa::attention(fa::improved_clustered{.clusters = C, .seed = s}, in.q, in.k, in.v),
+          refs[s]);
       clustered_total += relative_error(
           fa::attention(fa::clustered{.clusters = C, .seed = s}, in.q, in.k, in.v), refs[s]);
     }
@@ -168,7 +172,8 @@ TEST(ImprovedClustered, BeatsClusteredOnAverageAndErrorFalls) {
   double previous = 1e9;
   for (const index topk : {1, 4, 16, 64}) {
     const double e = relative_error(
-        fa::attention(fa::improved_clustered{.clusters = 32, .topk = topk}, in.q, in.k, in.v), refs[0]);
+        fa::attention(fa::improved_clustered{.clusters = 32, .topk = topk}, in.q, in.k, in.v),
+        refs[0]);
     EXPECT_LT(e, previous) << "topk=" << topk;
     previous = e;
   }
@@ -211,9 +216,11 @@ TEST(ImprovedClustered, RejectsBadKnobsNamingThem) {
   EXPECT_NE(message_of(fa::improved_clustered{.topk = -5}).find("-5"), std::string::npos);
   EXPECT_NE(message_of(fa::improved_clustered{.clusters = 0}).find("clusters"), std::string::npos);
   EXPECT_NE(message_of(fa::improved_clustered{.bits = 65}).find("bits"), std::string::npos);
-  EXPECT_NE(message_of(fa::improved_clustered{.iterations = -1}).find("iterations"), std::string::npos);
+  EXPECT_NE(message_of(fa::improved_clustered{.iterations = -1}).find("iterations"),
+            std::string::npos);
   const auto q = gaussian<float>(10, 4, 1);
-  EXPECT_THROW(fa::attention(fa::improved_clustered{}, q, q, q, {.causal = true}), fa::invalid_argument);
+  EXPECT_THROW(fa::attention(fa::improved_clustered{}, q, q, q, {.causal = true}),
+               fa::invalid_argument);
   EXPECT_THROW(fa::attention(fa::improved_clustered{.topk = 0}, q, q, q, {.key_length = 0}),
                fa::invalid_argument);
 }
@@ -222,8 +229,8 @@ TEST(ImprovedClustered, RejectsBadKnobsNamingThem) {
 // implementation (idiap/fast-transformers, CPU, mean of 3 seeds) reaches 0.187 (clustered
 // C = 100), 0.284 (C = 25) and 0.0148 (improved, C = 100, top-32).
 TEST(ImprovedClustered, Peaked1024FixtureIsNoWorseThanTheReference) {
-  const std::filesystem::path dir = std::filesystem::path(FASTATTN_SOURCE_DIR).parent_path() /
-                                    "shared" / "data" / "peaked1024";
+  const std::filesystem::path dir =
+      std::filesystem::path(FASTATTN_SOURCE_DIR).parent_path() / "shared" / "data" / "peaked1024";
   const std::filesystem::path alt = "/work/shared/data/peaked1024";
   const auto base = std::filesystem::exists(dir / "q.npy") ? dir : alt;
   if (!std::filesystem::exists(base / "q.npy")) GTEST_SKIP() << "fixture not found at " << base;

@@ -17,7 +17,6 @@
 namespace fa = fastattn;
 namespace fs = std::filesystem;
 
-
 namespace {
 
 class Npy : public ::testing::Test {
@@ -86,8 +85,8 @@ class Npy : public ::testing::Test {
 };
 
 TEST_F(Npy, RoundTripFloatAndDouble) {
-  const std::vector<std::vector<fa::index>> shapes = {{}, {0}, {1}, {7}, {3, 5}, {0, 4}, {2, 3, 4},
-                                                  {2, 1, 3, 2}};
+  const std::vector<std::vector<fa::index>> shapes = {{},     {0},    {1},       {7},
+                                                      {3, 5}, {0, 4}, {2, 3, 4}, {2, 1, 3, 2}};
   for (const auto& shape : shapes) {
     std::size_t n = 1;
     for (const fa::index d : shape) n *= static_cast<std::size_t>(d);
@@ -191,30 +190,36 @@ TEST_F(Npy, RejectsEachKindOfCorruption) {
        "unsupported dtype '<i4'"},
       {"half_dtype", make("{'descr': '<f2', 'fortran_order': False, 'shape': (2, 3), }", payload),
        "unsupported dtype"},
-      {"struct_dtype", make("{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (6,), }", payload),
+      {"struct_dtype",
+       make("{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (6,), }", payload),
        "dtype string"},
       {"big_endian", make("{'descr': '>f4', 'fortran_order': False, 'shape': (2, 3), }", payload),
        "big-endian"},
       {"fortran", make("{'descr': '<f4', 'fortran_order': True, 'shape': (2, 3), }", payload),
        "Fortran-order"},
-      {"shape_mismatch", make("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 4), }", payload),
+      {"shape_mismatch",
+       make("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 4), }", payload),
        "truncated data"},
       {"shape_small", make("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 2), }", payload),
        "unexpected bytes"},
       {"shape_overflow",
-       make("{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296, 4294967296), }",
+       make("{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296, "
+            "4294967296), }",
             payload),
        "truncated data"},
       {"shape_huge_number",
-       make("{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999999999999999, ), }", payload),
+       make("{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999999999999999, ), }",
+            payload),
        "too large"},
-      {"negative_dim", make("{'descr': '<f4', 'fortran_order': False, 'shape': (-2, 3), }", payload),
+      {"negative_dim",
+       make("{'descr': '<f4', 'fortran_order': False, 'shape': (-2, 3), }", payload),
        "non-negative"},
-      {"shape_not_tuple", make("{'descr': '<f4', 'fortran_order': False, 'shape': [2, 3], }", payload),
-       "tuple"},
+      {"shape_not_tuple",
+       make("{'descr': '<f4', 'fortran_order': False, 'shape': [2, 3], }", payload), "tuple"},
       {"missing_key", make("{'descr': '<f4', 'shape': (2, 3), }", payload), "no 'fortran_order'"},
       {"missing_shape", make("{'descr': '<f4', 'fortran_order': False}", payload), "no 'shape'"},
-      {"extra_key", make("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), 'x': 1}", payload),
+      {"extra_key",
+       make("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), 'x': 1}", payload),
        "unexpected key 'x'"},
       {"duplicate_key",
        make("{'descr': '<f4', 'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }", payload),
@@ -284,8 +289,9 @@ TEST_F(Npy, RandomCorruptionNeverCrashes) {
 }
 
 TEST_F(Npy, WriteRejectsInconsistentShape) {
-  EXPECT_THROW(fa::io::write_npy(path("w.npy"), std::vector<fa::index>{2, 3}, std::vector<float>(5)),
-               fa::invalid_argument);
+  EXPECT_THROW(
+      fa::io::write_npy(path("w.npy"), std::vector<fa::index>{2, 3}, std::vector<float>(5)),
+      fa::invalid_argument);
   EXPECT_THROW(fa::io::write_npy(path("w.npy"), std::vector<fa::index>{-1}, std::vector<float>(0)),
                fa::invalid_argument);
   EXPECT_THROW(fa::io::write_npy(dir_.string() + "/no/such/dir/w.npy", std::vector<fa::index>{1},

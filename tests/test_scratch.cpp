@@ -18,7 +18,8 @@ TEST(Scratch, AlignedAndDisjoint) {
   float* x = a.take<float>(3);
   double* y = a.take<double>(1000);
   float* z = a.take<float>(1);
-  for (const void* p : {static_cast<const void*>(x), static_cast<const void*>(y), static_cast<const void*>(z)})
+  for (const void* p :
+       {static_cast<const void*>(x), static_cast<const void*>(y), static_cast<const void*>(z)})
     EXPECT_EQ(reinterpret_cast<std::uintptr_t>(p) % arena::alignment, 0u);
   EXPECT_GE(reinterpret_cast<const char*>(y), reinterpret_cast<const char*>(x + 3));
   EXPECT_GE(reinterpret_cast<const char*>(z), reinterpret_cast<const char*>(y + 1000));

@@ -87,7 +87,8 @@ matd smyrf_oracle(const fa::matrix<double>& q, const fa::matrix<double>& k,
         const double m = s.maxCoeff();
         const Eigen::VectorXd e = (s.array() - m).exp();
         for (index u = 0; u < s.size(); ++u)
-          o[static_cast<std::size_t>(h)].row(i) += e(u) / e.sum() * vv.row(keys[static_cast<std::size_t>(u)]);
+          o[static_cast<std::size_t>(h)].row(i) +=
+              e(u) / e.sum() * vv.row(keys[static_cast<std::size_t>(u)]);
         lse[static_cast<std::size_t>(h)](i) = m + std::log(e.sum());
       }
     }
@@ -98,7 +99,8 @@ matd smyrf_oracle(const fa::matrix<double>& q, const fa::matrix<double>& k,
     double total = 0;
     for (const auto& l : lse) total += std::exp(l(i) - m);
     const double all = m + std::log(total);
-    for (std::size_t h = 0; h < o.size(); ++h) out.row(i) += o[h].row(i) * std::exp(lse[h](i) - all);
+    for (std::size_t h = 0; h < o.size(); ++h)
+      out.row(i) += o[h].row(i) * std::exp(lse[h](i) - all);
   }
   return out;
 }
@@ -107,10 +109,12 @@ matd smyrf_oracle(const fa::matrix<double>& q, const fa::matrix<double>& k,
 // detail: XBOX+, E2LSH, sorting, cluster plan
 
 TEST(SmyrfDetail, XboxPlusIdentityHolds) {
-  for (const auto& [Lv, Sv, E] : {std::tuple<index, index, index>{40, 55, 7}, {1, 1, 1}, {13, 90, 64}}) {
+  for (const auto& [Lv, Sv, E] :
+       {std::tuple<index, index, index>{40, 55, 7}, {1, 1, 1}, {13, 90, 64}}) {
     const auto q = gaussian<double>(Lv, E, 1, 2.0), k = gaussian<double>(Sv, E, 2, 0.5);
     const fa::detail::xbox_plus<double> xbox(q, k);
-    const double mq2 = q.rowwise().squaredNorm().maxCoeff(), mk2 = k.rowwise().squaredNorm().maxCoeff();
+    const double mq2 = q.rowwise().squaredNorm().maxCoeff(),
+                 mk2 = k.rowwise().squaredNorm().maxCoeff();
     EXPECT_DOUBLE_EQ(xbox.max_norm2(), mq2 + mk2);
     const auto f = xbox.transform_queries(q), g = xbox.transform_keys(k);
     ASSERT_EQ(f.cols(), E + 2);
@@ -133,8 +137,10 @@ TEST(SmyrfDetail, XboxPlusIdentityHolds) {
 }
 
 TEST(SmyrfDetail, XboxExtraCoordinateIsNeverNaN) {
-  // Every row has the same norm: M^2 - ||x||^2 rounds to about 0, possibly below; sqrt must not NaN.
-  fa::matrix<float> q = fa::matrix<float>::Constant(5, 3, 0.1f), k = fa::matrix<float>::Constant(4, 3, 0.3f);
+  // Every row has the same norm: M^2 - ||x||^2 rounds to about 0, possibly below; sqrt must not
+  // NaN.
+  fa::matrix<float> q = fa::matrix<float>::Constant(5, 3, 0.1f),
+                    k = fa::matrix<float>::Constant(4, 3, 0.3f);
   const fa::detail::xbox_plus<float> xbox(q, k);
   for (index i = 0; i < 5; ++i) EXPECT_TRUE(std::isfinite(xbox.query_extra(i)));
   for (index j = 0; j < 4; ++j) EXPECT_TRUE(std::isfinite(xbox.key_extra(j)));
@@ -221,8 +227,8 @@ TEST(SmyrfDetail, ClusterPlanIsBalancedForAnyLengths) {
           kmin = std::min(kmin, plan.keys.size(g));
           kmax = std::max(kmax, plan.keys.size(g));
         }
-        const std::string where = "Lv=" + std::to_string(Lv) + " Sv=" + std::to_string(Sv) +
-                                  " cs=" + std::to_string(cs);
+        const std::string where =
+            "Lv=" + std::to_string(Lv) + " Sv=" + std::to_string(Sv) + " cs=" + std::to_string(cs);
         EXPECT_EQ(qsum, Lv) << where;
         EXPECT_EQ(ksum, Sv) << where;
         EXPECT_LE(qmax - qmin, 1) << where;
@@ -253,21 +259,27 @@ TEST(Smyrf, MatchesTheFloat64OracleOnManyShapes) {
       opt.key_length = std::uniform_int_distribution<index>(0, S)(gen);
     }
     if (trial % 3 == 0) opt.scale = 0.7;
-    const fa::smyrf p{.hashes = rounds(gen), .cluster_size = cs(gen), .r = 0.5 + trial % 3,
+    const fa::smyrf p{.hashes = rounds(gen),
+                      .cluster_size = cs(gen),
+                      .r = 0.5 + trial % 3,
                       .seed = static_cast<std::uint64_t>(trial)};
     const auto o = fa::attention(p, q, k, v, opt);
     const auto ref = smyrf_oracle(q, k, v, p, opt);
     EXPECT_LT(relative_error(o, ref), 1e-12)
         << "trial " << trial << ": L=" << L << " S=" << S << " Lv=" << opt.query_length.value_or(L)
-        << " Sv=" << opt.key_length.value_or(S) << " hashes=" << p.hashes << " cs=" << p.cluster_size;
+        << " Sv=" << opt.key_length.value_or(S) << " hashes=" << p.hashes
+        << " cs=" << p.cluster_size;
   }
 }
 
 TEST(Smyrf, OneRoundAttendsExactlyWithinItsBalancedCluster) {
   // v = identity: the output row is the query's attention weights over the keys, so the support
   // of each row is its key group; rows with the same support form its query cluster.
-  for (const auto& [L, S, cs] : {std::tuple<index, index, index>{100, 100, 10}, {97, 61, 16},
-                                {50, 130, 7}, {40, 3, 4}, {33, 200, 33}}) {
+  for (const auto& [L, S, cs] : {std::tuple<index, index, index>{100, 100, 10},
+                                 {97, 61, 16},
+                                 {50, 130, 7},
+                                 {40, 3, 4},
+                                 {33, 200, 33}}) {
     const auto q = gaussian<double>(L, 6, 7), k = gaussian<double>(S, 6, 8);
     const fa::matrix<double> v = fa::matrix<double>::Identity(S, S);
     const auto o = fa::attention(fa::smyrf{.hashes = 1, .cluster_size = cs, .seed = 3}, q, k, v);
@@ -282,7 +294,8 @@ TEST(Smyrf, OneRoundAttendsExactlyWithinItsBalancedCluster) {
         for (index j : support) ++key_uses[static_cast<std::size_t>(j)];
     }
     const index n = (L + cs - 1) / cs;
-    const std::string where = "L=" + std::to_string(L) + " S=" + std::to_string(S) + " cs=" + std::to_string(cs);
+    const std::string where =
+        "L=" + std::to_string(L) + " S=" + std::to_string(S) + " cs=" + std::to_string(cs);
     if (S >= n) {
       ASSERT_EQ(static_cast<index>(clusters.size()), n) << where;
       index qmin = L, qmax = 0, kmin = S, kmax = 0;
@@ -356,10 +369,12 @@ TEST(Smyrf, ErrorFallsAsHashesGrow) {
   std::vector<double> mean(rounds.size(), 0.0);
   const int seeds = 6;
   for (int s = 0; s < seeds; ++s) {
-    const auto in = fa::testing::make_peaked<float>(256, 256, 32, 32, 70 + static_cast<std::uint64_t>(s));
+    const auto in =
+        fa::testing::make_peaked<float>(256, 256, 32, 32, 70 + static_cast<std::uint64_t>(s));
     const auto exact = reference_attention(in.q, in.k, in.v);
     for (std::size_t r = 0; r < rounds.size(); ++r) {
-      const fa::smyrf p{.hashes = rounds[r], .cluster_size = 16, .seed = static_cast<std::uint64_t>(s)};
+      const fa::smyrf p{
+          .hashes = rounds[r], .cluster_size = 16, .seed = static_cast<std::uint64_t>(s)};
       mean[r] += relative_error(fa::attention(p, in.q, in.k, in.v), exact) / seeds;
     }
   }
@@ -478,21 +493,23 @@ TYPED_TEST(SmyrfTyped, SizeOneAndEmptyLengths) {
   EXPECT_TRUE((none_q.array() == T(0)).all());
   // E = 1 and fewer valid keys than clusters (3 keys, 20 clusters): with one round every query
   // attends to exactly one key, so its row is exactly that key's value.
-  const auto few = fa::attention(fa::smyrf{.hashes = 1, .cluster_size = 1}, q, k, v, {.key_length = 3});
+  const auto few =
+      fa::attention(fa::smyrf{.hashes = 1, .cluster_size = 1}, q, k, v, {.key_length = 3});
   for (index i = 0; i < 20; ++i) {
     bool equals_a_key = false;
     for (index j = 0; j < 3; ++j) equals_a_key |= few.row(i) == v.row(j);
     EXPECT_TRUE(equals_a_key) << "row " << i;
   }
-  const auto few2 = fa::attention(fa::smyrf{.hashes = 2, .cluster_size = 1}, q, k, v, {.key_length = 3});
+  const auto few2 =
+      fa::attention(fa::smyrf{.hashes = 2, .cluster_size = 1}, q, k, v, {.key_length = 3});
   EXPECT_TRUE(few2.allFinite());
 }
 
 // The peaked1024 fixture (4 heads, N = 1024, E = M = 64): the authors' code reaches 1.019
 // (2 hashes, clusters of 64) and 0.967 (4 hashes, clusters of 32), mean of 3 seeds.
 TEST(Smyrf, Peaked1024FixtureIsNoWorseThanTheReference) {
-  const std::filesystem::path dir = std::filesystem::path(FASTATTN_SOURCE_DIR).parent_path() /
-                                    "shared" / "data" / "peaked1024";
+  const std::filesystem::path dir =
+      std::filesystem::path(FASTATTN_SOURCE_DIR).parent_path() / "shared" / "data" / "peaked1024";
   const std::filesystem::path alt = "/work/shared/data/peaked1024";
   const auto base = std::filesystem::exists(dir / "q.npy") ? dir : alt;
   if (!std::filesystem::exists(base / "q.npy")) GTEST_SKIP() << "fixture not found at " << base;
@@ -528,8 +545,8 @@ TEST(Smyrf, Peaked1024FixtureIsNoWorseThanTheReference) {
   // and 0.992.
   const double e2x64 = mean_error(fa::smyrf{.hashes = 2, .cluster_size = 64}, 20);
   const double e4x32 = mean_error(fa::smyrf{.hashes = 4, .cluster_size = 32}, 20);
-  std::cout << "[          ] peaked1024 mean rel err over 20 seeds: 2 x 64 " << e2x64
-            << ", 4 x 32 " << e4x32 << '\n';
+  std::cout << "[          ] peaked1024 mean rel err over 20 seeds: 2 x 64 " << e2x64 << ", 4 x 32 "
+            << e4x32 << '\n';
   EXPECT_LT(e2x64, 1.019 + 0.026);
   EXPECT_LT(e4x32, 0.967 + 0.013);
 }

@@ -9,7 +9,8 @@ namespace {
 
 template <class T, class Policy>
 void instantiate(const Policy& policy) {
-  const fastattn::matrix<T> q = fastattn::matrix<T>::Random(33, 8), k = fastattn::matrix<T>::Random(40, 8),
+  const fastattn::matrix<T> q = fastattn::matrix<T>::Random(33, 8),
+                            k = fastattn::matrix<T>::Random(40, 8),
                             v = fastattn::matrix<T>::Random(40, 5);
   (void)fastattn::attention(policy, q, k, v, {.key_length = 30});
   std::vector<T> qb(2 * 33 * 3 * 8), kb(2 * 40 * 3 * 8), vb(2 * 40 * 3 * 5), ob(2 * 33 * 3 * 5);

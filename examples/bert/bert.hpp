@@ -49,14 +49,17 @@ struct config {
 
   /// Checks the values (sizes positive, heads divide hidden_size, ...); `where` prefixes errors.
   void validate(const std::string& where) const {
-    auto fail = [&](const std::string& m) { throw invalid_argument("fastattn: " + where + ": " + m); };
+    auto fail = [&](const std::string& m) {
+      throw invalid_argument("fastattn: " + where + ": " + m);
+    };
     if (vocab_size < 1) fail("vocab_size must be >= 1, got " + std::to_string(vocab_size));
     if (hidden_size < 1) fail("hidden_size must be >= 1, got " + std::to_string(hidden_size));
     if (num_hidden_layers < 0) fail("num_hidden_layers must be >= 0");
     if (num_attention_heads < 1) fail("num_attention_heads must be >= 1");
     if (hidden_size % num_attention_heads != 0)
-      fail("hidden_size (" + std::to_string(hidden_size) + ") must be a multiple of num_attention_heads (" +
-           std::to_string(num_attention_heads) + ")");
+      fail("hidden_size (" + std::to_string(hidden_size) +
+           ") must be a multiple of num_attention_heads (" + std::to_string(num_attention_heads) +
+           ")");
     if (intermediate_size < 1) fail("intermediate_size must be >= 1");
     if (max_position_embeddings < 1) fail("max_position_embeddings must be >= 1");
     if (type_vocab_size < 0) fail("type_vocab_size must be >= 0");
@@ -76,7 +79,8 @@ struct config {
       }
       if (!j[key].is_number_integer()) fail(std::string("'") + key + "' must be an integer");
       const auto v = j[key].get<std::int64_t>();
-      if (v < 0 || v > (std::int64_t{1} << 40)) fail(std::string("'") + key + "' is out of range: " + std::to_string(v));
+      if (v < 0 || v > (std::int64_t{1} << 40))
+        fail(std::string("'") + key + "' is out of range: " + std::to_string(v));
       out = static_cast<index>(v);
     };
     get_int("vocab_size", c.vocab_size, true);
@@ -169,8 +173,8 @@ struct layer_weights {
   linear<T> qkv;            ///< fused (3D, D): rows [0, D) query, [D, 2D) key, [2D, 3D) value
   linear<T> attention_out;  ///< (D, D)
   layer_norm<T> attention_norm;
-  linear<T> intermediate;   ///< (I, D)
-  linear<T> output;         ///< (D, I)
+  linear<T> intermediate;  ///< (I, D)
+  linear<T> output;        ///< (D, I)
   layer_norm<T> output_norm;
 };
 
@@ -210,8 +214,10 @@ class name_map {
   explicit name_map(const safetensors_file& f) : f_(f) {
     prefix_ = f.contains("bert.embeddings.word_embeddings.weight") ? "bert." : "";
     if (!f.contains(prefix_ + "embeddings.word_embeddings.weight"))
-      f.fail("missing tensor 'bert.embeddings.word_embeddings.weight' (or without the 'bert.' prefix): "
-             "not a BERT checkpoint");
+      f.fail(
+          "missing tensor 'bert.embeddings.word_embeddings.weight' (or without the 'bert.' "
+          "prefix): "
+          "not a BERT checkpoint");
   }
   const std::string& prefix() const { return prefix_; }
   /// The stored name of encoder tensor `name` (without prefix), or "" when absent.
@@ -219,7 +225,8 @@ class name_map {
     const std::string full = (encoder ? prefix_ : "") + name;
     if (f_.contains(full)) return full;
     auto replace_suffix = [&](const std::string& from, const std::string& to) -> std::string {
-      if (full.size() >= from.size() && full.compare(full.size() - from.size(), from.size(), from) == 0) {
+      if (full.size() >= from.size() &&
+          full.compare(full.size() - from.size(), from.size(), from) == 0) {
         const std::string alt = full.substr(0, full.size() - from.size()) + to;
         if (f_.contains(alt)) return alt;
       }
@@ -244,13 +251,16 @@ weights<T> load_weights(const config& c, const safetensors_file& f) {
   const index D = c.hidden_size, I = c.intermediate_size;
   auto required = [&](const std::string& name, bool encoder = true) {
     const std::string stored = names.find(name, encoder);
-    if (stored.empty()) f.fail("missing tensor '" + (encoder ? names.prefix() : std::string()) + name + "'");
+    if (stored.empty())
+      f.fail("missing tensor '" + (encoder ? names.prefix() : std::string()) + name + "'");
     return stored;
   };
   auto read_mat = [&](const std::string& stored, index rows, index cols) {
     return detail::to_mat(f.read<T>(stored, {rows, cols}), rows, cols);
   };
-  auto read_vec = [&](const std::string& stored, index n) { return detail::to_vec(f.read<T>(stored, {n})); };
+  auto read_vec = [&](const std::string& stored, index n) {
+    return detail::to_vec(f.read<T>(stored, {n}));
+  };
   auto read_linear = [&](const std::string& base, index out, index in, bool encoder = true) {
     linear<T> l;
     l.weight = read_mat(required(base + ".weight", encoder), out, in);
@@ -259,11 +269,13 @@ weights<T> load_weights(const config& c, const safetensors_file& f) {
   };
   auto read_norm = [&](const std::string& base, bool must, bool encoder = true) {
     layer_norm<T> n;
-    const std::string w = names.find(base + ".weight", encoder), b = names.find(base + ".bias", encoder);
+    const std::string w = names.find(base + ".weight", encoder),
+                      b = names.find(base + ".bias", encoder);
     if (w.empty() != b.empty())
       f.fail("'" + base + "' has a weight without a bias or a bias without a weight");
     if (w.empty()) {
-      if (must) f.fail("missing tensor '" + (encoder ? names.prefix() : std::string()) + base + ".weight'");
+      if (must)
+        f.fail("missing tensor '" + (encoder ? names.prefix() : std::string()) + base + ".weight'");
       return n;
     }
     n.weight = read_vec(w, D);
@@ -273,7 +285,8 @@ weights<T> load_weights(const config& c, const safetensors_file& f) {
 
   weights<T> w;
   w.word = read_mat(required("embeddings.word_embeddings.weight"), c.vocab_size, D);
-  w.position = read_mat(required("embeddings.position_embeddings.weight"), c.max_position_embeddings, D);
+  w.position =
+      read_mat(required("embeddings.position_embeddings.weight"), c.max_position_embeddings, D);
   if (const auto tt = names.find("embeddings.token_type_embeddings.weight"); !tt.empty()) {
     if (c.type_vocab_size == 0)
       f.fail("has token_type_embeddings but config.json says type_vocab_size = 0");
@@ -299,11 +312,13 @@ weights<T> load_weights(const config& c, const safetensors_file& f) {
   }
   if (f.contains(names.prefix() + "encoder.layer." + std::to_string(c.num_hidden_layers) +
                  ".attention.self.query.weight"))
-    f.fail("has more layers than config.json's num_hidden_layers = " + std::to_string(c.num_hidden_layers));
+    f.fail("has more layers than config.json's num_hidden_layers = " +
+           std::to_string(c.num_hidden_layers));
   if (c.norm == norm_placement::pre)
     w.final_norm = read_norm("encoder.final_layer_norm", true);
   else if (!names.find("encoder.final_layer_norm.weight").empty())
-    f.fail("has encoder.final_layer_norm but config.json's norm is \"post\" (use \"norm\": \"pre\")");
+    f.fail(
+        "has encoder.final_layer_norm but config.json's norm is \"post\" (use \"norm\": \"pre\")");
 
   // Masked-LM head (never prefixed).
   const bool has_dense = f.contains("cls.predictions.transform.dense.weight");
@@ -317,10 +332,11 @@ weights<T> load_weights(const config& c, const safetensors_file& f) {
   }
   if (f.contains("cls.predictions.decoder.weight")) {
     const auto& info = f.info("cls.predictions.decoder.weight");
-    if (info.shape.size() != 2 || info.shape[1] != D || info.shape[0] < 1 || info.shape[0] > c.vocab_size)
+    if (info.shape.size() != 2 || info.shape[1] != D || info.shape[0] < 1 ||
+        info.shape[0] > c.vocab_size)
       f.fail("tensor 'cls.predictions.decoder.weight' has shape " + shape_to_string(info.shape) +
-             ", expected [C, " + std::to_string(D) + "] with 1 <= C <= vocab_size = " +
-             std::to_string(c.vocab_size));
+             ", expected [C, " + std::to_string(D) +
+             "] with 1 <= C <= vocab_size = " + std::to_string(c.vocab_size));
     w.decoder = read_mat("cls.predictions.decoder.weight", info.shape[0], D);
   }
   const index C = w.classes();
@@ -356,7 +372,8 @@ weights<T> random_weights(const config& c, std::uint64_t seed) {
   if (c.type_vocab_size > 0) w.token_type = m(c.type_vocab_size, D);
   w.embedding_norm = ln();
   for (index i = 0; i < c.num_hidden_layers; ++i)
-    w.layers.push_back({{m(3 * D, D), v(3 * D)}, {m(D, D), v(D)}, ln(), {m(I, D), v(I)}, {m(D, I), v(D)}, ln()});
+    w.layers.push_back(
+        {{m(3 * D, D), v(3 * D)}, {m(D, D), v(D)}, ln(), {m(I, D), v(I)}, {m(D, I), v(D)}, ln()});
   if (c.norm == norm_placement::pre) w.final_norm = ln();
   w.has_transform = true;
   w.transform = {m(D, D), v(D)};
@@ -398,11 +415,13 @@ class encoder {
       : config_(std::move(c)), shared_(std::move(w)), attention_(attention), threads_(threads) {
     if (!shared_) throw invalid_argument("fastattn: encoder: null weights");
     if (static_cast<index>(shared_->layers.size()) != config_.num_hidden_layers)
-      throw invalid_argument("fastattn: encoder: weights have " + std::to_string(shared_->layers.size()) +
-                             " layers, config says " + std::to_string(config_.num_hidden_layers));
+      throw invalid_argument("fastattn: encoder: weights have " +
+                             std::to_string(shared_->layers.size()) + " layers, config says " +
+                             std::to_string(config_.num_hidden_layers));
   }
   encoder(config c, weights<T> w, Attention attention = {}, int threads = 0)
-      : encoder(std::move(c), std::make_shared<const weights<T>>(std::move(w)), attention, threads) {}
+      : encoder(std::move(c), std::make_shared<const weights<T>>(std::move(w)), attention,
+                threads) {}
 
   const config& cfg() const { return config_; }
   const weights<T>& w() const { return *shared_; }
@@ -435,17 +454,21 @@ class encoder {
     for (index b = 0; b < B; ++b)
       for (index t = 0; t < L; ++t) {
         const index r = b * L + t;
-        x.row(r) = shared_->word.row(static_cast<index>(in.input_ids[static_cast<std::size_t>(r)])) +
-                   shared_->position.row(t);
+        x.row(r) =
+            shared_->word.row(static_cast<index>(in.input_ids[static_cast<std::size_t>(r)])) +
+            shared_->position.row(t);
         if (shared_->token_type.size()) {
-          const index tt = in.token_type_ids.empty() ? 0 : static_cast<index>(in.token_type_ids[static_cast<std::size_t>(r)]);
+          const index tt = in.token_type_ids.empty()
+                               ? 0
+                               : static_cast<index>(in.token_type_ids[static_cast<std::size_t>(r)]);
           x.row(r) += shared_->token_type.row(tt);
         }
       }
     if (shared_->embedding_norm.present()) shared_->embedding_norm.apply(x, config_.layer_norm_eps);
 
     const double eps = config_.layer_norm_eps;
-    mat<T>&y = ws.y, &qkv = ws.qkv, &context = ws.context, &projected = ws.projected, &hidden = ws.hidden;
+    mat<T>&y = ws.y, &qkv = ws.qkv, &context = ws.context, &projected = ws.projected,
+    &hidden = ws.hidden;
     context.resize(B * L, D);
     double attention_seconds = 0;
     for (const auto& layer : shared_->layers) {
@@ -476,11 +499,11 @@ class encoder {
     if (config_.norm == norm_placement::pre) shared_->final_norm.apply(x, eps);
     if (time) {
       time->attention += attention_seconds;
-      time->total += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      time->total +=
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     }
     return x;
   }
-
 
  public:
   /// Masked-LM logits (rows, C) for rows of hidden states.
@@ -514,8 +537,8 @@ class encoder {
     const auto n = static_cast<std::size_t>(in.size * in.length);
     if (in.input_ids.size() != n) fail("input_ids must have B * L entries");
     if (in.length > config_.max_position_embeddings)
-      fail("length " + std::to_string(in.length) + " exceeds max_position_embeddings = " +
-           std::to_string(config_.max_position_embeddings));
+      fail("length " + std::to_string(in.length) +
+           " exceeds max_position_embeddings = " + std::to_string(config_.max_position_embeddings));
     const index vocab = shared_->word.rows();
     for (const auto id : in.input_ids)
       if (id < 0 || id >= vocab)
@@ -525,7 +548,8 @@ class encoder {
       const index types = std::max<index>(shared_->token_type.rows(), 1);
       for (const auto t : in.token_type_ids)
         if (t < 0 || t >= types)
-          fail("token type " + std::to_string(t) + " out of range [0, " + std::to_string(types) + ")");
+          fail("token type " + std::to_string(t) + " out of range [0, " + std::to_string(types) +
+               ")");
     }
     if (!in.lengths.empty() && in.lengths.size() != static_cast<std::size_t>(in.size))
       fail("lengths must be empty or have one entry per sample");
@@ -535,8 +559,8 @@ class encoder {
 
   /// Multi-head attention straight from the fused (B*L, 3D) QKV buffer into (B*L, D).
   double attend(const mat<T>& qkv, mat<T>& context, const batch& in) const {
-    const index B = in.size, L = in.length, D = config_.hidden_size, H = config_.num_attention_heads,
-                E = config_.head_dim();
+    const index B = in.size, L = in.length, D = config_.hidden_size,
+                H = config_.num_attention_heads, E = config_.head_dim();
     const tensor_view<const T> q{qkv.data(), B, L, H, E, 3 * D};
     const tensor_view<const T> k{qkv.data() + D, B, L, H, E, 3 * D};
     const tensor_view<const T> v{qkv.data() + 2 * D, B, L, H, E, 3 * D};
@@ -575,7 +599,8 @@ void save_model(const std::string& dir, const config& c, const weights<T>& w) {
   auto put = [&](const std::string& name, const auto& m) {
     if (m.size() == 0) return;
     std::vector<float> data(static_cast<std::size_t>(m.size()));
-    for (index i = 0; i < m.size(); ++i) data[static_cast<std::size_t>(i)] = static_cast<float>(m.data()[i]);
+    for (index i = 0; i < m.size(); ++i)
+      data[static_cast<std::size_t>(i)] = static_cast<float>(m.data()[i]);
     std::vector<index> shape = {m.rows(), m.cols()};
     if (m.rows() == 1) shape = {m.cols()};  // row vectors are 1-d tensors
     out.push_back(examples::st_write_tensor::make(name, shape, data));
@@ -627,7 +652,8 @@ struct model {
     const std::filesystem::path p(dir);
     std::error_code ec;
     if (!std::filesystem::is_directory(p, ec))
-      throw invalid_argument("fastattn: " + dir + ": not a directory (expected config.json + model.safetensors)");
+      throw invalid_argument("fastattn: " + dir +
+                             ": not a directory (expected config.json + model.safetensors)");
     model m;
     m.cfg = config::load((p / "config.json").string());
     const safetensors_file f((p / "model.safetensors").string());

@@ -58,7 +58,8 @@ labelled_batch load_batch(const std::string& path) {
   out.input.length = L;
   out.input.input_ids = f.read<std::int64_t>("input_ids");
   out.labels = f.read<std::int64_t>("labels", {B, L});
-  if (f.contains("token_type_ids")) out.input.token_type_ids = f.read<std::int64_t>("token_type_ids", {B, L});
+  if (f.contains("token_type_ids"))
+    out.input.token_type_ids = f.read<std::int64_t>("token_type_ids", {B, L});
   if (f.contains("attention_mask")) {
     const auto mask = f.read<std::int64_t>("attention_mask", {B, L});
     for (idx b = 0; b < B; ++b) {
@@ -98,19 +99,22 @@ evaluation evaluate(const fb::model<float>& m, const labelled_batch& data, const
     if (label == -100) continue;
     if (label < 0 || label >= classes)
       throw fa::invalid_argument("fastattn: labels: " + std::to_string(label) +
-                                 " is neither -100 nor a class in [0, " + std::to_string(classes) + ")");
+                                 " is neither -100 nor a class in [0, " + std::to_string(classes) +
+                                 ")");
     rows.push_back(static_cast<idx>(i));
   }
   ev.labelled = static_cast<idx>(rows.size());
   if (rows.empty()) throw fa::invalid_argument("fastattn: labels: no labelled position (all -100)");
   fa::matrix<float> selected(ev.labelled, hidden.cols());
-  for (idx i = 0; i < ev.labelled; ++i) selected.row(i) = hidden.row(rows[static_cast<std::size_t>(i)]);
+  for (idx i = 0; i < ev.labelled; ++i)
+    selected.row(i) = hidden.row(rows[static_cast<std::size_t>(i)]);
   const fa::matrix<float> logits = enc.mlm_logits(selected);
   double loss = 0;
   idx correct = 0;
   for (idx i = 0; i < ev.labelled; ++i) {
     const auto row = logits.row(i);
-    const auto label = static_cast<idx>(data.labels[static_cast<std::size_t>(rows[static_cast<std::size_t>(i)])]);
+    const auto label =
+        static_cast<idx>(data.labels[static_cast<std::size_t>(rows[static_cast<std::size_t>(i)])]);
     idx best = 0;
     const float max = row.maxCoeff(&best);
     double sum = 0;
@@ -138,10 +142,13 @@ int mlm_main(int argc, const char* const* argv) {
   const std::string kernel = need("kernel");
   const auto knobs = fx::knob_values(args);
   if (kernel == "all" && !knobs.empty())
-    fx::usage_error("knob flags (--" + knobs.begin()->first + ") cannot be combined with --kernel all");
+    fx::usage_error("knob flags (--" + knobs.begin()->first +
+                    ") cannot be combined with --kernel all");
   if (kernel != "all") fx::with_kernel(kernel, knobs, [](const auto&) {});  // flag errors first
-  const int threads = args.values.count("threads") ? fx::parse_value<int>("threads", args.values.at("threads")) : 0;
-  const int repeat = args.values.count("repeat") ? fx::parse_value<int>("repeat", args.values.at("repeat")) : 1;
+  const int threads =
+      args.values.count("threads") ? fx::parse_value<int>("threads", args.values.at("threads")) : 0;
+  const int repeat =
+      args.values.count("repeat") ? fx::parse_value<int>("repeat", args.values.at("repeat")) : 1;
   if (repeat < 1) fx::usage_error("--repeat must be >= 1");
 
   const auto m = fb::model<float>::load(need("model"));
@@ -149,32 +156,32 @@ int mlm_main(int argc, const char* const* argv) {
   std::printf("model: %s (%ld layers, hidden %ld, %ld heads, %s-norm), batch %ld x %ld\n",
               args.values.at("model").c_str(), static_cast<long>(m.cfg.num_hidden_layers),
               static_cast<long>(m.cfg.hidden_size), static_cast<long>(m.cfg.num_attention_heads),
-              m.cfg.norm == fb::norm_placement::pre ? "pre" : "post", static_cast<long>(data.input.size),
-              static_cast<long>(data.input.length));
+              m.cfg.norm == fb::norm_placement::pre ? "pre" : "post",
+              static_cast<long>(data.input.size), static_cast<long>(data.input.length));
 
   if (kernel != "all") {
     fx::with_kernel(kernel, knobs, [&](const auto& policy) {
       using P = std::decay_t<decltype(policy)>;
       const evaluation ev = evaluate(m, data, policy, threads, repeat);
       std::printf("kernel: %s (%s)\n", std::string(P::name).c_str(), fx::describe(policy).c_str());
-      std::printf("labelled tokens: %ld\nloss: %.6f\naccuracy: %.4f\n", static_cast<long>(ev.labelled),
-                  ev.loss, ev.accuracy);
-      std::printf("time: %.3f s forward (attention %.3f s, %.1f%%)\n", ev.time.total, ev.time.attention,
-                  100.0 * ev.time.attention / ev.time.total);
+      std::printf("labelled tokens: %ld\nloss: %.6f\naccuracy: %.4f\n",
+                  static_cast<long>(ev.labelled), ev.loss, ev.accuracy);
+      std::printf("time: %.3f s forward (attention %.3f s, %.1f%%)\n", ev.time.total,
+                  ev.time.attention, 100.0 * ev.time.attention / ev.time.total);
     });
     return 0;
   }
 
-  std::printf("%-20s %-66s %10s %10s %9s %9s %7s\n", "kernel", "settings", "loss", "d_loss", "accuracy",
-              "time_s", "attn%");
+  std::printf("%-20s %-66s %10s %10s %9s %9s %7s\n", "kernel", "settings", "loss", "d_loss",
+              "accuracy", "time_s", "attn%");
   double dense_loss = std::numeric_limits<double>::quiet_NaN();
   auto row = [&](const auto& policy) {
     using P = std::decay_t<decltype(policy)>;
     const evaluation ev = evaluate(m, data, policy, threads, repeat);
     if (std::isnan(dense_loss)) dense_loss = ev.loss;
     std::printf("%-20s %-66s %10.5f %+10.5f %9.4f %9.3f %6.1f%%\n", std::string(P::name).c_str(),
-                fx::describe(policy).c_str(), ev.loss, ev.loss - dense_loss, ev.accuracy, ev.time.total,
-                100.0 * ev.time.attention / ev.time.total);
+                fx::describe(policy).c_str(), ev.loss, ev.loss - dense_loss, ev.accuracy,
+                ev.time.total, 100.0 * ev.time.attention / ev.time.total);
     std::fflush(stdout);
   };
   row(fa::dense{});

@@ -26,16 +26,21 @@ using idx = fastattn::index;
 namespace {
 
 int profile_main(int argc, const char* const* argv) {
-  const fx::parsed_args args = fx::parse_args(
-      argc, argv, {"hidden", "heads", "layers", "intermediate", "lengths", "batch", "repeat", "threads", "save", "vocab"},
-      {"help"});
+  const fx::parsed_args args =
+      fx::parse_args(argc, argv,
+                     {"hidden", "heads", "layers", "intermediate", "lengths", "batch", "repeat",
+                      "threads", "save", "vocab"},
+                     {"help"});
   if (args.switches.count("help")) {
-    std::cout << "usage: fastattn_bert_profile [--hidden 256] [--heads 4] [--layers 2] [--intermediate 1024]\n"
-                 "                             [--lengths 512,4096] [--batch 1] [--repeat 3] [--threads 0]\n"
-                 "                             [--vocab 1000] [--save DIR]\n"
-                 "--save DIR writes the random model (config.json + model.safetensors) and a random\n"
-                 "masked-LM batch (DIR/batch.safetensors, first length, 15% labelled) for fastattn_mlm\n"
-                 "instead of profiling.\n";
+    std::cout
+        << "usage: fastattn_bert_profile [--hidden 256] [--heads 4] [--layers 2] [--intermediate "
+           "1024]\n"
+           "                             [--lengths 512,4096] [--batch 1] [--repeat 3] [--threads "
+           "0]\n"
+           "                             [--vocab 1000] [--save DIR]\n"
+           "--save DIR writes the random model (config.json + model.safetensors) and a random\n"
+           "masked-LM batch (DIR/batch.safetensors, first length, 15% labelled) for fastattn_mlm\n"
+           "instead of profiling.\n";
     return 0;
   }
   if (!fx::knob_values(args).empty()) fx::usage_error("kernel knobs are not flags of this program");
@@ -76,19 +81,24 @@ int profile_main(int argc, const char* const* argv) {
     std::vector<std::int64_t> ids, labels;
     for (idx i = 0; i < B * L; ++i) {
       ids.push_back(std::uniform_int_distribution<std::int64_t>(0, c.vocab_size - 1)(gen));
-      labels.push_back(std::uniform_real_distribution<double>(0, 1)(gen) < 0.15 ? ids.back() : -100);
+      labels.push_back(std::uniform_real_distribution<double>(0, 1)(gen) < 0.15 ? ids.back()
+                                                                                : -100);
     }
-    fx::write_safetensors(dir + "/batch.safetensors", {fx::st_write_tensor::make("input_ids", {B, L}, ids),
-                                                       fx::st_write_tensor::make("labels", {B, L}, labels)});
-    std::printf("wrote %s/config.json, model.safetensors, batch.safetensors (%ld x %ld)\n", dir.c_str(),
-                static_cast<long>(B), static_cast<long>(L));
+    fx::write_safetensors(dir + "/batch.safetensors",
+                          {fx::st_write_tensor::make("input_ids", {B, L}, ids),
+                           fx::st_write_tensor::make("labels", {B, L}, labels)});
+    std::printf("wrote %s/config.json, model.safetensors, batch.safetensors (%ld x %ld)\n",
+                dir.c_str(), static_cast<long>(B), static_cast<long>(L));
     return 0;
   }
-  std::printf("model: hidden %ld, %ld heads (head dim %ld), %ld layers, intermediate %ld; batch %ld; best of %d\n",
-              static_cast<long>(c.hidden_size), static_cast<long>(c.num_attention_heads),
-              static_cast<long>(c.head_dim()), static_cast<long>(c.num_hidden_layers),
-              static_cast<long>(c.intermediate_size), static_cast<long>(B), repeat);
-  std::printf("%6s  %-20s %-66s %10s %10s %7s\n", "L", "kernel", "settings", "forward_ms", "attn_ms", "attn%");
+  std::printf(
+      "model: hidden %ld, %ld heads (head dim %ld), %ld layers, intermediate %ld; batch %ld; best "
+      "of %d\n",
+      static_cast<long>(c.hidden_size), static_cast<long>(c.num_attention_heads),
+      static_cast<long>(c.head_dim()), static_cast<long>(c.num_hidden_layers),
+      static_cast<long>(c.intermediate_size), static_cast<long>(B), repeat);
+  std::printf("%6s  %-20s %-66s %10s %10s %7s\n", "L", "kernel", "settings", "forward_ms",
+              "attn_ms", "attn%");
   for (const idx L : lengths) {
     fb::batch in;
     in.size = B;
@@ -106,9 +116,9 @@ int profile_main(int argc, const char* const* argv) {
         (void)enc.forward(in, &t);
         if (r == 0 || t.total < best.total) best = t;
       }
-      std::printf("%6ld  %-20s %-66s %10.1f %10.1f %6.1f%%\n", static_cast<long>(L), std::string(P::name).c_str(),
-                  fx::describe(policy).c_str(), best.total * 1e3, best.attention * 1e3,
-                  100.0 * best.attention / best.total);
+      std::printf("%6ld  %-20s %-66s %10.1f %10.1f %6.1f%%\n", static_cast<long>(L),
+                  std::string(P::name).c_str(), fx::describe(policy).c_str(), best.total * 1e3,
+                  best.attention * 1e3, 100.0 * best.attention / best.total);
       std::fflush(stdout);
     };
     run(fa::dense{});

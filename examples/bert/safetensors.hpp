@@ -32,24 +32,42 @@ enum class st_dtype { F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL };
 
 inline std::size_t st_item_size(st_dtype d) {
   switch (d) {
-    case st_dtype::F64: case st_dtype::I64: return 8;
-    case st_dtype::F32: case st_dtype::I32: return 4;
-    case st_dtype::F16: case st_dtype::BF16: case st_dtype::I16: return 2;
-    default: return 1;
+    case st_dtype::F64:
+    case st_dtype::I64:
+      return 8;
+    case st_dtype::F32:
+    case st_dtype::I32:
+      return 4;
+    case st_dtype::F16:
+    case st_dtype::BF16:
+    case st_dtype::I16:
+      return 2;
+    default:
+      return 1;
   }
 }
 inline const char* st_dtype_name(st_dtype d) {
   switch (d) {
-    case st_dtype::F64: return "F64";
-    case st_dtype::F32: return "F32";
-    case st_dtype::F16: return "F16";
-    case st_dtype::BF16: return "BF16";
-    case st_dtype::I64: return "I64";
-    case st_dtype::I32: return "I32";
-    case st_dtype::I16: return "I16";
-    case st_dtype::I8: return "I8";
-    case st_dtype::U8: return "U8";
-    default: return "BOOL";
+    case st_dtype::F64:
+      return "F64";
+    case st_dtype::F32:
+      return "F32";
+    case st_dtype::F16:
+      return "F16";
+    case st_dtype::BF16:
+      return "BF16";
+    case st_dtype::I64:
+      return "I64";
+    case st_dtype::I32:
+      return "I32";
+    case st_dtype::I16:
+      return "I16";
+    case st_dtype::I8:
+      return "I8";
+    case st_dtype::U8:
+      return "U8";
+    default:
+      return "BOOL";
   }
 }
 inline bool st_is_float(st_dtype d) {
@@ -102,7 +120,8 @@ inline float half_to_float(std::uint16_t h) {
 template <class U>
 U load_le(const unsigned char* p) {
   U value = 0;
-  for (std::size_t i = 0; i < sizeof(U); ++i) value |= static_cast<U>(static_cast<U>(p[i]) << (8 * i));
+  for (std::size_t i = 0; i < sizeof(U); ++i)
+    value |= static_cast<U>(static_cast<U>(p[i]) << (8 * i));
   return value;
 }
 
@@ -154,7 +173,8 @@ class safetensors_file {
       if (!dt.is_string()) fail(where + "dtype must be a string");
       info.dtype = parse_dtype(dt.get<std::string>(), where);
       const auto& shape = entry["shape"];
-      if (!shape.is_array() || shape.size() > 16) fail(where + "shape must be an array of at most 16 sizes");
+      if (!shape.is_array() || shape.size() > 16)
+        fail(where + "shape must be an array of at most 16 sizes");
       std::uint64_t count = 1;
       bool empty = false;
       for (const auto& d : shape) {
@@ -172,8 +192,9 @@ class safetensors_file {
       info.begin = off[0].get<std::uint64_t>();
       info.end = off[1].get<std::uint64_t>();
       if (info.begin > info.end || info.end > buffer)
-        fail(where + "data_offsets [" + std::to_string(info.begin) + ", " + std::to_string(info.end) +
-             "] outside the data buffer of " + std::to_string(buffer) + " bytes (truncated file?)");
+        fail(where + "data_offsets [" + std::to_string(info.begin) + ", " +
+             std::to_string(info.end) + "] outside the data buffer of " + std::to_string(buffer) +
+             " bytes (truncated file?)");
       const std::uint64_t bytes = info.end - info.begin;
       const std::uint64_t item = st_item_size(info.dtype);
       const std::uint64_t max_items = bytes / item;
@@ -239,16 +260,43 @@ class safetensors_file {
     const unsigned char* p = raw.data();
     for (std::size_t i = 0; i < n; ++i) {
       switch (t.dtype) {
-        case st_dtype::F64: out[i] = static_cast<T>(std::bit_cast<double>(detail_st::load_le<std::uint64_t>(p + 8 * i))); break;
-        case st_dtype::F32: out[i] = static_cast<T>(std::bit_cast<float>(detail_st::load_le<std::uint32_t>(p + 4 * i))); break;
-        case st_dtype::F16: out[i] = static_cast<T>(detail_st::half_to_float(detail_st::load_le<std::uint16_t>(p + 2 * i))); break;
-        case st_dtype::BF16: out[i] = static_cast<T>(std::bit_cast<float>(std::uint32_t{detail_st::load_le<std::uint16_t>(p + 2 * i)} << 16)); break;
-        case st_dtype::I64: out[i] = static_cast<T>(static_cast<std::int64_t>(detail_st::load_le<std::uint64_t>(p + 8 * i))); break;
-        case st_dtype::I32: out[i] = static_cast<T>(static_cast<std::int32_t>(detail_st::load_le<std::uint32_t>(p + 4 * i))); break;
-        case st_dtype::I16: out[i] = static_cast<T>(static_cast<std::int16_t>(detail_st::load_le<std::uint16_t>(p + 2 * i))); break;
-        case st_dtype::I8: out[i] = static_cast<T>(static_cast<std::int8_t>(p[i])); break;
-        case st_dtype::U8: out[i] = static_cast<T>(p[i]); break;
-        case st_dtype::BOOL: out[i] = static_cast<T>(p[i] != 0); break;
+        case st_dtype::F64:
+          out[i] =
+              static_cast<T>(std::bit_cast<double>(detail_st::load_le<std::uint64_t>(p + 8 * i)));
+          break;
+        case st_dtype::F32:
+          out[i] =
+              static_cast<T>(std::bit_cast<float>(detail_st::load_le<std::uint32_t>(p + 4 * i)));
+          break;
+        case st_dtype::F16:
+          out[i] = static_cast<T>(
+              detail_st::half_to_float(detail_st::load_le<std::uint16_t>(p + 2 * i)));
+          break;
+        case st_dtype::BF16:
+          out[i] = static_cast<T>(std::bit_cast<float>(
+              std::uint32_t{detail_st::load_le<std::uint16_t>(p + 2 * i)} << 16));
+          break;
+        case st_dtype::I64:
+          out[i] = static_cast<T>(
+              static_cast<std::int64_t>(detail_st::load_le<std::uint64_t>(p + 8 * i)));
+          break;
+        case st_dtype::I32:
+          out[i] = static_cast<T>(
+              static_cast<std::int32_t>(detail_st::load_le<std::uint32_t>(p + 4 * i)));
+          break;
+        case st_dtype::I16:
+          out[i] = static_cast<T>(
+              static_cast<std::int16_t>(detail_st::load_le<std::uint16_t>(p + 2 * i)));
+          break;
+        case st_dtype::I8:
+          out[i] = static_cast<T>(static_cast<std::int8_t>(p[i]));
+          break;
+        case st_dtype::U8:
+          out[i] = static_cast<T>(p[i]);
+          break;
+        case st_dtype::BOOL:
+          out[i] = static_cast<T>(p[i] != 0);
+          break;
       }
     }
     return out;
@@ -266,13 +314,14 @@ class safetensors_file {
 
   st_dtype parse_dtype(const std::string& s, const std::string& where) const {
     static const std::map<std::string, st_dtype> known = {
-        {"F64", st_dtype::F64}, {"F32", st_dtype::F32}, {"F16", st_dtype::F16},
+        {"F64", st_dtype::F64},   {"F32", st_dtype::F32}, {"F16", st_dtype::F16},
         {"BF16", st_dtype::BF16}, {"I64", st_dtype::I64}, {"I32", st_dtype::I32},
-        {"I16", st_dtype::I16}, {"I8", st_dtype::I8}, {"U8", st_dtype::U8},
+        {"I16", st_dtype::I16},   {"I8", st_dtype::I8},   {"U8", st_dtype::U8},
         {"BOOL", st_dtype::BOOL}};
     const auto it = known.find(s);
     if (it == known.end())
-      fail(where + "unsupported dtype '" + s + "' (supported: F64 F32 F16 BF16 I64 I32 I16 I8 U8 BOOL)");
+      fail(where + "unsupported dtype '" + s +
+           "' (supported: F64 F32 F16 BF16 I64 I32 I16 I8 U8 BOOL)");
     return it->second;
   }
 };
@@ -285,16 +334,23 @@ struct st_write_tensor {
   std::vector<unsigned char> bytes;  ///< little-endian raw data
 
   template <class T>
-  static st_write_tensor make(std::string name, std::vector<index> shape, const std::vector<T>& data) {
+  static st_write_tensor make(std::string name, std::vector<index> shape,
+                              const std::vector<T>& data) {
     st_write_tensor t;
     t.name = std::move(name);
     t.shape = std::move(shape);
-    if constexpr (std::is_same_v<T, float>) t.dtype = st_dtype::F32;
-    else if constexpr (std::is_same_v<T, double>) t.dtype = st_dtype::F64;
-    else if constexpr (std::is_same_v<T, std::int64_t>) t.dtype = st_dtype::I64;
-    else if constexpr (std::is_same_v<T, std::int32_t>) t.dtype = st_dtype::I32;
-    else static_assert(sizeof(T) == 0, "write F32, F64, I64 or I32");
-    static_assert(std::endian::native == std::endian::little, "writer assumes a little-endian host");
+    if constexpr (std::is_same_v<T, float>)
+      t.dtype = st_dtype::F32;
+    else if constexpr (std::is_same_v<T, double>)
+      t.dtype = st_dtype::F64;
+    else if constexpr (std::is_same_v<T, std::int64_t>)
+      t.dtype = st_dtype::I64;
+    else if constexpr (std::is_same_v<T, std::int32_t>)
+      t.dtype = st_dtype::I32;
+    else
+      static_assert(sizeof(T) == 0, "write F32, F64, I64 or I32");
+    static_assert(std::endian::native == std::endian::little,
+                  "writer assumes a little-endian host");
     t.bytes.resize(data.size() * sizeof(T));
     if (!data.empty()) std::memcpy(t.bytes.data(), data.data(), t.bytes.size());
     return t;
@@ -303,7 +359,8 @@ struct st_write_tensor {
 
 /// Writes tensors as a safetensors file (header padded with spaces to 8 bytes, as the reference
 /// implementation does).
-inline void write_safetensors(const std::string& path, const std::vector<st_write_tensor>& tensors) {
+inline void write_safetensors(const std::string& path,
+                              const std::vector<st_write_tensor>& tensors) {
   nlohmann::json header = nlohmann::json::object();
   std::uint64_t offset = 0;
   for (const auto& t : tensors) {
@@ -321,7 +378,8 @@ inline void write_safetensors(const std::string& path, const std::vector<st_writ
   out.write(reinterpret_cast<const char*>(len), 8);
   out.write(text.data(), static_cast<std::streamsize>(text.size()));
   for (const auto& t : tensors)
-    out.write(reinterpret_cast<const char*>(t.bytes.data()), static_cast<std::streamsize>(t.bytes.size()));
+    out.write(reinterpret_cast<const char*>(t.bytes.data()),
+              static_cast<std::streamsize>(t.bytes.size()));
   out.close();
   if (!out) throw invalid_argument("fastattn: " + path + ": write error");
 }

@@ -69,12 +69,12 @@ struct options {
 
 /// Options after validation against the shapes: what a kernel's `compute` receives.
 struct context {
-  double scale;            ///< resolved scale
-  index query_length;      ///< valid queries, Lv (rows [Lv, L) of the output must be zero)
-  index key_length;        ///< valid keys, Sv
-  bool causal;             ///< query i sees keys j <= i
-  std::uint64_t stream;    ///< which (batch, head) this is: kernels derive their random draws
-                           ///< from (seed, stream) so results do not depend on scheduling
+  double scale;          ///< resolved scale
+  index query_length;    ///< valid queries, Lv (rows [Lv, L) of the output must be zero)
+  index key_length;      ///< valid keys, Sv
+  bool causal;           ///< query i sees keys j <= i
+  std::uint64_t stream;  ///< which (batch, head) this is: kernels derive their random draws
+                         ///< from (seed, stream) so results do not depend on scheduling
 };
 
 /// What a kernel policy provides. Built-in policies are `dense`, `clustered`,
@@ -88,16 +88,15 @@ struct context {
 ///   Shapes and lengths are already validated when it is called; rows of `out` at and beyond
 ///   `ctx.query_length` must be written as zeros.
 template <class P>
-concept attention_policy =
-    std::copy_constructible<P> &&
+concept attention_policy = std::copy_constructible<P> &&
     requires(const P& p, const_view<float> qf, view<float> of, const_view<double> qd,
              view<double> od, const context& ctx) {
-      { P::name } -> std::convertible_to<std::string_view>;
-      { std::bool_constant<P::is_exact>{} };
-      { std::bool_constant<P::supports_causal>{} };
-      p.compute(qf, qf, qf, of, ctx);
-      p.compute(qd, qd, qd, od, ctx);
-    };
+  { P::name } -> std::convertible_to<std::string_view>;
+  {std::bool_constant<P::is_exact>{}};
+  {std::bool_constant<P::supports_causal>{}};
+  p.compute(qf, qf, qf, of, ctx);
+  p.compute(qd, qd, qd, od, ctx);
+};
 
 namespace detail {
 
@@ -136,15 +135,13 @@ class serial_products_scope {
 };
 
 /// Validates the shapes of one head and resolves the options. `name` is the kernel's name.
-inline context make_context(std::string_view name, bool supports_causal, index L, index E,
-                            index S, index Ek, index Sv_rows, const options& opt,
-                            std::uint64_t stream = 0) {
+inline context make_context(std::string_view name, bool supports_causal, index L, index E, index S,
+                            index Ek, index Sv_rows, const options& opt, std::uint64_t stream = 0) {
   const std::string kernel(name);
   if (E != Ek)
     fail("q and k must have the same number of columns (E): q is ", L, " x ", E, ", k is ", S,
          " x ", Ek);
-  if (Sv_rows != S)
-    fail("v must have as many rows as k (S): k has ", S, " rows, v has ", Sv_rows);
+  if (Sv_rows != S) fail("v must have as many rows as k (S): k has ", S, " rows, v has ", Sv_rows);
   if (E < 1) fail("the feature dimension E must be at least 1, got E = ", E);
   context ctx{};
   ctx.query_length = opt.query_length.value_or(L);
@@ -154,8 +151,7 @@ inline context make_context(std::string_view name, bool supports_causal, index L
   if (ctx.key_length < 0 || ctx.key_length > S)
     fail("key_length must be in [0, S = ", S, "], got ", ctx.key_length);
   ctx.scale = opt.scale.value_or(1.0 / std::sqrt(static_cast<double>(E)));
-  if (!std::isfinite(ctx.scale))
-    fail("scale must be finite, got ", opt.scale.value_or(0.0));
+  if (!std::isfinite(ctx.scale)) fail("scale must be finite, got ", opt.scale.value_or(0.0));
   if (opt.causal && !supports_causal)
     fail("causal = true is not supported by the '", kernel,
          "' kernel (its supports_causal is false); use dense for causal attention");
@@ -170,8 +166,7 @@ template <class Matrix>
 void check_finite(const char* tensor, const Matrix& m, index rows) {
   // x * 0 is 0 for finite x and NaN otherwise: one vectorised reduction, no branch per value.
   using T = typename Matrix::Scalar;
-  if (rows == 0 || !std::isnan(static_cast<double>((m.topRows(rows).array() * T(0)).sum())))
-    return;
+  if (rows == 0 || !std::isnan(static_cast<double>((m.topRows(rows).array() * T(0)).sum()))) return;
   for (index r = 0; r < rows; ++r) {
     const auto row = m.row(r);
     if (row.allFinite()) continue;
@@ -197,15 +192,15 @@ void check_inputs_finite(const Q& q, const K& k, const V& v, const context& ctx)
 /// q is L x E, k is S x E, v is S x M (any Eigen layout; row-major inputs are used in place,
 /// others are copied once, O(N d)). `out` is a row-major L x M matrix or a strided row-major view.
 template <attention_policy Policy, class DQ, class DK, class DV>
-void attention(const Policy& policy, const Eigen::MatrixBase<DQ>& q,
-               const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
-               view<typename DQ::Scalar> out, const options& opt = {}) {
+void attention(const Policy& policy, const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+               const Eigen::MatrixBase<DV>& v, view<typename DQ::Scalar> out,
+               const options& opt = {}) {
   using Scalar = typename DQ::Scalar;
   static_assert(std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>,
                 "fastattn: kernels are defined for float and double");
-  static_assert(std::is_same_v<Scalar, typename DK::Scalar> &&
-                    std::is_same_v<Scalar, typename DV::Scalar>,
-                "fastattn: q, k and v must have the same scalar type");
+  static_assert(
+      std::is_same_v<Scalar, typename DK::Scalar> && std::is_same_v<Scalar, typename DV::Scalar>,
+      "fastattn: q, k and v must have the same scalar type");
   const context ctx = detail::make_context(Policy::name, Policy::supports_causal, q.rows(),
                                            q.cols(), k.rows(), k.cols(), v.rows(), opt);
   if (out.rows() != q.rows() || out.cols() != v.cols())
@@ -221,9 +216,8 @@ void attention(const Policy& policy, const Eigen::MatrixBase<DQ>& q,
 /// it, as an L x M matrix with q's storage order. q is L x E, k is S x E, v is S x M, all float or
 /// all double.
 template <attention_policy Policy, class DQ, class DK, class DV>
-auto attention(const Policy& policy, const Eigen::MatrixBase<DQ>& q,
-               const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
-               const options& opt = {}) {
+auto attention(const Policy& policy, const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+               const Eigen::MatrixBase<DV>& v, const options& opt = {}) {
   using Scalar = typename DQ::Scalar;
   matrix<Scalar> out(q.rows(), v.cols());
   attention(policy, q, k, v, view<Scalar>(out), opt);

@@ -27,8 +27,9 @@ namespace fastattn {
 /// 4. Every member query gets its centroid's row; padded query rows are zero.
 ///
 /// Cost: 2 Lv E B (hashing) + O(passes Lv C) popcounts (passes <= iterations, fewer once k-means
-/// reaches a fixed point) + O(Lv B) bit counting + 2 C S (E + M) (centroid attention) + O(Lv (E + M)) (centroids and broadcast), i.e. linear in
-/// L and S for fixed C. No L x S matrix is formed; extra memory O(Lv + C (E + M + B)).
+/// reaches a fixed point) + O(Lv B) bit counting + 2 C S (E + M) (centroid attention) + O(Lv (E +
+/// M)) (centroids and broadcast), i.e. linear in L and S for fixed C. No L x S matrix is formed;
+/// extra memory O(Lv + C (E + M + B)).
 ///
 /// Padding: queries at and beyond ctx.query_length output zero rows and take no part in hashing
 /// or clustering; keys at and beyond ctx.key_length get zero weight and are never read (with no

@@ -34,8 +34,8 @@ struct dense {
   void compute(const_view<T> q, const_view<T> k, const_view<T> v, view<T> out,
                const context& ctx) const {
     if (query_block < 1 || key_block < 1)
-      detail::fail("dense: query_block and key_block must be >= 1, got query_block = ",
-                   query_block, ", key_block = ", key_block);
+      detail::fail("dense: query_block and key_block must be >= 1, got query_block = ", query_block,
+                   ", key_block = ", key_block);
     const index Lv = ctx.query_length, Sv = ctx.key_length;
     out.bottomRows(out.rows() - Lv).setZero();
     if (Lv == 0) return;

@@ -28,7 +28,9 @@ struct tensor_view {
   index batch_stride = 0;  ///< 0 means length * token_stride
 
   index row_stride() const noexcept { return token_stride ? token_stride : heads * dim; }
-  index sample_stride() const noexcept { return batch_stride ? batch_stride : length * row_stride(); }
+  index sample_stride() const noexcept {
+    return batch_stride ? batch_stride : length * row_stride();
+  }
   T* head(index b, index h) const noexcept { return data + b * sample_stride() + h * dim; }
 };
 
@@ -53,8 +55,8 @@ void check_tensor(const char* name, const tensor_view<T>& t) {
     fail(name, ".token_stride must be 0 or >= heads * dim = ", t.heads * t.dim, ", got ",
          t.token_stride);
   if (t.batch_stride != 0 && t.batch_stride < t.length * t.row_stride())
-    fail(name, ".batch_stride must be 0 or >= length * token_stride = ",
-         t.length * t.row_stride(), ", got ", t.batch_stride);
+    fail(name, ".batch_stride must be 0 or >= length * token_stride = ", t.length * t.row_stride(),
+         ", got ", t.batch_stride);
   if (t.data == nullptr && t.batch * t.length * t.heads * t.dim != 0)
     fail(name, ".data is null for a non-empty tensor");
 }
@@ -62,8 +64,9 @@ void check_tensor(const char* name, const tensor_view<T>& t) {
 template <class T>
 auto head_map(const tensor_view<T>& t, index b, index h) {
   using plain = matrix<std::remove_const_t<T>>;
-  using map_type = std::conditional_t<std::is_const_v<T>, Eigen::Map<const plain, 0, Eigen::OuterStride<>>,
-                                      Eigen::Map<plain, 0, Eigen::OuterStride<>>>;
+  using map_type =
+      std::conditional_t<std::is_const_v<T>, Eigen::Map<const plain, 0, Eigen::OuterStride<>>,
+                         Eigen::Map<plain, 0, Eigen::OuterStride<>>>;
   return map_type(t.head(b, h), t.length, t.dim, Eigen::OuterStride<>(t.row_stride()));
 }
 
@@ -88,8 +91,8 @@ void multihead_attention(const Policy& policy, tensor_view<const T> q, tensor_vi
     detail::fail("q, k, v and out must have the same batch size: q ", q.batch, ", k ", k.batch,
                  ", v ", v.batch, ", out ", out.batch);
   if (k.heads != q.heads || v.heads != q.heads || out.heads != q.heads)
-    detail::fail("q, k, v and out must have the same number of heads: q ", q.heads, ", k ",
-                 k.heads, ", v ", v.heads, ", out ", out.heads);
+    detail::fail("q, k, v and out must have the same number of heads: q ", q.heads, ", k ", k.heads,
+                 ", v ", v.heads, ", out ", out.heads);
   if (k.length != v.length)
     detail::fail("k and v must have the same length (S): k ", k.length, ", v ", v.length);
   if (out.length != q.length || out.dim != v.dim)
@@ -98,8 +101,8 @@ void multihead_attention(const Policy& policy, tensor_view<const T> q, tensor_vi
                  ")");
   const auto B = static_cast<std::size_t>(q.batch);
   if (!opt.query_lengths.empty() && opt.query_lengths.size() != B)
-    detail::fail("query_lengths must be empty or have one entry per sample (", q.batch,
-                 "), got ", opt.query_lengths.size());
+    detail::fail("query_lengths must be empty or have one entry per sample (", q.batch, "), got ",
+                 opt.query_lengths.size());
   if (!opt.key_lengths.empty() && opt.key_lengths.size() != B)
     detail::fail("key_lengths must be empty or have one entry per sample (", q.batch, "), got ",
                  opt.key_lengths.size());
@@ -125,7 +128,8 @@ void multihead_attention(const Policy& policy, tensor_view<const T> q, tensor_vi
       for (index h = 0; h < H; ++h) {
         try {
           detail::check_inputs_finite(detail::head_map(q, b, h), detail::head_map(k, b, h),
-                                      detail::head_map(v, b, h), contexts[static_cast<std::size_t>(b)]);
+                                      detail::head_map(v, b, h),
+                                      contexts[static_cast<std::size_t>(b)]);
         } catch (const invalid_argument& e) {
           detail::fail("sample ", b, ", head ", h, ": ", std::string(e.what()).substr(10));
         }

@@ -26,9 +26,9 @@ namespace fastattn {
 /// 2. an E2LSH projection alpha_h ~ N(0, I), beta_h ~ U(0, r) gives each row the real hash
 ///    alpha_h . x + beta_h (same projection for queries and keys);
 /// 3. valid queries and valid keys are each sorted by (hash, position); the sorted queries are cut
-///    into n = ceil(Lv / cluster_size) consecutive clusters and the sorted keys into the same number
-///    of consecutive groups, sizes near-equal (they differ by at most one, so every query cluster
-///    holds at most cluster_size queries);
+///    into n = ceil(Lv / cluster_size) consecutive clusters and the sorted keys into the same
+///    number of consecutive groups, sizes near-equal (they differ by at most one, so every query
+///    cluster holds at most cluster_size queries);
 /// 4. query cluster c attends (softmax(scale q.k) v) to key group c only, giving per query an
 ///    output o_h,i and the log-sum-exp lse_h,i of its scores.
 ///
@@ -147,8 +147,7 @@ struct smyrf {
         const index q0 = plan.queries.begin(c), q_end = q0 + plan.queries.size(c);
         for (index i0 = q0; i0 < q_end; i0 += bq) {
           const index rows = std::min(bq, q_end - i0);
-          for (index t = 0; t < rows; ++t)
-            block_q.row(t) = qv.row(query_order[i0 + t]) * scale;
+          for (index t = 0; t < rows; ++t) block_q.row(t) = qv.row(query_order[i0 + t]) * scale;
           softmax.reset(rows);
           for (index j0 = 0; j0 < keys; j0 += bk) {
             const index cols = std::min(bk, keys - j0);
@@ -157,8 +156,7 @@ struct smyrf {
             softmax.absorb(cols, group_v.middleRows(j0, cols));
           }
           softmax.finish(block_out.topRows(rows), block_lse.data());
-          merge_round(h, rows, query_order + i0, block_out, block_lse, out, run_max,
-                      run_sum);
+          merge_round(h, rows, query_order + i0, block_out, block_lse, out, run_max, run_sum);
         }
       }
     }
@@ -172,16 +170,15 @@ struct smyrf {
   }
 
  private:
-  static constexpr index query_block = 64;   // queries per score block inside a cluster
-  static constexpr index key_block = 256;    // keys per score block inside a cluster
+  static constexpr index query_block = 64;  // queries per score block inside a cluster
+  static constexpr index key_block = 256;   // keys per score block inside a cluster
 
   // Folds one round's outputs of `rows` queries (positions in `rows_at`) into `out`, in the log
   // domain: out holds sum_h o_h exp(lse_h - m) and run_sum holds sum_h exp(lse_h - m) for the
   // running maximum m of the lse; a row that saw no key (lse = -inf) adds nothing.
   template <class T, class Block, class Vector>
   static void merge_round(index h, index rows, const index* rows_at, const Block& block_out,
-                          const Vector& block_lse, view<T>& out, Vector& run_max,
-                          Vector& run_sum) {
+                          const Vector& block_lse, view<T>& out, Vector& run_max, Vector& run_sum) {
     constexpr T minus_inf = -std::numeric_limits<T>::infinity();
     for (index t = 0; t < rows; ++t) {
       const index i = rows_at[t];

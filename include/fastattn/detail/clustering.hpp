@@ -24,8 +24,7 @@ struct clustering_knobs {
 
 /// Throws fastattn::invalid_argument naming the first bad knob and its value.
 inline void check_clustering_knobs(std::string_view kernel, const clustering_knobs& knobs) {
-  if (knobs.clusters < 1)
-    fail(kernel, ": clusters must be >= 1, got clusters = ", knobs.clusters);
+  if (knobs.clusters < 1) fail(kernel, ": clusters must be >= 1, got clusters = ", knobs.clusters);
   if (knobs.clusters > index{0xFFFFFFFF})
     fail(kernel, ": clusters must be < 2^32, got clusters = ", knobs.clusters);
   if (knobs.bits < 1 || knobs.bits > 64)
@@ -68,7 +67,8 @@ class query_clustering {
     members_.resize(n);
     cursor_.assign(offsets_.begin(), offsets_.end() - 1);
     for (index i = 0; i < valid; ++i) {
-      const auto j = static_cast<std::size_t>(renumber_[static_cast<std::size_t>(assignment[static_cast<std::size_t>(i)])]);
+      const auto j = static_cast<std::size_t>(
+          renumber_[static_cast<std::size_t>(assignment[static_cast<std::size_t>(i)])]);
       members_[static_cast<std::size_t>(cursor_[j]++)] = i;
     }
 
@@ -76,7 +76,8 @@ class query_clustering {
     // q is streamed once, the C x E sums stay in cache).
     centroids_.setZero(count, E);
     for (index i = 0; i < valid; ++i)
-      centroids_.row(renumber_[static_cast<std::size_t>(assignment[static_cast<std::size_t>(i)])]) += q.row(i);
+      centroids_.row(
+          renumber_[static_cast<std::size_t>(assignment[static_cast<std::size_t>(i)])]) += q.row(i);
     for (index j = 0; j < count; ++j) centroids_.row(j) /= static_cast<T>(size(j));
   }
 
@@ -112,7 +113,7 @@ class query_clustering {
   std::vector<index> renumber_;  // k-means cluster -> non-empty cluster (or -1)
   std::vector<index> offsets_;   // count + 1
   std::vector<index> cursor_;
-  std::vector<index> members_;   // valid queries grouped by cluster
+  std::vector<index> members_;  // valid queries grouped by cluster
   matrix<T> centroids_;
 };
 

@@ -19,8 +19,8 @@ namespace fastattn::detail {
 
 template <class T>
 struct e2lsh {
-  matrix<T> alpha;                                  ///< (E + 2) x hashes: column h is alpha_h
-  Eigen::Matrix<T, 1, Eigen::Dynamic> beta;         ///< 1 x hashes
+  matrix<T> alpha;                           ///< (E + 2) x hashes: column h is alpha_h
+  Eigen::Matrix<T, 1, Eigen::Dynamic> beta;  ///< 1 x hashes
 
   /// Draws `hashes` projections for E-dimensional inputs (E + 2 after XBOX+). Draw order, for
   /// reproducibility: round by round, the E + 2 normals of alpha_h, then beta_h = r * uniform.

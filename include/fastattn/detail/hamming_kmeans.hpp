@@ -106,7 +106,8 @@ class hamming_kmeans {
       for (std::uint64_t j = 0; j < clusters; ++j) {
         const std::uint64_t c = centroids[j];
         for (index t = 0; t < lanes; ++t)
-          best[t] = std::min(best[t], (static_cast<std::uint64_t>(std::popcount(h[t] ^ c)) << 32) | j);
+          best[t] =
+              std::min(best[t], (static_cast<std::uint64_t>(std::popcount(h[t] ^ c)) << 32) | j);
       }
       for (index t = 0; t < lanes; ++t) store(i + t, best[t]);
     }
@@ -114,7 +115,8 @@ class hamming_kmeans {
       const std::uint64_t h = hashes[i];
       std::uint64_t best = ~std::uint64_t{0};
       for (std::uint64_t j = 0; j < clusters; ++j)
-        best = std::min(best, (static_cast<std::uint64_t>(std::popcount(h ^ centroids[j])) << 32) | j);
+        best =
+            std::min(best, (static_cast<std::uint64_t>(std::popcount(h ^ centroids[j])) << 32) | j);
       store(i, best);
     }
     return changed;
@@ -147,8 +149,8 @@ class hamming_kmeans {
       const std::uint32_t* counts = bit_counts_.data() + c * 64;
       std::uint64_t centroid = 0;
       for (int b = 0; b < bits; ++b)
-        centroid |= static_cast<std::uint64_t>(2 * static_cast<std::uint64_t>(counts[b]) > sizes_[c])
-                    << b;
+        centroid |=
+            static_cast<std::uint64_t>(2 * static_cast<std::uint64_t>(counts[b]) > sizes_[c]) << b;
       centroids_[c] = centroid;
     }
     if (refilled) refill(hashes, n, gen);

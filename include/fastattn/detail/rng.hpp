@@ -11,7 +11,8 @@
 
 namespace fastattn::detail {
 
-__extension__ typedef unsigned __int128 uint128;  // GCC/Clang builtin; __extension__ keeps -Wpedantic quiet
+__extension__ typedef unsigned __int128
+    uint128;  // GCC/Clang builtin; __extension__ keeps -Wpedantic quiet
 
 /// SplitMix64 step: a bijective 64-bit mixer (Steele, Lea, Flood 2014).
 constexpr std::uint64_t splitmix64(std::uint64_t& state) noexcept {

@@ -65,7 +65,9 @@ class arena {
  private:
   struct block {
     struct deleter {
-      void operator()(std::byte* p) const noexcept { ::operator delete[](p, std::align_val_t{alignment}); }
+      void operator()(std::byte* p) const noexcept {
+        ::operator delete[](p, std::align_val_t{alignment});
+      }
     };
     std::unique_ptr<std::byte[], deleter> data;
     std::size_t size = 0;
@@ -124,13 +126,15 @@ class arena {
 
 /// A rows x cols row-major scratch matrix from the arena (uninitialised).
 template <class T>
-Eigen::Map<matrix<T>, Eigen::Aligned64> scratch_matrix(index rows, index cols, arena& a = arena::local()) {
+Eigen::Map<matrix<T>, Eigen::Aligned64> scratch_matrix(index rows, index cols,
+                                                       arena& a = arena::local()) {
   return {a.take<T>(static_cast<std::size_t>(rows * cols)), rows, cols};
 }
 
 /// A scratch vector from the arena (uninitialised).
 template <class T>
-Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, 1>, Eigen::Aligned64> scratch_vector(index size, arena& a = arena::local()) {
+Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, 1>, Eigen::Aligned64> scratch_vector(
+    index size, arena& a = arena::local()) {
   return {a.take<T>(static_cast<std::size_t>(size)), size};
 }
 

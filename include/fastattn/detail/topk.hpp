@@ -35,7 +35,8 @@ class top_k {
     const index chunks = (n + chunk - 1) / chunk;
     maxima_.resize(static_cast<std::size_t>(chunks));
     candidates_.resize(static_cast<std::size_t>(n));
-    for (index c = 0; c < chunks; ++c) maxima_[static_cast<std::size_t>(c)] = chunk_max(values, n, c);
+    for (index c = 0; c < chunks; ++c)
+      maxima_[static_cast<std::size_t>(c)] = chunk_max(values, n, c);
 
     // Lower bound of the k-th largest value: the k-th largest chunk maximum.
     T bound = lowest;
@@ -89,7 +90,8 @@ class top_k {
     const T* x = values + c * chunk;
     T m;
     if ((c + 1) * chunk <= n) {
-      m = Eigen::Map<const Eigen::Array<T, chunk, 1>>(x).template maxCoeff<Eigen::PropagateNumbers>();
+      m = Eigen::Map<const Eigen::Array<T, chunk, 1>>(x)
+              .template maxCoeff<Eigen::PropagateNumbers>();
     } else {
       m = lowest;
       for (index i = 0; i < n - c * chunk; ++i) m = std::max(m, key(x[i]));

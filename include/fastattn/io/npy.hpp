@@ -34,7 +34,7 @@ enum class npy_dtype { float32, float64 };
 /// What a .npy header says, without the data.
 struct npy_header {
   npy_dtype dtype = npy_dtype::float32;
-  std::vector<index> shape;    ///< empty for a 0-d array (one element)
+  std::vector<index> shape;       ///< empty for a 0-d array (one element)
   std::uint64_t data_offset = 0;  ///< byte offset of the first element
   std::uint64_t count = 1;        ///< number of elements (product of shape)
 };
@@ -112,15 +112,17 @@ class npy_dict_parser {
     } else if (descr == "<f8" || (descr == "=f8" && std::endian::native == std::endian::little)) {
       h.dtype = npy_dtype::float64;
     } else if (descr == ">f4" || descr == ">f8") {
-      fail("big-endian data ('" + descr + "') is not supported; save little-endian ('<f4' or '<f8')");
+      fail("big-endian data ('" + descr +
+           "') is not supported; save little-endian ('<f4' or '<f8')");
     } else {
       fail("unsupported dtype '" + printable(descr) +
            "'; expected float32 ('<f4') or float64 ('<f8')");
     }
     // Fortran and C order coincide for 0-d and 1-d arrays.
     if (fortran && shape.size() >= 2)
-      fail("Fortran-order arrays are not supported; save a C-contiguous array "
-           "(numpy.ascontiguousarray)");
+      fail(
+          "Fortran-order arrays are not supported; save a C-contiguous array "
+          "(numpy.ascontiguousarray)");
     h.shape = std::move(shape);
     return h;
   }
@@ -245,7 +247,8 @@ inline npy_header npy_read_header(const std::string& path, std::ifstream& in,
   if (major == 1) {
     header_len = std::uint64_t{pre[8]} | (std::uint64_t{pre[9]} << 8);
   } else {
-    if (file_size < 12) npy_fail(path, "truncated header (file is " + std::to_string(file_size) + " bytes)");
+    if (file_size < 12)
+      npy_fail(path, "truncated header (file is " + std::to_string(file_size) + " bytes)");
     in.read(reinterpret_cast<char*>(pre + 10), 2);
     if (!in) npy_fail(path, "read error in the header");
     header_len = std::uint64_t{pre[8]} | (std::uint64_t{pre[9]} << 8) |
@@ -342,12 +345,14 @@ npy_array<T> read_npy(const std::string& path) {
   const std::uint64_t item = detail::npy_item_size(h.dtype);
   // Read in chunks so that a conversion needs only a bounded scratch buffer.
   constexpr std::uint64_t chunk_items = 1 << 16;
-  std::vector<unsigned char> scratch(static_cast<std::size_t>(std::min(h.count, chunk_items) * item));
+  std::vector<unsigned char> scratch(
+      static_cast<std::size_t>(std::min(h.count, chunk_items) * item));
   in.seekg(static_cast<std::streamoff>(h.data_offset), std::ios::beg);
   for (std::uint64_t done = 0; done < h.count;) {
     const std::uint64_t n = std::min(chunk_items, h.count - done);
     in.read(reinterpret_cast<char*>(scratch.data()), static_cast<std::streamsize>(n * item));
-    if (!in) detail::npy_fail(path, "read error in the data (file changed or truncated while reading)");
+    if (!in)
+      detail::npy_fail(path, "read error in the data (file changed or truncated while reading)");
     T* out = result.data.data() + done;
     if (h.dtype == npy_dtype::float32)
       detail::npy_convert<float>(scratch.data(), n, out);
@@ -395,7 +400,14 @@ void write_npy(const std::string& path, std::span<const index> shape, std::span<
 
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   if (!out) detail::npy_fail(path, "cannot open for writing");
-  unsigned char pre[12] = {0x93, 'N', 'U', 'M', 'P', 'Y', static_cast<unsigned char>(prefix == 10 ? 1 : 2), 0,
+  unsigned char pre[12] = {0x93,
+                           'N',
+                           'U',
+                           'M',
+                           'P',
+                           'Y',
+                           static_cast<unsigned char>(prefix == 10 ? 1 : 2),
+                           0,
                            static_cast<unsigned char>(header_len & 0xff),
                            static_cast<unsigned char>((header_len >> 8) & 0xff),
                            static_cast<unsigned char>((header_len >> 16) & 0xff),
@@ -419,7 +431,8 @@ void write_npy(const std::string& path, std::span<const index> shape, std::span<
 
 /// Convenience overload: vectors for shape and data.
 template <class T>
-void write_npy(const std::string& path, const std::vector<index>& shape, const std::vector<T>& data) {
+void write_npy(const std::string& path, const std::vector<index>& shape,
+               const std::vector<T>& data) {
   write_npy<T>(path, std::span<const index>(shape), std::span<const T>(data));
 }
 
