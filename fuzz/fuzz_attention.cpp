@@ -234,16 +234,6 @@ void dispatch(const kernel_choice& k, F&& f) {
   }
 }
 
-template <class T>
-double max_abs(const std::vector<T>& data, std::size_t begin, std::size_t count, std::size_t stride,
-               std::size_t width) {
-  double m = 0;
-  for (std::size_t r = 0; r < count; ++r)
-    for (std::size_t c = 0; c < width; ++c)
-      m = std::max(m, std::abs(static_cast<double>(data[begin + r * stride + c])));
-  return m;
-}
-
 // Checks one head's output. qh, kh, vh, oh are L x E, S x E, S x M, L x M maps.
 template <class T, class Q, class K, class V, class O>
 void check_head(const kernel_choice& kc, const Q& qh, const K& kh, const V& vh, const O& oh,
@@ -254,8 +244,12 @@ void check_head(const kernel_choice& kc, const Q& qh, const K& kh, const V& vh, 
       if (oh(i, m) != T(0)) violation("a padded output row is not zero");
   // Bounded inputs: every |value| <= 1e4 in valid rows, |scale| <= 1e3 -> scores far from
   // overflow in float; the output must then be finite and convex.
-  auto max_abs_of = [](const auto& block) {  // 0 for an empty block (M = 0 or no valid row)
-    return block.size() ? block.template cast<double>().cwiseAbs().maxCoeff() : 0.0;
+  // 0 for an empty block (M = 0 or no valid row); +inf when the block holds a NaN or an infinity
+  // (maxCoeff would skip a NaN, and with check_finite off a NaN input must not count as bounded).
+  auto max_abs_of = [](const auto& block) {
+    if (!block.size()) return 0.0;
+    if (!block.allFinite()) return std::numeric_limits<double>::infinity();
+    return block.template cast<double>().cwiseAbs().maxCoeff();
   };
   const double qa = max_abs_of(qh.topRows(Lv)), ka = max_abs_of(kh.topRows(Sv));
   const double va = max_abs_of(vh.topRows(Sv));

@@ -6,6 +6,8 @@
 #   ./scripts/fuzz.sh                 every target, 60 s each
 #   ./scripts/fuzz.sh --seconds 10    every target, 10 s each
 #   ./scripts/fuzz.sh fuzz_npy        one target
+#   ./scripts/fuzz.sh --seed 0        a random libFuzzer seed (the default, 1, makes runs repeatable:
+#                                     the same mutations in the same order, up to the time limit)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
@@ -13,13 +15,16 @@ FASTATTN_FUZZ_PACKAGES=(clang-14 libclang-rt-14-dev libomp-14-dev)
 fastattn_require_packages "${FASTATTN_BUILD_PACKAGES[@]}" "${FASTATTN_FUZZ_PACKAGES[@]}"
 
 seconds=60
+seed=1
 targets=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --seconds) seconds="$2"; shift 2 ;;
     --seconds=*) seconds="${1#*=}"; shift ;;
+    --seed) seed="$2"; shift 2 ;;
+    --seed=*) seed="${1#*=}"; shift ;;
     fuzz_*) targets+=("$1"); shift ;;
-    *) echo "usage: $0 [--seconds N] [fuzz_attention|fuzz_npy|fuzz_safetensors ...]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--seconds N] [--seed N] [fuzz_attention|fuzz_npy|fuzz_safetensors ...]" >&2; exit 2 ;;
   esac
 done
 [ ${#targets[@]} -eq 0 ] && targets=(fuzz_attention fuzz_npy fuzz_safetensors)
@@ -42,13 +47,13 @@ for t in "${targets[@]}"; do
   artifacts="$build/artifacts/$t"
   mkdir -p "$corpus" "$artifacts"
   cp -r "fuzz/corpus/$t/." "$corpus/"
-  echo "== $t: ${seconds} s from $(ls "fuzz/corpus/$t" | wc -l) seed(s)"
+  echo "== $t: ${seconds} s, seed $seed, from $(ls "fuzz/corpus/$t" | wc -l) seed(s)"
   log="$work/$t.log"
   set +e
   # One worker, bounded time; per-input timeout 10 s; the reproducer of any finding goes to
   # $artifacts. UBSan findings abort (the targets are built with -fno-sanitize-recover=all).
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-    "$build/fuzz/$t" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=8192 \
+    "$build/fuzz/$t" -max_total_time="$seconds" -seed="$seed" -timeout=10 -rss_limit_mb=2048 -max_len=8192 \
     -print_final_stats=1 -artifact_prefix="$artifacts/" "$corpus" >"$log" 2>&1
   rc=$?
   set -e

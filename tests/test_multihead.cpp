@@ -153,6 +153,22 @@ TEST(Multihead, RejectsBadShapesBeforeAnyWork) {
   for (float x : out) ASSERT_EQ(x, 5.f);
 }
 
+// Empty tensors (length or dim 0) may have null data: accepted, nothing read, no pointer
+// arithmetic on null (UBSan's pointer-overflow check watches this in the sanitizer build).
+TEST(Multihead, EmptyTensorsWithNullDataAreAccepted) {
+  const index B = 2, L = 5, H = 3, E = 4;
+  const buffers in(B, L, 0, H, E, 0);
+  // S = 0: k and v empty and null; M = 0: out empty and null. Every query row gets no key.
+  fa::multihead_attention(fa::dense{}, in.qv(), fa::tensor_view<const float>{nullptr, B, 0, H, E},
+                          fa::tensor_view<const float>{nullptr, B, 0, H, 0},
+                          fa::tensor_view<float>{nullptr, B, L, H, 0});
+  // L = 0 with null q and out, keys present.
+  const buffers keys(B, 0, 6, H, E, 2);
+  fa::multihead_attention(fa::dense{}, fa::tensor_view<const float>{nullptr, B, 0, H, E}, keys.kv(),
+                          keys.vv(), fa::tensor_view<float>{nullptr, B, 0, H, 2});
+  EXPECT_EQ((fa::tensor_view<const float>{nullptr, B, 0, H, E}.head(1, 2)), nullptr);
+}
+
 TEST(Multihead, ErrorsInsideAKernelReachTheCaller) {
   const buffers in(2, 8, 8, 2, 4, 4);
   std::vector<float> out(static_cast<std::size_t>(2 * 8 * 2 * 4));

@@ -31,7 +31,12 @@ struct tensor_view {
   index sample_stride() const noexcept {
     return batch_stride ? batch_stride : length * row_stride();
   }
-  T* head(index b, index h) const noexcept { return data + b * sample_stride() + h * dim; }
+  /// Where head (b, h) starts. An empty tensor (length or dim 0) may have null data, and its
+  /// heads are never read, so it gets `data` itself: no offset from a null pointer.
+  T* head(index b, index h) const noexcept {
+    if (length == 0 || dim == 0) return data;
+    return data + b * sample_stride() + h * dim;
+  }
 };
 
 /// Options of a multi-head call: the common options plus per-sample lengths and the thread count.
