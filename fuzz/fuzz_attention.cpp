@@ -414,10 +414,14 @@ void run(FuzzedDataProvider& in) {
       using cmap = Eigen::Map<const fa::matrix<T>, 0, Eigen::OuterStride<>>;
       const index off_q = b * L * H * E + h * E, off_k = b * S * H * E + h * E;
       const index off_v = b * S * H * M + h * M, off_o = b * L * H * M + h * M;
-      const cmap qh(q.data() + off_q, L, E, Eigen::OuterStride<>(H * E));
-      const cmap kh(k.data() + off_k, S, E, Eigen::OuterStride<>(H * E));
-      const cmap vh(v.data() + off_v, S, M, Eigen::OuterStride<>(H * M));
-      const cmap oh(out.data() + off_o, L, M, Eigen::OuterStride<>(H * M));
+      // An empty buffer's data() may be null: never offset it (its maps have no coefficient).
+      auto at = [](const std::vector<T>& x, index off) {
+        return x.empty() ? x.data() : x.data() + off;
+      };
+      const cmap qh(at(q, off_q), L, E, Eigen::OuterStride<>(H * E));
+      const cmap kh(at(k, off_k), S, E, Eigen::OuterStride<>(H * E));
+      const cmap vh(at(v, off_v), S, M, Eigen::OuterStride<>(H * M));
+      const cmap oh(at(out, off_o), L, M, Eigen::OuterStride<>(H * M));
       check_head<T>(kc, fa::matrix<T>(qh), fa::matrix<T>(kh), fa::matrix<T>(vh), fa::matrix<T>(oh),
                     contexts[static_cast<std::size_t>(b)], opt.check_finite);
     }
