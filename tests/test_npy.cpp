@@ -288,6 +288,23 @@ TEST_F(Npy, RandomCorruptionNeverCrashes) {
   EXPECT_GT(rejected, 0);
 }
 
+// A zero dimension makes the array empty whatever the other dimensions are, even when they
+// multiply past 2^64: read_npy accepts such a file, so write_npy must write it back (fuzz_npy).
+TEST_F(Npy, EmptyArrayWithHugeDimensionsRoundTrips) {
+  const fa::index huge = fa::index{1} << 40;
+  for (const std::vector<fa::index>& shape :
+       {std::vector<fa::index>{huge, huge, 0}, std::vector<fa::index>{0, huge, huge}}) {
+    fa::io::write_npy(path("e.npy"), shape, std::vector<float>{});
+    const auto back = fa::io::read_npy<float>(path("e.npy"));
+    EXPECT_EQ(back.shape, shape);
+    EXPECT_TRUE(back.data.empty());
+  }
+  // Without a zero, the same dimensions overflow and are refused.
+  EXPECT_THROW(
+      fa::io::write_npy(path("e.npy"), std::vector<fa::index>{huge, huge, 2}, std::vector<float>{}),
+      fa::invalid_argument);
+}
+
 TEST_F(Npy, WriteRejectsInconsistentShape) {
   EXPECT_THROW(
       fa::io::write_npy(path("w.npy"), std::vector<fa::index>{2, 3}, std::vector<float>(5)),

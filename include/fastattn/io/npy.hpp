@@ -369,10 +369,15 @@ template <class T>
 void write_npy(const std::string& path, std::span<const index> shape, std::span<const T> data) {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
                 "fastattn::io::write_npy writes float or double");
-  std::uint64_t count = 1;
-  for (const index d : shape) {
+  for (const index d : shape)
     if (d < 0) detail::npy_fail(path, "cannot write a negative dimension " + std::to_string(d));
-    if (d != 0 && count > std::numeric_limits<std::uint64_t>::max() / static_cast<std::uint64_t>(d))
+  // As in read_npy, a zero dimension makes the array empty whatever the others are (they may
+  // multiply past 2^64, and such a file must round-trip).
+  const bool empty = std::find(shape.begin(), shape.end(), index{0}) != shape.end();
+  std::uint64_t count = empty ? 0 : 1;
+  for (const index d : shape) {
+    if (empty) break;
+    if (count > std::numeric_limits<std::uint64_t>::max() / static_cast<std::uint64_t>(d))
       detail::npy_fail(path, "cannot write: shape overflows");
     count *= static_cast<std::uint64_t>(d);
   }
