@@ -1,15 +1,18 @@
 // The clustering machinery under clustered and improved_clustered: hyperplane hashing (bit
 // semantics, threshold column, hash_bias), Hamming k-means (initialisation, assignment ties,
-// majority vote, iterations semantics, planted groups) and the top-k selection.
+// majority vote, iterations semantics, planted groups, termination with fewer distinct hashes than
+// clusters) and the top-k selection.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <bit>
 #include <cstdint>
 #include <limits>
+#include <map>
 #include <numeric>
 #include <random>
 #include <set>
+#include <string>
 #include <vector>
 
 #include <fastattn/detail/clustering.hpp>
@@ -49,7 +52,7 @@ TYPED_TEST(HashTyped, BitIsProjectionAboveThreshold) {
     const index E = 7, n = 300;
     const auto planes = draw_planes(3, 1, E, B);
     rng gen(3, 1);
-    const hyperplane_hash<T> hash(E, B, true, gen);
+    hyperplane_hash<T> hash(E, B, true, gen);
     ASSERT_EQ(hash.bits(), B);
     for (int b = 0; b < B; ++b) {
       EXPECT_EQ(hash.thresholds()(b), static_cast<T>(planes(b, E)));
@@ -87,7 +90,7 @@ TYPED_TEST(HashTyped, NoBiasZeroesThresholdsKeepsHyperplanes) {
   const index E = 12, n = 200;
   const int B = 40;
   rng with_gen(9, 4), without_gen(9, 4);
-  const hyperplane_hash<T> with(E, B, true, with_gen), without(E, B, false, without_gen);
+  hyperplane_hash<T> with(E, B, true, with_gen), without(E, B, false, without_gen);
   EXPECT_EQ(with.planes(), without.planes());
   EXPECT_TRUE((without.thresholds().array() == T(0)).all());
   EXPECT_FALSE((with.thresholds().array() == T(0)).all());
@@ -117,7 +120,7 @@ TEST(Hash, ManyRowsUseBlocksConsistently) {
   // More rows than one projection block: every row hashes as it does alone.
   const index E = 9, n = 3 * hyperplane_hash<double>::block + 17;
   rng gen(1);
-  const hyperplane_hash<double> hash(E, 63, true, gen);
+  hyperplane_hash<double> hash(E, 63, true, gen);
   const auto q = gaussian<double>(n, E, 2);
   std::vector<std::uint64_t> all(static_cast<std::size_t>(n));
   hash(q, all.data());
@@ -330,6 +333,146 @@ TEST(HammingKmeans, ClusterPerHashWhenClustersEqualsCount) {
   std::set<index> used(km.assignment().begin(), km.assignment().end());
   EXPECT_EQ(used.size(), 50u);
 }
+
+// Fewer distinct hashes than clusters (issue 10, item 9): some clusters are empty for good, and
+// refilling them with copies of existing centroids used to defeat the fixed-point test, so the
+// loop ran all `iterations` passes (hours at INT_MAX). The pass counts below are asserted at a
+// moderate iteration count first, so that a regression fails instead of hanging.
+
+// Checks a run that stopped at a fixed point with fewer distinct hashes than clusters: every
+// hash is assigned to its nearest centroid (lowest index on ties), sits on it, and each distinct
+// hash has a cluster of its own.
+void expect_one_cluster_per_distinct_hash(const std::vector<std::uint64_t>& hashes,
+                                          const hamming_kmeans& km, index C) {
+  ASSERT_EQ(km.assignment().size(), hashes.size());
+  ASSERT_EQ(km.centroids().size(), static_cast<std::size_t>(C));
+  std::map<index, std::uint64_t> value_of;  // cluster -> its one distinct hash
+  std::map<std::uint64_t, index> cluster_of;
+  for (std::size_t i = 0; i < hashes.size(); ++i) {
+    const index c = km.assignment()[i];
+    ASSERT_GE(c, 0);
+    ASSERT_LT(c, C);
+    ASSERT_EQ(c, nearest(hashes[i], km.centroids())) << "hash " << i;
+    ASSERT_EQ(km.centroids()[static_cast<std::size_t>(c)], hashes[i]) << "hash " << i;
+    ASSERT_EQ(value_of.emplace(c, hashes[i]).first->second, hashes[i]) << "cluster " << c;
+    ASSERT_EQ(cluster_of.emplace(hashes[i], c).first->second, c) << "hash " << i;
+  }
+  EXPECT_EQ(value_of.size(), std::set<std::uint64_t>(hashes.begin(), hashes.end()).size());
+}
+
+TEST(HammingKmeans, RepeatedHashesReachFixedPointInFewPasses) {
+  // 300 queries of 7 distinct rows, 100 clusters: at most 7 clusters can ever be non-empty.
+  const auto hashes = random_hashes(300, 63, 31, 7);
+  ASSERT_EQ(std::set<std::uint64_t>(hashes.begin(), hashes.end()).size(), 7u);
+  for (std::uint64_t seed = 0; seed < 8; ++seed) {
+    rng gen(seed);
+    hamming_kmeans km;
+    km.run(hashes.data(), 300, 100, 63, 1000, gen);
+    ASSERT_LE(km.passes(), 10) << "seed " << seed;
+    expect_one_cluster_per_distinct_hash(hashes, km, 100);
+  }
+  // One rare hash among 299 copies of another: usually no initial centroid, so it shares the
+  // common hash's cluster until a refill (which must pick it, the only non-centroid) splits it.
+  std::vector<std::uint64_t> rare(300, 0x5555'5555'5555'5555u);
+  rare[123] = 0x0F0F'0F0F'0F0F'0F0Fu;
+  int refilled = 0;
+  for (std::uint64_t seed = 0; seed < 8; ++seed) {
+    rng gen(seed);
+    hamming_kmeans km;
+    km.run(rare.data(), 300, 100, 63, 1000, gen);
+    ASSERT_LE(km.passes(), 10) << "seed " << seed;
+    EXPECT_LE(km.refills(), 1);
+    refilled += static_cast<int>(km.refills());
+    expect_one_cluster_per_distinct_hash(rare, km, 100);
+  }
+  EXPECT_GT(refilled, 0) << "no seed exercised the refill";
+}
+
+TEST(HammingKmeans, RepeatedHashesFinishWithMaximalIterations) {
+  const auto hashes = random_hashes(300, 63, 31, 7);
+  const int huge = std::numeric_limits<int>::max();
+  for (const index C : {index{100}, index{300}}) {
+    rng guard_gen(3), gen(3);
+    hamming_kmeans guard, km;
+    guard.run(hashes.data(), 300, C, 63, 1000, guard_gen);
+    ASSERT_LE(guard.passes(), 10) << "would not stop early: not running the INT_MAX case";
+    km.run(hashes.data(), 300, C, 63, huge, gen);
+    EXPECT_LE(km.passes(), 10);
+    expect_one_cluster_per_distinct_hash(hashes, km, C);
+    // The fixed point is the result of running every pass: identical to the guard's run.
+    EXPECT_EQ(km.passes(), guard.passes());
+    EXPECT_EQ(km.assignment(), guard.assignment());
+    EXPECT_EQ(km.centroids(), guard.centroids());
+    EXPECT_EQ(gen(), guard_gen());
+  }
+}
+
+// Duplicate patterns: how the n hashes are drawn from a pool of `distinct` values.
+enum class duplicates { uniform, skewed, blocked, near };
+
+std::vector<std::uint64_t> duplicated_hashes(index n, int bits, int distinct, duplicates pattern,
+                                             std::uint64_t seed) {
+  std::mt19937_64 gen(seed);
+  std::vector<std::uint64_t> pool;
+  const std::uint64_t centre = gen() & mask(bits);
+  for (int v = 0; v < distinct; ++v) {
+    std::uint64_t x = gen() & mask(bits);
+    if (pattern == duplicates::near) {  // within 3 bits of one centre: votes mix values
+      x = centre;
+      for (int f = 0; f < 3; ++f) x ^= std::uint64_t{1} << (gen() % static_cast<unsigned>(bits));
+    }
+    pool.push_back(x);
+  }
+  std::vector<std::uint64_t> h(static_cast<std::size_t>(n));
+  for (std::size_t i = 0; i < h.size(); ++i) {
+    std::size_t v = gen() % pool.size();
+    if (pattern == duplicates::skewed) v = std::min(v, gen() % pool.size());  // favours low v
+    if (pattern == duplicates::skewed && gen() % 2 == 0) v = 0;               // one dominates
+    if (pattern == duplicates::blocked) v = i * pool.size() / h.size();       // contiguous runs
+    h[i] = pool[v];
+  }
+  return h;
+}
+
+class HammingKmeansFewDistinct : public ::testing::TestWithParam<int> {};
+
+TEST_P(HammingKmeansFewDistinct, TerminatesWithAValidAssignment) {
+  const int distinct = GetParam();
+  const index n = 300, C = 100;
+  for (const duplicates pattern :
+       {duplicates::uniform, duplicates::skewed, duplicates::blocked, duplicates::near}) {
+    for (const int bits : {8, 63}) {
+      for (std::uint64_t seed = 0; seed < 6; ++seed) {
+        SCOPED_TRACE(::testing::Message() << "pattern " << static_cast<int>(pattern) << " bits "
+                                          << bits << " seed " << seed);
+        const auto hashes = duplicated_hashes(n, bits, distinct, pattern, 1000 * seed + 7);
+        ASSERT_LT(std::set<std::uint64_t>(hashes.begin(), hashes.end()).size(),
+                  static_cast<std::size_t>(C));
+        rng gen(seed, 5), again_gen(seed, 5), first_gen(seed, 5);
+        hamming_kmeans km, again, first;
+        km.run(hashes.data(), n, C, bits, 1000, gen);
+        ASSERT_LE(km.passes(), 10);
+        expect_one_cluster_per_distinct_hash(hashes, km, C);
+        // Refills are bounded by the objective after the first pass (each lowers it by >= 1).
+        first.run(hashes.data(), n, C, bits, 1, first_gen);
+        EXPECT_LE(km.refills(), objective(hashes, first));
+        // Deterministic: the same seed gives the same run and leaves the generator in the same
+        // state.
+        again.run(hashes.data(), n, C, bits, 1000, again_gen);
+        EXPECT_EQ(again.passes(), km.passes());
+        EXPECT_EQ(again.refills(), km.refills());
+        EXPECT_EQ(again.assignment(), km.assignment());
+        EXPECT_EQ(again.centroids(), km.centroids());
+        EXPECT_EQ(again_gen(), gen());
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(DistinctCounts, HammingKmeansFewDistinct, ::testing::Values(1, 2, 7, 50),
+                         [](const ::testing::TestParamInfo<int>& param) {
+                           return "distinct" + std::to_string(param.param);
+                         });
 
 // ---------------------------------------------------------------------------------------------
 // Clustering in query space.

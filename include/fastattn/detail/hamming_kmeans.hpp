@@ -25,15 +25,43 @@ namespace fastattn::detail {
 ///   O(C B) plus O(B) per moved hash.
 /// - Empty clusters (**ours**; the reference draws a random word from an unseedable generator,
 ///   which almost never attracts a member at B = 63): after the votes, each empty cluster in
-///   index order gets the hash of a query drawn from `gen` with probability proportional to its
-///   squared Hamming distance to the nearest centroid so far (the k-means++ seeding rule), or
-///   uniformly when every query sits on a centroid. So a group of queries that shares a centroid
-///   with another group, or has none, is found quickly. O(n) per empty cluster.
-/// - When an assignment pass changes nothing and the update before it refilled no cluster, the
-///   centroids are a fixed point and the remaining passes would repeat it: they are skipped. The
-///   result is bit-identical to running them.
+///   index order gets the hash of a query drawn from `gen` among the *candidates*, the queries
+///   whose hash is not already a centroid (neither a vote of this update nor an earlier refill),
+///   with probability proportional to its squared Hamming distance to its own cluster's new
+///   centroid, lowered to its distance to each refill as that is picked (the k-means++ seeding
+///   rule, the own centroid standing in for the nearest one). So a group of queries that shares a
+///   centroid with another group, or has none, is found quickly. When no candidate is left (every
+///   distinct hash already is a centroid, as always happens once the C clusters outnumber the
+///   distinct hashes), the remaining empty clusters stay empty, keep their centroids and draw
+///   nothing. (A copy of an existing centroid splits no group: ties go to the lowest index, so it
+///   takes over that centroid's members or none. Drawing such copies at every update changed the
+///   centroids forever and defeated the fixed-point test below: issue 10.)
+///   O(n log C) per update with an empty cluster, plus O(n) per refill.
+/// - Stopping: when an assignment pass changes nothing, the remaining passes are skipped; the
+///   result is bit-identical to running them (generator state included). Why, and why this
+///   always happens (termination): let J = sum_i popcount(h_i xor c_{a_i}) after a pass, and
+///   S = sum_i a_i.
+///   * J never increases from one pass to the next: the votes minimise every non-empty cluster's
+///     share of J (per bit, the majority is optimal; bits at or above `bits` are 0 in every hash
+///     and every vote); empty clusters hold no query, so neither their refills nor their old
+///     centroids enter J; and the next pass moves each hash to a centroid no farther than its
+///     own, ties to the lowest index.
+///   * If J stays equal, every hash that moved did so at equal distance, so to a lower index, and
+///     S decreases. So (J, S) decreases lexicographically with every pass that changes an
+///     assignment; it takes at most (n B + 1)(n (C - 1) + 1) values, so within that many passes
+///     (in practice a handful) one changes nothing and the loop stops.
+///   * A refill always changes an assignment: the picked hash is no centroid, so it sits at
+///     distance >= 1 from its own cluster's centroid and 0 from the refill. So a pass that
+///     changes nothing follows an update that refilled nothing, i.e. found no candidate (or no
+///     empty cluster); the next update would take the same votes from the same members, again
+///     find no candidate and draw nothing: the centroids are a fixed point.
+///   * Refill bound: each refill lowers J by >= 1 at the next pass (the picked hash's term drops
+///     from >= 1 to 0, and one update's picks are distinct hashes), so a run makes at most
+///     J(first pass) <= n B refills in all (`refills()`), and at most min(empty clusters,
+///     distinct hashes that are not centroids) per update.
 ///
-/// Cost: O(passes n C) popcounts + O(n B + moves B + passes C B) counting; memory O(n + C B).
+/// Cost: O(passes n C) popcounts + O(n B + moves B + passes C B) counting + O(n log C) per update
+/// with an empty cluster + O(n) per refill; memory O(n + C B).
 class hamming_kmeans {
  public:
   /// Clusters hashes[0..n). Preconditions: 1 <= clusters <= n, clusters < 2^32,
@@ -55,13 +83,15 @@ class hamming_kmeans {
       centroids_[static_cast<std::size_t>(c)] = hashes[order_[static_cast<std::size_t>(c)]];
     }
 
+    // The first pass always changes (every slot starts at -1); after it, a pass that changes
+    // nothing is a fixed point (see the class comment), and one is reached in finitely many passes.
     passes_ = 0;
-    bool refilled = true;
+    refills_ = 0;
     for (int pass = 0; pass < iterations; ++pass) {
       const bool changed = assign(hashes, n);
       ++passes_;
-      if (pass + 1 == iterations || (!changed && !refilled)) break;
-      refilled = update(hashes, n, bits, gen);
+      if (pass + 1 == iterations || !changed) break;
+      refills_ += update(hashes, n, bits, gen);
     }
   }
 
@@ -71,6 +101,8 @@ class hamming_kmeans {
   const std::vector<std::uint64_t>& centroids() const noexcept { return centroids_; }
   /// Assignment passes actually run (<= iterations; fewer when a fixed point was reached).
   int passes() const noexcept { return passes_; }
+  /// Empty clusters refilled over the run (<= the objective after the first pass <= n * bits).
+  index refills() const noexcept { return refills_; }
 
  private:
   static constexpr std::array<std::uint64_t, 64> bit_masks = [] {
@@ -137,13 +169,13 @@ class hamming_kmeans {
     for (std::size_t b = 0; b < 64; ++b) counts[b] += (h & bit_masks[b]) != 0 ? 1u : 0u;
   }
 
-  // Majority-vote update from the maintained bit counts; returns whether an empty cluster was
-  // refilled.
-  bool update(const std::uint64_t* hashes, index n, int bits, rng& gen) {
-    bool refilled = false;
+  // Majority-vote update from the maintained bit counts, then the refills; returns how many empty
+  // clusters were refilled.
+  index update(const std::uint64_t* hashes, index n, int bits, rng& gen) {
+    bool empty = false;
     for (std::size_t c = 0; c < centroids_.size(); ++c) {
       if (sizes_[c] == 0) {
-        refilled = true;
+        empty = true;
         continue;
       }
       const std::uint32_t* counts = bit_counts_.data() + c * 64;
@@ -153,34 +185,42 @@ class hamming_kmeans {
             static_cast<std::uint64_t>(2 * static_cast<std::uint64_t>(counts[b]) > sizes_[c]) << b;
       centroids_[c] = centroid;
     }
-    if (refilled) refill(hashes, n, gen);
-    return refilled;
+    return empty ? refill(hashes, n, gen) : 0;
   }
 
-  // Gives every empty cluster the hash of a query drawn with probability proportional to its
-  // squared distance to the nearest centroid so far (the k-means++ rule), updating the
-  // distances after each pick; uniformly when every query sits on a centroid.
-  void refill(const std::uint64_t* hashes, index n, rng& gen) {
+  // Gives empty clusters, in index order, the hash of a candidate query (one whose hash is no
+  // centroid yet) drawn with probability proportional to its squared distance to its own
+  // cluster's centroid, lowered to its distance to each refill as that is picked (the k-means++
+  // rule); a query at distance 0 is no candidate. Stops when no candidate is left: the remaining
+  // empty clusters stay as they are. Returns how many clusters it refilled.
+  index refill(const std::uint64_t* hashes, index n, rng& gen) {
+    // The centroids already taken: the votes of the non-empty clusters.
+    taken_.clear();
+    for (std::size_t c = 0; c < centroids_.size(); ++c)
+      if (sizes_[c] != 0) taken_.push_back(centroids_[c]);
+    std::sort(taken_.begin(), taken_.end());
     distances_.resize(static_cast<std::size_t>(n));
     std::uint64_t total = 0;
     for (index i = 0; i < n; ++i) {
+      const std::uint64_t h = hashes[i];
       const auto c = static_cast<std::size_t>(assignment_[static_cast<std::size_t>(i)]);
-      const auto d = static_cast<std::uint64_t>(std::popcount(hashes[i] ^ centroids_[c]));
+      auto d = static_cast<std::uint64_t>(std::popcount(h ^ centroids_[c]));
+      // Another cluster's centroid already (its own one is d = 0): no candidate either.
+      if (d != 0 && std::binary_search(taken_.begin(), taken_.end(), h)) d = 0;
       distances_[static_cast<std::size_t>(i)] = d * d;
       total += d * d;
     }
-    for (std::size_t c = 0; c < centroids_.size(); ++c) {
+    index refilled = 0;
+    for (std::size_t c = 0; c < centroids_.size() && total != 0; ++c) {
       if (sizes_[c] != 0) continue;
       index pick = 0;
-      if (total == 0) {
-        pick = static_cast<index>(gen.below(static_cast<std::uint64_t>(n)));
-      } else {
-        std::uint64_t target = gen.below(total);
-        while (target >= distances_[static_cast<std::size_t>(pick)])
-          target -= distances_[static_cast<std::size_t>(pick++)];
-      }
+      std::uint64_t target = gen.below(total);
+      while (target >= distances_[static_cast<std::size_t>(pick)])
+        target -= distances_[static_cast<std::size_t>(pick++)];
       const std::uint64_t centroid = hashes[pick];
       centroids_[c] = centroid;
+      ++refilled;
+      // Every copy of the pick drops to 0: the picks of one update are distinct hashes.
       total = 0;
       for (index i = 0; i < n; ++i) {
         const auto d = static_cast<std::uint64_t>(std::popcount(hashes[i] ^ centroid));
@@ -189,15 +229,18 @@ class hamming_kmeans {
         total += slot;
       }
     }
+    return refilled;
   }
 
   std::vector<std::uint64_t> centroids_;
   std::vector<std::uint64_t> distances_;
+  std::vector<std::uint64_t> taken_;  // sorted centroids of the non-empty clusters (refill)
   std::vector<std::uint32_t> sizes_;
   std::vector<std::uint32_t> bit_counts_;  // clusters x 64
   std::vector<index> assignment_;
   std::vector<index> order_;
   int passes_ = 0;
+  index refills_ = 0;
 };
 
 }  // namespace fastattn::detail
