@@ -1,21 +1,26 @@
 // fastattn: header-only attention kernels on Eigen.
 //
-// This header states what every kernel shares: the policy concept, the common options, the error
-// type, argument validation and the `attention()` front door. Kernels live one per header
-// (dense.hpp, clustered.hpp, improved_clustered.hpp, smyrf.hpp); the batched multi-head driver is
-// multihead.hpp.
+// This header is the front door: the common options, argument and value validation, and
+// `attention()`, which owns everything every kernel shares (shapes, lengths, knobs, finiteness and
+// magnitude checks, aliasing, padded rows, empty cases) so that a kernel's `compute` is only its
+// algorithm. What a kernel is (the concept, its knobs) is policy.hpp; the errors are error.hpp;
+// kernels live one per header; the batched multi-head driver is multihead.hpp.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
-#include <concepts>
 #include <cstdint>
+#include <limits>
 #include <optional>
-#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <type_traits>
 
 #include <Eigen/Core>
+
+#include "error.hpp"
+#include "detail/scratch.hpp"
+#include "policy.hpp"
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -23,31 +28,10 @@
 
 namespace fastattn {
 
-using index = Eigen::Index;
-
-/// The one exception type fastattn throws for caller errors (shapes, options, lengths). Its
-/// message always names the argument and the offending values.
-class invalid_argument : public std::invalid_argument {
- public:
-  using std::invalid_argument::invalid_argument;
-};
-
-/// Row-major dense matrix: rows are tokens, so one token's features are contiguous.
-template <class T>
-using matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-
-/// Read-only view of a row-major matrix whose rows may be strided (one head inside a
-/// (batch, length, heads, dim) buffer is such a view). Features within a row are contiguous.
-template <class T>
-using const_view = Eigen::Ref<const matrix<T>, 0, Eigen::OuterStride<>>;
-
-/// Writable counterpart of `const_view`.
-template <class T>
-using view = Eigen::Ref<matrix<T>, 0, Eigen::OuterStride<>>;
-
 /// Options every kernel understands. Lengths left empty mean "all rows are valid".
 struct options {
-  /// Multiplies q.k before the softmax. Default: 1 / sqrt(E).
+  /// Multiplies q.k before the softmax. Default: 1 / sqrt(E). Must be finite and representable
+  /// in the scalar type (|scale| <= its largest value).
   std::optional<double> scale{};
   /// Keys at index >= key_length are padding: they get zero weight. 0 <= key_length <= S.
   std::optional<index> key_length{};
@@ -56,62 +40,24 @@ struct options {
   std::optional<index> query_length{};
   /// Query i sees keys j <= i only. Kernels whose `supports_causal` is false throw if asked.
   bool causal = false;
-  /// Non-finite policy. When true (the default) the front door scans the valid rows of q, k and v
+  /// Input policy. When true (the default) the front door scans the valid rows of q, k and v
   /// (O((L + S) E) reads, a fraction of a percent of any kernel's cost) and throws
-  /// invalid_argument naming the tensor, row and column of the first NaN or infinity. When
-  /// false nothing is checked: dense then propagates a non-finite q or k entry to exactly the
-  /// output rows whose softmax it enters, and a non-finite v row to the rows that see it (with
-  /// causal masking, also to earlier rows of the same query x key tile, since a masked weight of
-  /// 0 times NaN is NaN); the approximate kernels propagate to whole clusters. Padding rows are
-  /// never read, so they may hold anything in either mode.
+  /// invalid_argument
+  /// - naming the tensor, row and column of the first NaN or infinity;
+  /// - when the values are finite but large enough that the kernel's arithmetic could overflow:
+  ///   |scale| max|q| max|k| E (a bound on every score) or |scale| max|q| above max/4 of the
+  ///   scalar type, or max|v| above max / (4 max(S, 1024)) (a bound on every weighted sum);
+  ///   inside these bounds every kernel's output is finite.
+  /// When false nothing is checked: every kernel then propagates a non-finite q or k entry to
+  /// the output rows whose softmax it enters (for the approximate kernels, at least the rows of
+  /// the query's cluster; never a silent zero), and a non-finite v row to the rows that see it
+  /// (with causal masking, also to earlier rows of the same query x key tile, since a masked
+  /// weight of 0 times NaN is NaN). Padding rows are never read, so they may hold anything in
+  /// either mode.
   bool check_finite = true;
 };
 
-/// Options after validation against the shapes: what a kernel's `compute` receives.
-struct context {
-  double scale;          ///< resolved scale
-  index query_length;    ///< valid queries, Lv (rows [Lv, L) of the output must be zero)
-  index key_length;      ///< valid keys, Sv
-  bool causal;           ///< query i sees keys j <= i
-  std::uint64_t stream;  ///< which (batch, head) this is: kernels derive their random draws
-                         ///< from (seed, stream) so results do not depend on scheduling
-};
-
-/// What a kernel policy provides. Built-in policies are `dense`, `clustered`,
-/// `improved_clustered` and `smyrf`; a user type that satisfies this concept works everywhere
-/// they do (`attention()`, `multihead_attention()`).
-///
-/// - `P::name`: a `std::string_view`, the kernel's name in benchmarks and tools;
-/// - `P::is_exact`: true when the output equals softmax(s Q K^T) V up to rounding;
-/// - `P::supports_causal`: whether `context::causal` may be true;
-/// - `p.compute(q, k, v, out, ctx)` for float and double: writes the L x M output into `out`.
-///   Shapes and lengths are already validated when it is called; rows of `out` at and beyond
-///   `ctx.query_length` must be written as zeros.
-template <class P>
-concept attention_policy = std::copy_constructible<P> &&
-    requires(const P& p, const_view<float> qf, view<float> of, const_view<double> qd,
-             view<double> od, const context& ctx) {
-  { P::name } -> std::convertible_to<std::string_view>;
-  {std::bool_constant<P::is_exact>{}};
-  {std::bool_constant<P::supports_causal>{}};
-  p.compute(qf, qf, qf, of, ctx);
-  p.compute(qd, qd, qd, od, ctx);
-};
-
 namespace detail {
-
-template <class... Parts>
-[[noreturn]] inline void fail(const Parts&... parts) {
-  std::string message = "fastattn: ";
-  auto append = [&message](const auto& part) {
-    if constexpr (std::is_arithmetic_v<std::decay_t<decltype(part)>>)
-      message += std::to_string(part);
-    else
-      message += part;
-  };
-  (append(parts), ...);
-  throw invalid_argument(message);
-}
 
 /// Keeps Eigen's products inside a kernel on the calling thread. fastattn parallelises over
 /// heads (multihead.hpp); with OpenMP enabled, Eigen would otherwise open a parallel region for
@@ -127,70 +73,157 @@ class serial_products_scope {
  private:
   int previous_;
 #else
-  serial_products_scope() = default;
+  serial_products_scope() {}  // NOLINT(modernize-use-equals-default): a scope object, not trivial
 #endif
  public:
   serial_products_scope(const serial_products_scope&) = delete;
   serial_products_scope& operator=(const serial_products_scope&) = delete;
 };
 
-/// Validates the shapes of one head and resolves the options. `name` is the kernel's name.
-inline context make_context(std::string_view name, bool supports_causal, index L, index E, index S,
-                            index Ek, index Sv_rows, const options& opt, std::uint64_t stream = 0) {
-  const std::string kernel(name);
+/// Validates the shapes of one head (q L x E, k S x Ek, v Sv_rows x M) and resolves the options
+/// for scalar type T. `name` is the kernel's name.
+template <class T>
+context make_context(std::string_view name, bool supports_causal, index L, index E, index S,
+                     index Ek, index Sv_rows, const options& opt, std::uint64_t stream = 0) {
   if (E != Ek)
-    fail("q and k must have the same number of columns (E): q is ", L, " x ", E, ", k is ", S,
-         " x ", Ek);
-  if (Sv_rows != S) fail("v must have as many rows as k (S): k has ", S, " rows, v has ", Sv_rows);
-  if (E < 1) fail("the feature dimension E must be at least 1, got E = ", E);
+    fail("k", "q and k must have the same number of columns (E): q is ", L, " x ", E, ", k is ",
+         S, " x ", Ek);
+  if (Sv_rows != S)
+    fail("v", "v must have as many rows as k (S): k has ", S, " rows, v has ", Sv_rows);
+  if (E < 1) fail("q", "the feature dimension E must be at least 1, got E = ", E);
   context ctx{};
   ctx.query_length = opt.query_length.value_or(L);
   ctx.key_length = opt.key_length.value_or(S);
   if (ctx.query_length < 0 || ctx.query_length > L)
-    fail("query_length must be in [0, L = ", L, "], got ", ctx.query_length);
+    fail("query_length", "query_length must be in [0, L = ", L, "], got ", ctx.query_length);
   if (ctx.key_length < 0 || ctx.key_length > S)
-    fail("key_length must be in [0, S = ", S, "], got ", ctx.key_length);
+    fail("key_length", "key_length must be in [0, S = ", S, "], got ", ctx.key_length);
   ctx.scale = opt.scale.value_or(1.0 / std::sqrt(static_cast<double>(E)));
-  if (!std::isfinite(ctx.scale)) fail("scale must be finite, got ", opt.scale.value_or(0.0));
+  if (!std::isfinite(ctx.scale) ||
+      std::abs(ctx.scale) > static_cast<double>(std::numeric_limits<T>::max()))
+    fail("scale", "scale must be finite and representable in ", sizeof(T) == 4 ? "float" : "double",
+         " (|scale| <= ", std::numeric_limits<T>::max(), "): ", ctx.scale, " overflows it");
   if (opt.causal && !supports_causal)
-    fail("causal = true is not supported by the '", kernel,
-         "' kernel (its supports_causal is false); use dense for causal attention");
+    fail("causal", "causal = true is not supported by the '", name,
+         "' kernel (its supports_causal is false)");
   ctx.causal = opt.causal;
   ctx.stream = stream;
   return ctx;
 }
 
-/// Throws invalid_argument naming `tensor`, the row and the column of the first non-finite
-/// value among the first `rows` rows of m.
+/// The largest |x| among the first `rows` rows of m; throws invalid_argument naming `tensor`,
+/// the row and the column of the first non-finite value.
 template <class Matrix>
-void check_finite(const char* tensor, const Matrix& m, index rows) {
-  // x * 0 is 0 for finite x and NaN otherwise: one vectorised reduction, no branch per value.
+double checked_max_abs(const char* tensor, const Matrix& m, index rows) {
   using T = typename Matrix::Scalar;
-  if (rows == 0 || !std::isnan(static_cast<double>((m.topRows(rows).array() * T(0)).sum()))) return;
-  for (index r = 0; r < rows; ++r) {
-    const auto row = m.row(r);
-    if (row.allFinite()) continue;
-    for (index c = 0; c < row.size(); ++c)
-      if (!std::isfinite(static_cast<double>(row(c))))
-        fail(tensor, " has a non-finite value (", std::to_string(static_cast<double>(row(c))),
-             ") at row ", r, ", column ", c,
-             "; pass options.check_finite = false to skip this check");
+  if (rows == 0 || m.cols() == 0) return 0.0;
+  const auto valid = m.topRows(rows);
+  // x * 0 is 0 for finite x and NaN otherwise: one vectorised reduction, no branch per value.
+  if (std::isnan(static_cast<double>((valid.array() * T(0)).sum()))) {
+    for (index r = 0; r < rows; ++r) {
+      if (valid.row(r).allFinite()) continue;
+      for (index c = 0; c < valid.cols(); ++c)
+        if (!std::isfinite(static_cast<double>(valid(r, c))))
+          fail(tensor, tensor, " has a non-finite value (", static_cast<double>(valid(r, c)),
+               ") at row ", r, ", column ", c);
+    }
   }
+  return static_cast<double>(valid.cwiseAbs().maxCoeff());
 }
 
-/// The front door's data check: valid rows of q, k and v (padding is never read).
-template <class Q, class K, class V>
-void check_inputs_finite(const Q& q, const K& k, const V& v, const context& ctx) {
-  check_finite("q", q, ctx.query_length);
-  check_finite("k", k, ctx.key_length);
-  check_finite("v", v, ctx.key_length);
+/// The front door's value check (options::check_finite): finiteness of the valid rows and the
+/// magnitude bounds under which no kernel's arithmetic overflows.
+template <class T>
+void check_values(const const_view<T>& q, const const_view<T>& k, const const_view<T>& v,
+                  const context& ctx) {
+  const double mq = checked_max_abs("q", q, ctx.query_length);
+  const double mk = checked_max_abs("k", k, ctx.key_length);
+  const double mv = checked_max_abs("v", v, ctx.key_length);
+  const double limit = static_cast<double>(std::numeric_limits<T>::max()) / 4;
+  const double scale = std::abs(ctx.scale);
+  const double scores = scale * mq * mk * static_cast<double>(q.cols());
+  if (scale * mq > limit || scores > limit)
+    fail("q", "the scores could overflow ", sizeof(T) == 4 ? "float" : "double",
+         ": |scale| max|q| max|k| E = ", scale, " * ", mq, " * ", mk, " * ", q.cols(), " = ",
+         scores, " exceeds ", limit, " (max/4); rescale q or k, or use a wider scalar type");
+  const double keys = static_cast<double>(std::max<index>(ctx.key_length, 1024));
+  if (mv * keys > limit)
+    fail("v", "the weighted sums of v could overflow ", sizeof(T) == 4 ? "float" : "double",
+         ": max|v| = ", mv, " exceeds max / (4 max(S, 1024)) = ", limit / keys);
+}
+
+/// Whether the element sets of two row-major strided blocks of T (rows x cols, row stride) share
+/// an element. Exact when the strides are equal (the usual case: heads of one buffer), otherwise
+/// whether their address ranges intersect.
+template <class T>
+bool blocks_overlap(const T* a, index a_rows, index a_cols, index a_stride, const T* b,
+                    index b_rows, index b_cols, index b_stride) {
+  if (a_rows == 0 || a_cols == 0 || b_rows == 0 || b_cols == 0) return false;
+  const auto begin_a = reinterpret_cast<std::uintptr_t>(a);
+  const auto begin_b = reinterpret_cast<std::uintptr_t>(b);
+  const auto end_a = begin_a + static_cast<std::uintptr_t>((a_rows - 1) * a_stride + a_cols) * sizeof(T);
+  const auto end_b = begin_b + static_cast<std::uintptr_t>((b_rows - 1) * b_stride + b_cols) * sizeof(T);
+  if (end_a <= begin_b || end_b <= begin_a) return false;
+  if (a_stride != b_stride || a_cols > a_stride || b_cols > b_stride ||
+      (begin_b - begin_a) % sizeof(T) != 0)
+    return true;
+  // Equal strides s: element (r1, c1) of a is element (r2, c2) of b when
+  // (r1 - r2) s + (c1 - c2) = d, d = b - a in elements, c1 - c2 in (-b_cols, a_cols).
+  const auto d = static_cast<index>(static_cast<std::intptr_t>(begin_b - begin_a) /
+                                    static_cast<std::intptr_t>(sizeof(T)));
+  const index s = a_stride;
+  const index base = d >= 0 ? d / s : -((-d + s - 1) / s);  // floor(d / s)
+  for (index delta = base; delta <= base + 1; ++delta) {  // r1 - r2
+    if (delta > a_rows - 1 || delta < -(b_rows - 1)) continue;
+    const index diff = d - delta * s;  // c1 - c2
+    if (diff > -b_cols && diff < a_cols) return true;
+  }
+  return false;
+}
+
+template <class T>
+bool views_overlap(const const_view<T>& a, const T* b, index b_rows, index b_cols,
+                   index b_stride) {
+  return blocks_overlap(a.data(), a.rows(), a.cols(), a.outerStride(), b, b_rows, b_cols,
+                        b_stride);
+}
+
+/// Throws when `out` shares memory with q, k or v: a kernel reads its inputs after it has
+/// started writing its output, so in-place attention is refused rather than computed wrong.
+template <class T>
+void check_no_alias(const const_view<T>& q, const const_view<T>& k, const const_view<T>& v,
+                    const view<T>& out) {
+  const char* names[] = {"q", "k", "v"};
+  const const_view<T>* inputs[] = {&q, &k, &v};
+  for (int i = 0; i < 3; ++i)
+    if (views_overlap(*inputs[i], out.data(), out.rows(), out.cols(), out.outerStride()))
+      fail("out", "out shares memory with ", names[i],
+           "; attention cannot run in place: write the output to a separate buffer");
+}
+
+/// What the front door and the multi-head driver do for one validated head: zero the padded
+/// rows, handle the empty cases, and run the kernel on the rest.
+template <class Policy, class T>
+void run_head(const Policy& policy, const const_view<T>& q, const const_view<T>& k,
+              const const_view<T>& v, view<T> out, const context& ctx) {
+  out.bottomRows(out.rows() - ctx.query_length).setZero();
+  if (ctx.query_length == 0) return;
+  if (ctx.key_length == 0) {  // no visible key: zero rows
+    out.topRows(ctx.query_length).setZero();
+    return;
+  }
+  policy.compute(q, k, v, out, ctx);
 }
 
 }  // namespace detail
 
 /// Runs `policy` on one head and writes the L x M result into `out` without allocating it.
 /// q is L x E, k is S x E, v is S x M (any Eigen layout; row-major inputs are used in place,
-/// others are copied once, O(N d)). `out` is a row-major L x M matrix or a strided row-major view.
+/// others are copied once, O(N d)). `out` is a row-major L x M matrix or a strided row-major view
+/// that shares no memory with q, k or v.
+/// Throws invalid_argument (before any work) on wrong shapes or lengths, a knob outside its
+/// range, `causal` on a kernel without `supports_causal`, `out` overlapping an input, and, with
+/// `check_finite`, non-finite or overflowing values (see `options`).
 template <attention_policy Policy, class DQ, class DK, class DV>
 void attention(const Policy& policy, const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                const Eigen::MatrixBase<DV>& v, view<typename DQ::Scalar> out,
@@ -201,20 +234,22 @@ void attention(const Policy& policy, const Eigen::MatrixBase<DQ>& q, const Eigen
   static_assert(
       std::is_same_v<Scalar, typename DK::Scalar> && std::is_same_v<Scalar, typename DV::Scalar>,
       "fastattn: q, k and v must have the same scalar type");
-  const context ctx = detail::make_context(Policy::name, Policy::supports_causal, q.rows(),
-                                           q.cols(), k.rows(), k.cols(), v.rows(), opt);
+  const context ctx = detail::make_context<Scalar>(Policy::name, Policy::supports_causal, q.rows(),
+                                                   q.cols(), k.rows(), k.cols(), v.rows(), opt);
+  validate(policy);
   if (out.rows() != q.rows() || out.cols() != v.cols())
-    detail::fail("out must be L x M = ", q.rows(), " x ", v.cols(), ", got ", out.rows(), " x ",
-                 out.cols());
+    detail::fail("out", "out must be L x M = ", q.rows(), " x ", v.cols(), ", got ", out.rows(),
+                 " x ", out.cols());
   const const_view<Scalar> qv(q.derived()), kv(k.derived()), vv(v.derived());
-  if (opt.check_finite) detail::check_inputs_finite(qv, kv, vv, ctx);
+  detail::check_no_alias(qv, kv, vv, out);
+  if (opt.check_finite) detail::check_values(qv, kv, vv, ctx);
   const detail::serial_products_scope serial;
-  policy.compute(qv, kv, vv, out, ctx);
+  detail::run_head(policy, qv, kv, vv, out, ctx);
 }
 
 /// Runs `policy` on one head: returns softmax(scale * q k^T) v, or the kernel's approximation of
 /// it, as an L x M matrix with q's storage order. q is L x E, k is S x E, v is S x M, all float or
-/// all double.
+/// all double. Throws as the overload above.
 template <attention_policy Policy, class DQ, class DK, class DV>
 auto attention(const Policy& policy, const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                const Eigen::MatrixBase<DV>& v, const options& opt = {}) {
@@ -227,5 +262,12 @@ auto attention(const Policy& policy, const Eigen::MatrixBase<DQ>& q, const Eigen
     return Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>(out);
   }
 }
+
+/// Frees the calling thread's kernel scratch (fastattn keeps it between calls so that repeated
+/// calls allocate nothing). Call it outside any kernel, e.g. after a long sequence is done.
+inline void release_scratch() noexcept { detail::arena::local().release_all(); }
+
+/// Bytes of kernel scratch the calling thread currently keeps.
+inline std::size_t scratch_bytes() noexcept { return detail::arena::local().capacity(); }
 
 }  // namespace fastattn

@@ -4,12 +4,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <string_view>
 
 #include "attention.hpp"
-#include "dense.hpp"
 #include "detail/clustering.hpp"
-#include "detail/rng.hpp"
+#include "detail/exact_attention.hpp"
 #include "detail/scratch.hpp"
 
 namespace fastattn {
@@ -31,9 +31,9 @@ namespace fastattn {
 /// M)) (centroids and broadcast), i.e. linear in L and S for fixed C. No L x S matrix is formed;
 /// extra memory O(Lv + C (E + M + B)).
 ///
-/// Padding: queries at and beyond ctx.query_length output zero rows and take no part in hashing
-/// or clustering; keys at and beyond ctx.key_length get zero weight and are never read (with no
-/// valid key the output is zero). Not causal: `supports_causal` is false.
+/// Padding: queries at and beyond ctx.query_length take no part in hashing or clustering; keys at
+/// and beyond ctx.key_length get zero weight and are never read (the front door zeroes padded
+/// rows and handles the empty cases). Not causal: `supports_causal` is false.
 ///
 /// Determinism: every random draw (hyperplanes, initial centroids, refills of empty clusters)
 /// comes from detail::rng(seed, ctx.stream), so the same seed gives the same bits, and
@@ -43,7 +43,7 @@ struct clustered {
   static constexpr bool is_exact = false;
   static constexpr bool supports_causal = false;
 
-  /// Number of clusters C, >= 1. More clusters: lower error, cost linear in C. When C exceeds the
+  /// Number of clusters C, in [1, 2^32 - 1]. More clusters: lower error, cost linear in C. When C exceeds the
   /// valid queries Lv, Lv clusters are used (each query can then be its own cluster).
   index clusters = 100;
   /// Hash length B in bits, in [1, 64] (63 in the paper: one 64-bit word per query).
@@ -58,28 +58,21 @@ struct clustered {
   /// Seed of every random draw (split per head by ctx.stream).
   std::uint64_t seed = 0;
 
+  static constexpr auto knobs() { return detail::clustering_knob_list<clustered>(); }
+
+  /// Preconditions (ensured by the front door): knobs in range, Lv >= 1, Sv >= 1.
   template <class T>
   void compute(const_view<T> q, const_view<T> k, const_view<T> v, view<T> out,
                const context& ctx) const {
-    const detail::clustering_knobs knobs{clusters, bits, iterations, hash_bias};
-    detail::check_clustering_knobs(name, knobs);
-    const index Lv = ctx.query_length;
-    out.bottomRows(out.rows() - Lv).setZero();
-    if (Lv == 0) return;
-
     const detail::arena::scope scratch;  // the thread's reusable scratch: no allocation per call
-    detail::rng gen(seed, ctx.stream);
-    detail::query_clustering<T> groups;
-    groups.run(q, Lv, knobs, gen);
+    auto& groups = detail::workspace<detail::query_clustering<T>>();
+    groups.run(*this, q, ctx);
 
     // Attention of the centroids: exact, streamed over key blocks (C x S, never L x S).
-    auto rows = detail::scratch_matrix<T>(groups.count(), v.cols());
-    context centroid_ctx = ctx;
-    centroid_ctx.query_length = groups.count();
-    centroid_ctx.causal = false;
-    const dense centroid_attention{.query_block = std::min<index>(groups.count(), 128)};
-    centroid_attention.compute<T>(const_view<T>(groups.centroids()), k, v, view<T>(rows),
-                                  centroid_ctx);
+    const index C = groups.count();
+    auto rows = detail::scratch_matrix<T>(C, v.cols());
+    detail::exact_attention<T>(const_view<T>(groups.centroids()), k, v, view<T>(rows), C,
+                               ctx.key_length, ctx.scale, std::nullopt, {std::min<index>(C, 128), 512});
     groups.broadcast(rows, out);
   }
 };

@@ -1,13 +1,12 @@
 // Exact attention, streamed over key blocks with an online softmax.
 #pragma once
 
-#include <algorithm>
 #include <optional>
 #include <string_view>
+#include <tuple>
 
 #include "attention.hpp"
-#include "detail/online_softmax.hpp"
-#include "detail/scratch.hpp"
+#include "detail/exact_attention.hpp"
 
 namespace fastattn {
 
@@ -19,50 +18,38 @@ namespace fastattn {
 /// scratch comes from the calling thread's reusable arena (detail/scratch.hpp), so repeated calls
 /// allocate nothing.
 /// Cost: 4 L S E flops for E = M (2 L S E for Q K^T, 2 L S M for P V) plus L S exponentials;
-/// causal halves both. Supports key and query padding and causal masking; a row with no visible
-/// key outputs zeros.
+/// causal skips the key blocks above the diagonal (about half). A row with no visible key
+/// outputs zeros.
 struct dense {
   static constexpr std::string_view name = "dense";
   static constexpr bool is_exact = true;
   static constexpr bool supports_causal = true;
 
   // Defaults tuned on an AVX-512 core at E = M = 64 (a 128 x 512 float score tile is 256 KiB).
-  index query_block = 128;  ///< queries per block, >= 1
-  index key_block = 512;    ///< keys per block, >= 1
+  index query_block = 128;  ///< queries per block, in [1, 4096]
+  index key_block = 512;    ///< keys per block, in [1, 65536]
 
+  static constexpr auto knobs() {
+    return std::make_tuple(
+        make_knob("query_block", &dense::query_block, "queries per block", 1, 4096),
+        make_knob("key_block", &dense::key_block,
+                  "keys per block streamed through the online softmax", 1, 65536));
+  }
+
+  /// Throws invalid_argument when the score tile query_block x key_block exceeds 2^24 entries.
+  void validate() const {
+    if (query_block * key_block > (index{1} << 24))
+      detail::fail("key_block", "dense: query_block * key_block must be at most 2^24 (a 64 MiB ",
+                   "float score tile), got ", query_block, " * ", key_block);
+  }
+
+  /// Preconditions (ensured by the front door): knobs in range, Lv >= 1, Sv >= 1.
   template <class T>
   void compute(const_view<T> q, const_view<T> k, const_view<T> v, view<T> out,
                const context& ctx) const {
-    if (query_block < 1 || key_block < 1)
-      detail::fail("dense: query_block and key_block must be >= 1, got query_block = ", query_block,
-                   ", key_block = ", key_block);
-    const index Lv = ctx.query_length, Sv = ctx.key_length;
-    out.bottomRows(out.rows() - Lv).setZero();
-    if (Lv == 0) return;
-
-    const index bq = std::min(query_block, Lv);
-    const index bk = std::min(key_block, std::max<index>(Sv, 1));
-    const detail::arena::scope scratch;
-    detail::online_softmax<T> softmax(bq, bk, v.cols());
-    auto scaled_q = detail::scratch_matrix<T>(bq, q.cols());
-    const T scale = static_cast<T>(ctx.scale);
-
-    for (index i0 = 0; i0 < Lv; i0 += bq) {
-      const index rows = std::min(bq, Lv - i0);
-      scaled_q.topRows(rows) = q.middleRows(i0, rows) * scale;
-      softmax.reset(rows);
-      const index key_end = ctx.causal ? std::min(Sv, i0 + rows) : Sv;
-      for (index j0 = 0; j0 < key_end; j0 += bk) {
-        const index cols = std::min(bk, key_end - j0);
-        softmax.scores(cols).noalias() =
-            scaled_q.topRows(rows) * k.middleRows(j0, cols).transpose();
-        // Only the blocks that reach past the diagonal need the causal mask.
-        const bool diagonal = ctx.causal && j0 + cols - 1 > i0;
-        softmax.absorb(cols, v.middleRows(j0, cols),
-                       diagonal ? std::optional<index>(i0 - j0) : std::nullopt);
-      }
-      softmax.finish(out.middleRows(i0, rows));
-    }
+    detail::exact_attention<T>(q, k, v, out, ctx.query_length, ctx.key_length, ctx.scale,
+                               ctx.causal ? std::optional(detail::band::causal()) : std::nullopt,
+                               {query_block, key_block});
   }
 };
 

@@ -1,9 +1,21 @@
-// fastattn umbrella header: every kernel and the multi-head driver.
+// fastattn umbrella header: every kernel, the multi-head driver, and the list of kernels that
+// the tools, tests, fuzzers and benchmarks iterate over.
 #pragma once
 
 #include "attention.hpp"
+#include "multihead.hpp"
+#include "policy.hpp"
+
+// Kernels: one header each.
 #include "clustered.hpp"
 #include "dense.hpp"
 #include "improved_clustered.hpp"
-#include "multihead.hpp"
 #include "smyrf.hpp"
+
+namespace fastattn {
+
+/// The built-in kernels, in the order tools list them. Adding a kernel: its header, its include
+/// above, and its name here (README, "Adding a kernel").
+using kernels = kernel_list<dense, clustered, improved_clustered, smyrf>;
+
+}  // namespace fastattn

@@ -7,11 +7,11 @@
 #include <cstdint>
 #include <limits>
 #include <string_view>
+#include <tuple>
 #include <vector>
 
 #include "attention.hpp"
 #include "detail/clustering.hpp"
-#include "detail/rng.hpp"
 #include "detail/scratch.hpp"
 #include "detail/topk.hpp"
 
@@ -32,10 +32,10 @@ namespace fastattn {
 /// Its L1 distance to the exact attention row is never larger than clustered's (paper, appendix),
 /// and topk >= Sv makes it exact whatever the clustering.
 ///
-/// Cost: clustered's hashing and k-means + 2 C S (E + M) (centroid scores and residual rows, the
-/// C x S probabilities are kept) + O(C S) top-k selection + 2 Lv k (E + M) (members against their
-/// cluster's k keys, one (members x E) * (E x k) product per cluster). Linear in L and S for fixed
-/// C and k; extra memory O(C S + Lv + largest cluster x (k + E + M)), never L x S.
+/// Cost: clustered's hashing and k-means + 2 C S (E + M) (centroid scores and residual rows, in
+/// blocks of 64 centroids) + O(C S) top-k selection + 2 Lv k (E + M) (members against their
+/// cluster's k keys, in blocks of up to 128 members). Linear in L and S for fixed C and k; extra
+/// memory O((64 + k) (S + E + M) + 128 k + Lv), never L x S whatever C and k are.
 ///
 /// Padding, determinism and the clamp of `clusters` to the valid queries are as for clustered.
 /// Not causal: `supports_causal` is false.
@@ -44,7 +44,7 @@ struct improved_clustered {
   static constexpr bool is_exact = false;
   static constexpr bool supports_causal = false;
 
-  /// Number of clusters C, >= 1; clamped to the valid queries Lv (see clustered::clusters).
+  /// Number of clusters C, in [1, 2^32 - 1]; clamped to the valid queries Lv (see clustered::clusters).
   index clusters = 100;
   /// Hash length B in bits, in [1, 64].
   int bits = 63;
@@ -58,87 +58,101 @@ struct improved_clustered {
   /// where the kernel becomes exact.
   index topk = 32;
 
+  static constexpr auto knobs() {
+    return std::tuple_cat(
+        detail::clustering_knob_list<improved_clustered>(),
+        std::make_tuple(make_knob("topk", &improved_clustered::topk,
+                                  "keys each cluster attends to exactly (clamped to S)", 1,
+                                  std::numeric_limits<index>::max())));
+  }
+
+  /// Preconditions (ensured by the front door): knobs in range, Lv >= 1, Sv >= 1.
   template <class T>
   void compute(const_view<T> q, const_view<T> k, const_view<T> v, view<T> out,
                const context& ctx) const {
-    const detail::clustering_knobs knobs{clusters, bits, iterations, hash_bias};
-    detail::check_clustering_knobs(name, knobs);
-    if (topk < 1) detail::fail(name, ": topk must be >= 1, got topk = ", topk);
-    const index Lv = ctx.query_length, Sv = ctx.key_length;
-    const index E = q.cols(), M = v.cols();
-    out.bottomRows(out.rows() - Lv).setZero();
-    if (Lv == 0) return;
-    if (Sv == 0) {  // no visible key: zero rows, as dense
-      out.topRows(Lv).setZero();
-      return;
-    }
-
+    const index Sv = ctx.key_length, E = q.cols(), M = v.cols();
     const detail::arena::scope scratch;  // the thread's reusable scratch: no allocation per call
-    detail::rng gen(seed, ctx.stream);
-    detail::query_clustering<T> groups;
-    groups.run(q, Lv, knobs, gen);
+    auto& groups = detail::workspace<detail::query_clustering<T>>();
+    groups.run(*this, q, ctx);
     const index C = groups.count(), top = std::min(topk, Sv);
     const T scale = T(ctx.scale);
     const auto keys = k.topRows(Sv);
     const auto values = v.topRows(Sv);
+    auto& select = detail::workspace<detail::top_k<T>>();
 
-    // Centroid scores (C x Sv), their top-k, then probabilities with the top-k zeroed.
-    auto probabilities = detail::scratch_matrix<T>(C, Sv);
-    probabilities.noalias() = (groups.centroids() * scale) * keys.transpose();
-    index* const selected = detail::arena::local().take<index>(static_cast<std::size_t>(C * top));
-    T* const mass = detail::arena::local().take<T>(static_cast<std::size_t>(C));
-    detail::top_k<T> select;
-    for (index j = 0; j < C; ++j) {
-      auto row = probabilities.row(j);
-      index* chosen = selected + j * top;
-      select(row.data(), Sv, top, chosen);
-      const T peak = row.maxCoeff();
-      if (!(peak > -std::numeric_limits<T>::infinity())) {  // no finite score: zero row
-        row.setZero();
-        mass[j] = T(0);
-        continue;
-      }
-      row = (row.array() - peak).exp();
-      row /= row.sum();
-      T m = 0;
-      for (index t = 0; t < top; ++t) {
-        m += row(chosen[t]);
-        row(chosen[t]) = T(0);
-      }
-      mass[j] = m;
-    }
-    // The centroid's attention on the keys outside its top-k.
-    auto residual = detail::scratch_matrix<T>(C, M);
-    residual.noalias() = probabilities * values;
-
-    // Members against their cluster's top-k keys: one small product per cluster.
-    const index most = groups.largest();
-    auto member_q = detail::scratch_matrix<T>(most, E);
+    // Clusters are processed in blocks of `centroid_block`, and each cluster's members in blocks
+    // of `member_block`, so the scratch is O((centroid_block + top) S + member_block top) whatever
+    // C, the cluster sizes and topk are: never an L x S matrix, even with one cluster per query
+    // and topk >= S.
+    const index cb = std::min(C, centroid_block);
+    const index bm = std::min(groups.largest(), member_block);
+    auto probabilities = detail::scratch_matrix<T>(cb, Sv);
+    index* const selected = detail::arena::local().take<index>(static_cast<std::size_t>(cb * top));
+    T* const mass = detail::arena::local().take<T>(static_cast<std::size_t>(cb));
+    auto residual = detail::scratch_matrix<T>(cb, M);
+    auto member_q = detail::scratch_matrix<T>(bm, E);
     auto top_keys = detail::scratch_matrix<T>(top, E);
     auto top_values = detail::scratch_matrix<T>(top, M);
-    auto scores = detail::scratch_matrix<T>(most, top);
-    auto member_out = detail::scratch_matrix<T>(most, M);
-    for (index j = 0; j < C; ++j) {
-      const index n = groups.size(j), first = groups.begin(j);
-      const index* chosen = selected + j * top;
-      for (index t = 0; t < top; ++t) {
-        top_keys.row(t) = keys.row(chosen[t]) * scale;
-        top_values.row(t) = values.row(chosen[t]);
+    auto scores = detail::scratch_matrix<T>(bm, top);
+    auto member_out = detail::scratch_matrix<T>(bm, M);
+
+    for (index c0 = 0; c0 < C; c0 += cb) {
+      const index n = std::min(cb, C - c0);
+      // Centroid scores (n x Sv), their top-k, then probabilities with the top-k zeroed.
+      probabilities.topRows(n).noalias() =
+          (groups.centroids().middleRows(c0, n) * scale) * keys.transpose();
+      for (index j = 0; j < n; ++j) {
+        auto row = probabilities.row(j);
+        index* chosen = selected + j * top;
+        select(row.data(), Sv, top, chosen);
+        const T peak = row.maxCoeff();
+        if (!(peak > -std::numeric_limits<T>::infinity())) {  // no finite score: zero row
+          row.setZero();
+          mass[j] = T(0);
+          continue;
+        }
+        row = (row.array() - peak).exp();
+        row /= row.sum();
+        T m = 0;
+        for (index t = 0; t < top; ++t) {
+          m += row(chosen[t]);
+          row(chosen[t]) = T(0);
+        }
+        mass[j] = m;
       }
-      for (index r = 0; r < n; ++r) member_q.row(r) = q.row(groups.member(first + r));
-      auto s = scores.topRows(n);
-      s.noalias() = member_q.topRows(n) * top_keys.transpose();
-      const T m = mass[j];
-      for (index r = 0; r < n; ++r) {
-        auto row = s.row(r);
-        row = (row.array() - row.maxCoeff()).exp();
-        row *= m / row.sum();
+      // The centroid's attention on the keys outside its top-k.
+      residual.topRows(n).noalias() = probabilities.topRows(n) * values;
+
+      // Members against their cluster's top-k keys: small products per block of members.
+      for (index j = 0; j < n; ++j) {
+        const index* chosen = selected + j * top;
+        for (index t = 0; t < top; ++t) {
+          top_keys.row(t) = keys.row(chosen[t]) * scale;
+          top_values.row(t) = values.row(chosen[t]);
+        }
+        const T m = mass[j];
+        const index first = groups.begin(c0 + j), last = groups.end(c0 + j);
+        for (index r0 = first; r0 < last; r0 += bm) {
+          const index rows = std::min(bm, last - r0);
+          for (index r = 0; r < rows; ++r) member_q.row(r) = q.row(groups.member(r0 + r));
+          auto s = scores.topRows(rows);
+          s.noalias() = member_q.topRows(rows) * top_keys.transpose();
+          for (index r = 0; r < rows; ++r) {
+            auto row = s.row(r);
+            row = (row.array() - row.maxCoeff()).exp();
+            row *= m / row.sum();
+          }
+          member_out.topRows(rows).noalias() = s * top_values;
+          for (index r = 0; r < rows; ++r)
+            out.row(groups.member(r0 + r)) = member_out.row(r) + residual.row(j);
+        }
       }
-      member_out.topRows(n).noalias() = s * top_values;
-      for (index r = 0; r < n; ++r)
-        out.row(groups.member(first + r)) = member_out.row(r) + residual.row(j);
     }
   }
+
+ private:
+  static constexpr index centroid_block = 64;  // clusters whose S scores are held at once
+  static constexpr index member_block = 128;   // member queries scored at once
 };
 
 }  // namespace fastattn

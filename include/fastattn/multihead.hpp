@@ -2,7 +2,9 @@
 #pragma once
 
 #include <exception>
+#include <optional>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "attention.hpp"
@@ -13,10 +15,13 @@
 
 namespace fastattn {
 
-/// A (batch, length, heads, dim) buffer in the layout a model's projections produce: token t of
-/// sample b, head h, feature e is at data[b * batch_stride + t * token_stride + h * dim + e].
-/// Strides default to a packed buffer; a larger `token_stride` views one slice of a fused
-/// projection (e.g. the Q part of a (B, L, 3 * H * E) QKV buffer, with data offset to it).
+/// A (batch, length, heads, dim) tensor in any strided layout: token t of sample b, head h,
+/// feature e is at data[b * batch_stride + t * token_stride + h * head_stride + e].
+/// The strides default to a packed (B, L, H, E) buffer, the layout a model's projections produce:
+/// head_stride = dim, token_stride = heads * head_stride, batch_stride = one sample's span. A
+/// larger `token_stride` views one slice of a fused projection (e.g. the Q part of a
+/// (B, L, 3 * H * E) QKV buffer, with data offset to it); `head_stride = length * dim` with
+/// `token_stride = dim` views a (B, H, L, E) buffer, such as (H, L, E) arrays with B = 1.
 template <class T>
 struct tensor_view {
   T* data = nullptr;
@@ -24,18 +29,22 @@ struct tensor_view {
   index length = 0;
   index heads = 0;
   index dim = 0;
-  index token_stride = 0;  ///< 0 means heads * dim
-  index batch_stride = 0;  ///< 0 means length * token_stride
+  index token_stride = 0;  ///< 0 means heads * head_stride
+  index batch_stride = 0;  ///< 0 means one sample's span (see above)
+  index head_stride = 0;   ///< 0 means dim
 
-  index row_stride() const noexcept { return token_stride ? token_stride : heads * dim; }
+  index head_step() const noexcept { return head_stride ? head_stride : dim; }
+  index row_stride() const noexcept { return token_stride ? token_stride : heads * head_step(); }
   index sample_stride() const noexcept {
-    return batch_stride ? batch_stride : length * row_stride();
+    if (batch_stride) return batch_stride;
+    const index span = (length - 1) * row_stride() + (heads - 1) * head_step() + dim;
+    return span > 0 ? span : 0;
   }
   /// Where head (b, h) starts. An empty tensor (length or dim 0) may have null data, and its
   /// heads are never read, so it gets `data` itself: no offset from a null pointer.
   T* head(index b, index h) const noexcept {
     if (length == 0 || dim == 0) return data;
-    return data + b * sample_stride() + h * dim;
+    return data + b * sample_stride() + h * head_step();
   }
 };
 
@@ -46,24 +55,65 @@ struct multihead_options {
   options common{};
   std::span<const index> query_lengths{};  ///< empty, or one valid query length per sample
   std::span<const index> key_lengths{};    ///< empty, or one valid key length per sample
-  int threads = 0;                         ///< OpenMP threads; 0 = OpenMP's default
+  /// OpenMP threads, in [0, max_threads]; 0 = OpenMP's default.
+  int threads = 0;
+  static constexpr int max_threads = 1024;
 };
 
 namespace detail {
 
+/// Checks a tensor's extents and strides: every offset it addresses must fit in an index (no
+/// product of extents and strides may overflow), its data must not be null when it is non-empty,
+/// and, for an output (`writable`), no two of its elements may be the same memory.
 template <class T>
-void check_tensor(const char* name, const tensor_view<T>& t) {
+void check_tensor(const char* name, const tensor_view<T>& t, bool writable) {
   if (t.batch < 0 || t.length < 0 || t.heads < 1 || t.dim < 0)
-    fail(name, " must have batch >= 0, length >= 0, heads >= 1, dim >= 0; got (", t.batch, ", ",
-         t.length, ", ", t.heads, ", ", t.dim, ")");
-  if (t.token_stride != 0 && t.token_stride < t.heads * t.dim)
-    fail(name, ".token_stride must be 0 or >= heads * dim = ", t.heads * t.dim, ", got ",
-         t.token_stride);
-  if (t.batch_stride != 0 && t.batch_stride < t.length * t.row_stride())
-    fail(name, ".batch_stride must be 0 or >= length * token_stride = ", t.length * t.row_stride(),
-         ", got ", t.batch_stride);
-  if (t.data == nullptr && t.batch * t.length * t.heads * t.dim != 0)
-    fail(name, ".data is null for a non-empty tensor");
+    fail(name, name, " must have batch >= 0, length >= 0, heads >= 1, dim >= 0; got (", t.batch,
+         ", ", t.length, ", ", t.heads, ", ", t.dim, ")");
+  if (t.token_stride < 0 || t.batch_stride < 0 || t.head_stride < 0)
+    fail(name, name, " strides must be >= 0 (0 = packed), got token_stride ", t.token_stride,
+         ", batch_stride ", t.batch_stride, ", head_stride ", t.head_stride);
+  const auto elements = checked_product(t.batch, t.length, t.heads, t.dim);
+  if (!elements)
+    fail(name, name, " has (", t.batch, ", ", t.length, ", ", t.heads, ", ", t.dim,
+         ") elements: more than an index can count");
+  if (*elements == 0) return;
+  if (t.data == nullptr) fail(name, name, ".data is null for a non-empty tensor");
+  // The largest offset addressed, with checked arithmetic (the default strides are sums and
+  // products of the extents, so they are checked too).
+  auto overflow = [&] {
+    fail(name, name, "'s extents and strides address more elements than an index can count");
+  };
+  const auto packed_row = checked_mul(t.heads, t.head_step());
+  if (!packed_row) overflow();
+  const index ts = t.token_stride ? t.token_stride : *packed_row;
+  const auto heads_span = checked_mul(t.heads - 1, t.head_step());
+  const auto rows_span = checked_mul(t.length - 1, ts);
+  index sample_span = 0;  // one sample's extent
+  if (!heads_span || !rows_span || __builtin_add_overflow(*heads_span, *rows_span, &sample_span) ||
+      __builtin_add_overflow(sample_span, t.dim, &sample_span))
+    overflow();
+  const auto samples_span = checked_mul(t.batch - 1, t.batch_stride ? t.batch_stride : sample_span);
+  index last = 0;
+  if (!samples_span || __builtin_add_overflow(*samples_span, sample_span, &last)) overflow();
+  if (!writable) return;
+  // An output must not write one element twice: with its (stride, extent) pairs sorted by
+  // stride, each stride must clear the span of the ones below it (a nested layout).
+  struct axis {
+    index stride, extent;
+  };
+  axis axes[] = {{t.head_step(), t.heads}, {t.row_stride(), t.length}, {t.sample_stride(), t.batch}};
+  std::sort(std::begin(axes), std::end(axes),
+            [](const axis& a, const axis& b) { return a.stride < b.stride; });
+  index span = t.dim;
+  for (const axis& a : axes) {
+    if (a.extent <= 1) continue;
+    if (a.stride < span)
+      fail(name, name, "'s strides make heads or tokens overlap (token_stride ", t.row_stride(),
+           ", head_stride ", t.head_step(), ", batch_stride ", t.sample_stride(), ", dim ", t.dim,
+           "): an output's elements must be distinct");
+    span = a.stride * a.extent;  // no overflow: bounded by the offset checked above
+  }
 }
 
 template <class T>
@@ -75,45 +125,88 @@ auto head_map(const tensor_view<T>& t, index b, index h) {
   return map_type(t.head(b, h), t.length, t.dim, Eigen::OuterStride<>(t.row_stride()));
 }
 
+/// Throws when an element of `out` is also an element of `in` (exact per head; when the heads
+/// are too many to compare pairwise, whether the two tensors' address ranges intersect).
+template <class T>
+void check_tensor_no_alias(const char* name, const tensor_view<const T>& in,
+                           const tensor_view<T>& out) {
+  auto range = [](const auto& t) {
+    const auto* first = reinterpret_cast<const char*>(t.data);
+    const index last = (t.batch - 1) * t.sample_stride() + (t.length - 1) * t.row_stride() +
+                       (t.heads - 1) * t.head_step() + t.dim;
+    return std::pair{first, first + last * static_cast<index>(sizeof(T))};
+  };
+  if (in.batch * in.length * in.heads * in.dim == 0 ||
+      out.batch * out.length * out.heads * out.dim == 0)
+    return;
+  const auto [in_begin, in_end] = range(in);
+  const auto [out_begin, out_end] = range(out);
+  if (in_end <= out_begin || out_end <= in_begin) return;
+  const index in_heads = in.batch * in.heads, out_heads = out.batch * out.heads;
+  bool overlap = in_heads * out_heads > (index{1} << 22);
+  for (index i = 0; !overlap && i < in_heads; ++i)
+    for (index o = 0; !overlap && o < out_heads; ++o)
+      overlap = blocks_overlap<T>(in.head(i / in.heads, i % in.heads), in.length, in.dim,
+                                  in.row_stride(), out.head(o / out.heads, o % out.heads),
+                                  out.length, out.dim, out.row_stride());
+  if (overlap)
+    fail("out", "out shares memory with ", name,
+         "; attention cannot run in place: write the output to a separate buffer");
+}
+
 }  // namespace detail
 
 /// Runs `policy` on every (sample, head) pair of q (B, L, H, E), k (B, S, H, E), v (B, S, H, M)
 /// and writes out (B, L, H, M), in parallel over B x H with OpenMP when it is enabled. No input
 /// is copied: each head is a strided view into the caller's buffer. Each (b, h) draws its random
 /// numbers from (policy seed, stream = b * H + h), so the output does not depend on the thread
-/// count or schedule. All shapes and lengths are checked before any work starts.
+/// count or schedule.
+/// Everything is checked before any work starts, on the calling thread: shapes, strides (no
+/// offset may overflow, out's elements must be distinct), lengths, the policy's knobs, `threads`,
+/// out sharing memory with an input, and (with common.check_finite) the values of every head.
+/// Errors are `invalid_argument` located at the sample and head (`sample()`, `head()`; the sample
+/// is omitted when B = 1).
 template <attention_policy Policy, class T>
 void multihead_attention(const Policy& policy, tensor_view<const T> q, tensor_view<const T> k,
                          tensor_view<const T> v, tensor_view<T> out,
                          const multihead_options& opt = {}) {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
                 "fastattn: kernels are defined for float and double");
-  detail::check_tensor("q", q);
-  detail::check_tensor("k", k);
-  detail::check_tensor("v", v);
-  detail::check_tensor("out", out);
+  validate(policy);
+  detail::check_tensor("q", q, false);
+  detail::check_tensor("k", k, false);
+  detail::check_tensor("v", v, false);
+  detail::check_tensor("out", out, true);
   if (k.batch != q.batch || v.batch != q.batch || out.batch != q.batch)
-    detail::fail("q, k, v and out must have the same batch size: q ", q.batch, ", k ", k.batch,
-                 ", v ", v.batch, ", out ", out.batch);
+    detail::fail("batch", "q, k, v and out must have the same batch size: q ", q.batch, ", k ",
+                 k.batch, ", v ", v.batch, ", out ", out.batch);
   if (k.heads != q.heads || v.heads != q.heads || out.heads != q.heads)
-    detail::fail("q, k, v and out must have the same number of heads: q ", q.heads, ", k ", k.heads,
-                 ", v ", v.heads, ", out ", out.heads);
+    detail::fail("heads", "q, k, v and out must have the same number of heads: q ", q.heads,
+                 ", k ", k.heads, ", v ", v.heads, ", out ", out.heads);
   if (k.length != v.length)
-    detail::fail("k and v must have the same length (S): k ", k.length, ", v ", v.length);
+    detail::fail("v", "k and v must have the same length (S): k ", k.length, ", v ", v.length);
   if (out.length != q.length || out.dim != v.dim)
-    detail::fail("out must be (B, L, H, M) = (", q.batch, ", ", q.length, ", ", q.heads, ", ",
-                 v.dim, "), got (", out.batch, ", ", out.length, ", ", out.heads, ", ", out.dim,
-                 ")");
+    detail::fail("out", "out must be (B, L, H, M) = (", q.batch, ", ", q.length, ", ", q.heads,
+                 ", ", v.dim, "), got (", out.batch, ", ", out.length, ", ", out.heads, ", ",
+                 out.dim, ")");
   const auto B = static_cast<std::size_t>(q.batch);
   if (!opt.query_lengths.empty() && opt.query_lengths.size() != B)
-    detail::fail("query_lengths must be empty or have one entry per sample (", q.batch, "), got ",
-                 opt.query_lengths.size());
+    detail::fail("query_lengths", "query_lengths must be empty or have one entry per sample (",
+                 q.batch, "), got ", opt.query_lengths.size());
   if (!opt.key_lengths.empty() && opt.key_lengths.size() != B)
-    detail::fail("key_lengths must be empty or have one entry per sample (", q.batch, "), got ",
-                 opt.key_lengths.size());
-  if (opt.threads < 0) detail::fail("threads must be >= 0, got ", opt.threads);
+    detail::fail("key_lengths", "key_lengths must be empty or have one entry per sample (",
+                 q.batch, "), got ", opt.key_lengths.size());
+  if (opt.threads < 0 || opt.threads > multihead_options::max_threads)
+    detail::fail("threads", "threads must be in [0, ", multihead_options::max_threads, "], got ",
+                 opt.threads);
+  detail::check_tensor_no_alias("q", q, out);
+  detail::check_tensor_no_alias("k", k, out);
+  detail::check_tensor_no_alias("v", v, out);
 
   const index H = q.heads;
+  auto located = [&](const invalid_argument& e, index b, std::optional<index> h) {
+    return e.at(q.batch == 1 ? std::nullopt : std::optional<index>(b), h);
+  };
   std::vector<context> contexts;
   contexts.reserve(B);
   for (index b = 0; b < q.batch; ++b) {
@@ -121,10 +214,10 @@ void multihead_attention(const Policy& policy, tensor_view<const T> q, tensor_vi
     if (!opt.query_lengths.empty()) o.query_length = opt.query_lengths[static_cast<std::size_t>(b)];
     if (!opt.key_lengths.empty()) o.key_length = opt.key_lengths[static_cast<std::size_t>(b)];
     try {
-      contexts.push_back(detail::make_context(Policy::name, Policy::supports_causal, q.length,
-                                              q.dim, k.length, k.dim, v.length, o));
+      contexts.push_back(detail::make_context<T>(Policy::name, Policy::supports_causal, q.length,
+                                                 q.dim, k.length, k.dim, v.length, o));
     } catch (const invalid_argument& e) {
-      detail::fail("sample ", b, ": ", std::string(e.what()).substr(10));  // drop "fastattn: "
+      throw located(e, b, std::nullopt);
     }
   }
 
@@ -132,11 +225,11 @@ void multihead_attention(const Policy& policy, tensor_view<const T> q, tensor_vi
     for (index b = 0; b < q.batch; ++b)
       for (index h = 0; h < H; ++h) {
         try {
-          detail::check_inputs_finite(detail::head_map(q, b, h), detail::head_map(k, b, h),
-                                      detail::head_map(v, b, h),
-                                      contexts[static_cast<std::size_t>(b)]);
+          detail::check_values<T>(detail::head_map(q, b, h), detail::head_map(k, b, h),
+                                  detail::head_map(v, b, h),
+                                  contexts[static_cast<std::size_t>(b)]);
         } catch (const invalid_argument& e) {
-          detail::fail("sample ", b, ", head ", h, ": ", std::string(e.what()).substr(10));
+          throw located(e, b, h);
         }
       }
 
@@ -151,13 +244,12 @@ void multihead_attention(const Policy& policy, tensor_view<const T> q, tensor_vi
     try {
       context ctx = contexts[static_cast<std::size_t>(b)];
       ctx.stream = static_cast<std::uint64_t>(task);
-      const auto qh = detail::head_map(q, b, h);
-      const auto kh = detail::head_map(k, b, h);
-      const auto vh = detail::head_map(v, b, h);
-      auto oh = detail::head_map(out, b, h);
       const detail::serial_products_scope serial;
-      policy.compute(const_view<T>(qh), const_view<T>(kh), const_view<T>(vh), view<T>(oh), ctx);
-    } catch (...) {
+      detail::run_head(policy, const_view<T>(detail::head_map(q, b, h)),
+                       const_view<T>(detail::head_map(k, b, h)),
+                       const_view<T>(detail::head_map(v, b, h)),
+                       view<T>(detail::head_map(out, b, h)), ctx);
+    } catch (...) {  // only allocation failures can reach here: everything was checked above
 #if defined(_OPENMP)
 #pragma omp critical(fastattn_multihead_error)
 #endif

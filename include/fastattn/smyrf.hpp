@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <limits>
 #include <string_view>
+#include <tuple>
 
 #include "attention.hpp"
 #include "detail/balanced_clusters.hpp"
@@ -51,8 +52,9 @@ namespace fastattn {
 /// 4 x 32 (mean of 20 seeds), as with the authors' code (1.02 and 0.97); it falls steadily with
 /// `hashes` (8 x 64: 0.38) and with larger clusters.
 ///
-/// Knobs (checked on every call; a violation throws `fastattn::invalid_argument` naming it):
-/// - `hashes` >= 1: hashing rounds. More rounds cost linearly and lower the error.
+/// Knobs (checked by the front door before any work; a violation throws
+/// `fastattn::invalid_argument` naming it):
+/// - `hashes` in [1, 1024]: hashing rounds. More rounds cost linearly and lower the error.
 /// - `cluster_size` >= 1: the largest number of queries in a cluster (the paper's 2 x 32 and
 ///   2 x 16 were BERT settings at L = 128). `cluster_size >= Lv` makes one cluster holding every
 ///   query and key: the output is then exact attention (up to rounding) for any `hashes`.
@@ -68,32 +70,37 @@ namespace fastattn {
 /// - Sv < n (fewer valid keys than query clusters): the keys form Sv groups of one key, and query
 ///   cluster c attends to key group floor(c Sv / n) (the group at the same quantile of the sorted
 ///   order), so no cluster is ever empty and every valid key is used;
-/// - padded queries (index >= query_length) get zero output rows and padded keys (index >=
-///   key_length) get zero weight; neither enters the norms, the hashes, the sorts or the clusters,
-///   and their contents (even NaN) are never read;
-/// - Sv = 0 (every key padded): zero output; Lv = 0: nothing to do, zero output.
+/// - padded queries (index >= query_length) and padded keys (index >= key_length) enter neither
+///   the norms, the hashes, the sorts nor the clusters, and their contents (even NaN) are never
+///   read (the front door zeroes padded rows and handles Lv = 0 and Sv = 0).
 /// - causal masking is not supported (`supports_causal` is false): asking throws.
 struct smyrf {
   static constexpr std::string_view name = "smyrf";
   static constexpr bool is_exact = false;
   static constexpr bool supports_causal = false;
 
-  index hashes = 2;         ///< hashing rounds, >= 1
-  index cluster_size = 64;  ///< queries per cluster at most, >= 1
+  index hashes = 2;         ///< hashing rounds, in [1, 1024]
+  index cluster_size = 64;  ///< queries per cluster at most, in [1, 2^31]
   double r = 1.0;           ///< E2LSH offset width, finite and > 0
   std::uint64_t seed = 0;   ///< seed of every random draw
 
+  static constexpr auto knobs() {
+    return std::make_tuple(
+        make_knob("hashes", &smyrf::hashes, "hashing rounds", 1, 1024),
+        make_knob("cluster_size", &smyrf::cluster_size,
+                  "queries (and keys) per balanced cluster", 1, index{1} << 31),
+        make_knob("r", &smyrf::r,
+                  "E2LSH offset width (kept for fidelity to the paper: it does not change the "
+                  "sorted orders)",
+                  std::numeric_limits<double>::min(), std::numeric_limits<double>::max()),
+        make_knob("seed", &smyrf::seed, "seed of every random draw"));
+  }
+
+  /// Preconditions (ensured by the front door): knobs in range, Lv >= 1, Sv >= 1.
   template <class T>
   void compute(const_view<T> q, const_view<T> k, const_view<T> v, view<T> out,
                const context& ctx) const {
-    check_knobs();
     const index Lv = ctx.query_length, Sv = ctx.key_length, E = q.cols(), M = v.cols();
-    out.bottomRows(out.rows() - Lv).setZero();
-    if (Lv == 0) return;
-    if (Sv == 0) {
-      out.topRows(Lv).setZero();
-      return;
-    }
     const auto qv = q.topRows(Lv);
     const auto kv = k.topRows(Sv);
 
@@ -102,9 +109,11 @@ struct smyrf {
     const detail::arena::scope scratch;
 
     // Hashes of every round: one product for the queries and one for the keys.
-    const detail::xbox_plus<T> xbox(qv, kv);
+    auto& xbox = detail::workspace<detail::xbox_plus<T>>();
+    xbox.fit(qv, kv);
     detail::rng gen(seed, ctx.stream);
-    const auto lsh = detail::e2lsh<T>::draw(gen, E, hashes, r);
+    auto& lsh = detail::workspace<detail::e2lsh<T>>();
+    lsh.redraw(gen, E, hashes, r);
     auto query_hash = detail::scratch_matrix<T>(Lv, hashes);
     auto key_hash = detail::scratch_matrix<T>(Sv, hashes);
     lsh.hash_queries(qv, xbox, query_hash);
@@ -162,7 +171,7 @@ struct smyrf {
     }
     if (hashes > 1)
       for (index i = 0; i < Lv; ++i) {
-        if (run_sum(i) > T(0))
+        if (run_sum(i) != T(0))  // NaN propagates
           out.row(i) /= run_sum(i);
         else
           out.row(i).setZero();
@@ -175,7 +184,8 @@ struct smyrf {
 
   // Folds one round's outputs of `rows` queries (positions in `rows_at`) into `out`, in the log
   // domain: out holds sum_h o_h exp(lse_h - m) and run_sum holds sum_h exp(lse_h - m) for the
-  // running maximum m of the lse; a row that saw no key (lse = -inf) adds nothing.
+  // running maximum m of the lse; a row that saw no key (lse = -inf) adds nothing, and a NaN
+  // (a non-finite input with check_finite off) makes the row NaN for good.
   template <class T, class Block, class Vector>
   static void merge_round(index h, index rows, const index* rows_at, const Block& block_out,
                           const Vector& block_lse, view<T>& out, Vector& run_max, Vector& run_sum) {
@@ -183,7 +193,11 @@ struct smyrf {
     for (index t = 0; t < rows; ++t) {
       const index i = rows_at[t];
       const T lse = block_lse(t);
-      if (h == 0 || !(run_max(i) > minus_inf)) {
+      if (h > 0 && std::isnan(run_sum(i))) continue;  // already NaN
+      if (std::isnan(lse)) {
+        out.row(i).setConstant(std::numeric_limits<T>::quiet_NaN());
+        run_max(i) = run_sum(i) = std::numeric_limits<T>::quiet_NaN();
+      } else if (h == 0 || !(run_max(i) > minus_inf)) {
         out.row(i) = block_out.row(t);  // zero when the row saw no key
         run_max(i) = lse;
         run_sum(i) = lse > minus_inf ? T(1) : T(0);
@@ -200,14 +214,6 @@ struct smyrf {
         run_max(i) = lse;
       }
     }
-  }
-
-  void check_knobs() const {
-    if (hashes < 1) detail::fail("smyrf: hashes must be >= 1, got hashes = ", hashes);
-    if (cluster_size < 1)
-      detail::fail("smyrf: cluster_size must be >= 1, got cluster_size = ", cluster_size);
-    if (!(r > 0.0) || !std::isfinite(r))
-      detail::fail("smyrf: r must be finite and > 0, got r = ", r);
   }
 };
 

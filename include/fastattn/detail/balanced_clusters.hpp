@@ -9,7 +9,7 @@
 #include <cstdint>
 #include <utility>
 
-#include "../attention.hpp"
+#include "../policy.hpp"
 #include "e2lsh.hpp"
 
 namespace fastattn::detail {

@@ -1,13 +1,15 @@
-// The machinery clustered and improved_clustered share: knob checks, hashing plus Hamming
+// The machinery clustered and improved_clustered share: knob descriptions, hashing plus Hamming
 // k-means of the valid queries, centroids in query space, and the broadcast of per-cluster rows.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
+#include <tuple>
 #include <string_view>
 #include <vector>
 
-#include "../attention.hpp"
+#include "../policy.hpp"
 #include "hamming_kmeans.hpp"
 #include "hyperplane_hash.hpp"
 #include "rng.hpp"
@@ -22,15 +24,19 @@ struct clustering_knobs {
   bool hash_bias;
 };
 
-/// Throws fastattn::invalid_argument naming the first bad knob and its value.
-inline void check_clustering_knobs(std::string_view kernel, const clustering_knobs& knobs) {
-  if (knobs.clusters < 1) fail(kernel, ": clusters must be >= 1, got clusters = ", knobs.clusters);
-  if (knobs.clusters > index{0xFFFFFFFF})
-    fail(kernel, ": clusters must be < 2^32, got clusters = ", knobs.clusters);
-  if (knobs.bits < 1 || knobs.bits > 64)
-    fail(kernel, ": bits must be in [1, 64], got bits = ", knobs.bits);
-  if (knobs.iterations < 1)
-    fail(kernel, ": iterations must be >= 1, got iterations = ", knobs.iterations);
+/// The knob descriptions the clustering policies share (P has members clusters, bits,
+/// iterations, hash_bias, seed).
+template <class P>
+constexpr auto clustering_knob_list() {
+  return std::make_tuple(
+      make_knob("clusters", &P::clusters,
+                "number of query clusters C (clamped to the valid queries)", 1, 0xFFFFFFFF),
+      make_knob("bits", &P::bits, "hash bits B of the hyperplane LSH", 1, 64),
+      make_knob("iterations", &P::iterations,
+                "Hamming k-means assignment passes (stops early at a fixed point)", 1,
+                std::numeric_limits<int>::max()),
+      make_knob("hash_bias", &P::hash_bias, "random thresholds on the hyperplanes (true/false)"),
+      make_knob("seed", &P::seed, "seed of every random draw"));
 }
 
 /// Clusters of the valid queries: hash (hyperplane_hash), Hamming k-means (hamming_kmeans),
@@ -48,8 +54,8 @@ class query_clustering {
     const auto n = static_cast<std::size_t>(valid);
 
     hashes_.resize(n);
-    const hyperplane_hash<T> hash(E, knobs.bits, knobs.hash_bias, gen);
-    hash(q.topRows(valid), hashes_.data());
+    hash_.draw(E, knobs.bits, knobs.hash_bias, gen);
+    hash_(q.topRows(valid), hashes_.data());
     kmeans_.run(hashes_.data(), valid, clusters, knobs.bits, knobs.iterations, gen);
     const std::vector<index>& assignment = kmeans_.assignment();
 
@@ -72,13 +78,25 @@ class query_clustering {
       members_[static_cast<std::size_t>(cursor_[j]++)] = i;
     }
 
-    // Centroids in query space: the mean of the members' raw queries (summed in query order:
-    // q is streamed once, the C x E sums stay in cache).
-    centroids_.setZero(count, E);
-    for (index i = 0; i < valid; ++i)
-      centroids_.row(
-          renumber_[static_cast<std::size_t>(assignment[static_cast<std::size_t>(i)])]) += q.row(i);
-    for (index j = 0; j < count; ++j) centroids_.row(j) /= static_cast<T>(size(j));
+    // Centroids in query space: the mean of the members' raw queries, summed in query order
+    // (q is streamed once, the C x E sums stay in cache) as sum_i q_i / n, so that no partial
+    // sum exceeds the largest member in magnitude: a centroid never overflows when its members
+    // do not.
+    centroids_.resize(count, E);  // no allocation when the size repeats
+    centroids_.setZero();
+    for (index i = 0; i < valid; ++i) {
+      const index j =
+          renumber_[static_cast<std::size_t>(assignment[static_cast<std::size_t>(i)])];
+      centroids_.row(j) += q.row(i) / static_cast<T>(size(j));
+    }
+  }
+
+  /// Clusters the valid queries for a clustering policy p (knobs as in clustering_knob_list)
+  /// with its random stream for this head.
+  template <class P>
+  void run(const P& p, const_view<T> q, const context& ctx) {
+    rng gen(p.seed, ctx.stream);
+    run(q, ctx.query_length, {p.clusters, p.bits, p.iterations, p.hash_bias}, gen);
   }
 
   /// Non-empty clusters.
@@ -109,6 +127,7 @@ class query_clustering {
 
  private:
   std::vector<std::uint64_t> hashes_;
+  hyperplane_hash<T> hash_;
   hamming_kmeans kmeans_;
   std::vector<index> renumber_;  // k-means cluster -> non-empty cluster (or -1)
   std::vector<index> offsets_;   // count + 1

@@ -11,7 +11,7 @@
 #include <limits>
 #include <type_traits>
 
-#include "../attention.hpp"
+#include "../policy.hpp"
 #include "rng.hpp"
 #include "xbox.hpp"
 
@@ -26,13 +26,18 @@ struct e2lsh {
   /// reproducibility: round by round, the E + 2 normals of alpha_h, then beta_h = r * uniform.
   static e2lsh draw(rng& gen, index E, index hashes, double r) {
     e2lsh p;
-    p.alpha.resize(E + 2, hashes);
-    p.beta.resize(hashes);
-    for (index h = 0; h < hashes; ++h) {
-      for (index d = 0; d < E + 2; ++d) p.alpha(d, h) = static_cast<T>(gen.normal());
-      p.beta(h) = static_cast<T>(r * gen.uniform());
-    }
+    p.redraw(gen, E, hashes, r);
     return p;
+  }
+
+  /// The same draw into this object's storage (no allocation when the sizes repeat).
+  void redraw(rng& gen, index E, index hashes, double r) {
+    alpha.resize(E + 2, hashes);
+    beta.resize(hashes);
+    for (index h = 0; h < hashes; ++h) {
+      for (index d = 0; d < E + 2; ++d) alpha(d, h) = static_cast<T>(gen.normal());
+      beta(h) = static_cast<T>(r * gen.uniform());
+    }
   }
 
   /// Hashes of already transformed rows x (n x (E + 2)): n x hashes. For tests and reference.

@@ -5,7 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "../attention.hpp"
+#include "../policy.hpp"
 #include "rng.hpp"
 
 namespace fastattn::detail {
@@ -24,9 +24,18 @@ class hyperplane_hash {
   /// Rows hashed per projection product: bounds the scratch to `block x B` whatever L is.
   static constexpr index block = 256;
 
+  hyperplane_hash() = default;
+
   /// Draws the hyperplanes. Preconditions: dim >= 1, 1 <= bits <= 64.
-  hyperplane_hash(index dim, int bits, bool bias, rng& gen)
-      : planes_(matrix<T>::Zero(dim, padded(bits))), thresholds_(bits), bits_(bits) {
+  hyperplane_hash(index dim, int bits, bool bias, rng& gen) { draw(dim, bits, bias, gen); }
+
+  /// Draws new hyperplanes, reusing the storage of the previous draw (no allocation when the
+  /// sizes are the same).
+  void draw(index dim, int bits, bool bias, rng& gen) {
+    planes_.resize(dim, padded(bits));
+    planes_.setZero();
+    thresholds_.resize(bits);
+    bits_ = bits;
     for (int b = 0; b < bits; ++b) {
       for (index e = 0; e < dim; ++e) planes_(e, b) = static_cast<T>(gen.normal());
       const auto threshold = static_cast<T>(gen.normal());
@@ -44,10 +53,11 @@ class hyperplane_hash {
   /// at and above B are zero. All projections of a block of rows are one (rows x E) * (E x B)
   /// product. Cost: 2 n E B flops.
   template <class Rows>
-  void operator()(const Rows& x, std::uint64_t* out) const {
+  void operator()(const Rows& x, std::uint64_t* out) {
     const index n = x.rows(), B = bits_;
     if (n == 0) return;
-    matrix<T> projections(std::min(block, n), planes_.cols());
+    auto& projections = projections_;
+    projections.resize(std::min(block, n), planes_.cols());
     for (index i0 = 0; i0 < n; i0 += block) {
       const index rows = std::min(block, n - i0);
       projections.topRows(rows).noalias() = x.middleRows(i0, rows) * planes_;
@@ -68,7 +78,8 @@ class hyperplane_hash {
 
   matrix<T> planes_;  // E x padded(B)
   Eigen::Matrix<T, 1, Eigen::Dynamic> thresholds_;
-  int bits_;
+  int bits_ = 0;
+  matrix<T> projections_;  // block x padded(B), reused
 };
 
 }  // namespace fastattn::detail

@@ -7,11 +7,38 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
+#include <utility>
 
-#include "../attention.hpp"
+#include "../policy.hpp"
 #include "scratch.hpp"
 
 namespace fastattn::detail {
+
+/// Which keys each query sees: query i sees key j when i + lower <= j <= i + upper. Causal is
+/// {unbounded_below, 0}; a symmetric local window of w is {-w, w}; no mask is `std::nullopt`.
+struct band {
+  static constexpr index unbounded = std::numeric_limits<index>::max() / 4;
+  index lower = -unbounded;
+  index upper = unbounded;
+
+  static constexpr band causal() noexcept { return {-unbounded, 0}; }
+  /// The same band for a tile whose first query is i0 and first key j0 (row r, column c of the
+  /// tile are query i0 + r, key j0 + c).
+  constexpr band relative(index i0, index j0) const noexcept {
+    return {lower + (i0 - j0), upper + (i0 - j0)};
+  }
+  /// The keys [first, last) that any of the queries [i0, i0 + rows) sees, within [0, keys).
+  constexpr std::pair<index, index> keys_of(index i0, index rows, index keys) const noexcept {
+    const index first = std::clamp<index>(i0 + lower, 0, keys);
+    const index last = std::clamp<index>(i0 + rows - 1 + upper + 1, first, keys);
+    return {first, last};
+  }
+  /// Whether every query of [i0, i0 + rows) sees every key of [j0, j0 + cols).
+  constexpr bool covers(index i0, index rows, index j0, index cols) const noexcept {
+    return j0 >= i0 + rows - 1 + lower && j0 + cols - 1 <= i0 + upper;
+  }
+};
 
 template <class T>
 class online_softmax {
@@ -38,20 +65,24 @@ class online_softmax {
   auto scores(index cols) { return scores_.topLeftCorner(rows_, cols); }
 
   /// Folds the filled score block into the running state; `values` holds the block's cols x M
-  /// values. When `causal_offset` is set, row r sees only columns c <= r + *causal_offset (the
-  /// block's first query index minus its first key index); other entries get exactly zero weight.
+  /// values. When `visible` is set, row r sees only the columns c with
+  /// r + visible->lower <= c <= r + visible->upper (see `band::relative`); other entries get
+  /// exactly zero weight.
   template <class Values>
-  void absorb(index cols, const Values& values, std::optional<index> causal_offset = {}) {
+  void absorb(index cols, const Values& values, std::optional<band> visible = {}) {
     auto block = scores_.topLeftCorner(rows_, cols);
     for (index r = 0; r < rows_; ++r) {
-      const index visible =
-          causal_offset ? std::clamp<index>(*causal_offset + r + 1, 0, cols) : cols;
+      index first = 0, last = cols;  // visible columns [first, last)
+      if (visible) {
+        first = std::clamp<index>(r + visible->lower, 0, cols);
+        last = std::clamp<index>(r + visible->upper + 1, first, cols);
+      }
       auto row = block.row(r);
-      if (visible == 0) {
+      if (first == last) {
         row.setZero();
         continue;
       }
-      auto seen = row.head(visible).array();
+      auto seen = row.segment(first, last - first).array();
       const T m_new = std::max(max_(r), seen.maxCoeff());
       if (m_new == -std::numeric_limits<T>::infinity()) {  // every score so far is -inf or NaN
         if (seen.isNaN().any()) sum_(r) = std::numeric_limits<T>::quiet_NaN();  // propagate
@@ -59,7 +90,8 @@ class online_softmax {
         continue;
       }
       seen = (seen - m_new).exp();
-      row.tail(cols - visible).setZero();
+      row.head(first).setZero();
+      row.tail(cols - last).setZero();
       const T alpha = std::exp(max_(r) - m_new);  // 0 when the row had nothing yet
       sum_(r) = sum_(r) * alpha + seen.sum();
       if (alpha != T(1)) acc_.row(r) *= alpha;

@@ -12,10 +12,11 @@
 #include <algorithm>
 #include <cstddef>
 #include <memory>
+#include <type_traits>
 #include <new>
 #include <vector>
 
-#include "../attention.hpp"
+#include "../policy.hpp"
 
 namespace fastattn::detail {
 
@@ -57,10 +58,20 @@ class arena {
     return total;
   }
 
-  /// Frees everything (only outside any scope).
+  /// The most bytes in use at once since the arena was created or released.
+  std::size_t peak() const noexcept { return peak_; }
+
+  /// Frees everything, and every workspace registered with `on_release` (only outside any
+  /// scope).
   void release_all() noexcept {
-    if (current_ == 0 && offset_ == 0) blocks_.clear();
+    if (current_ != 0 || offset_ != 0) return;
+    blocks_.clear();
+    peak_ = 0;
+    for (auto* reset : releases_) reset();
   }
+
+  /// Registers a function that `release_all` calls (a workspace's reset).
+  void on_release(void (*reset)()) { releases_.push_back(reset); }
 
  private:
   struct block {
@@ -79,6 +90,8 @@ class arena {
 
   void* allocate(std::size_t bytes) {
     bytes = round_up(bytes == 0 ? 1 : bytes);
+    in_use_ = used_before_current() + offset_ + bytes;
+    peak_ = std::max(peak_, in_use_);
     while (current_ < blocks_.size()) {
       if (blocks_[current_].size - offset_ >= bytes) {
         void* p = blocks_[current_].data.get() + offset_;
@@ -103,10 +116,11 @@ class arena {
   void release(std::size_t block_index, std::size_t offset) noexcept {
     current_ = block_index;
     offset_ = offset;
-    // Back at the bottom with several blocks: merge them into one so the next call of the same
-    // size fits in a single block and allocates nothing.
+    // Back at the bottom with several blocks: replace them by one block of the peak need, so the
+    // next call of the same size fits in it and allocates nothing, and the arena keeps 1x its
+    // peak need (plus 64-byte rounding), not the sum of the blocks it grew through.
     if (current_ == 0 && offset_ == 0 && blocks_.size() > 1) {
-      const std::size_t total = capacity();
+      const std::size_t total = peak_;
       blocks_.clear();
       try {
         block b;
@@ -119,10 +133,37 @@ class arena {
     }
   }
 
+  // Bytes in the blocks before the current one (all of them count as used: a request that did
+  // not fit moved on to the next block). An over-estimate of the need by at most the unused
+  // tails, which is what one merged block must hold for the same sequence of requests.
+  std::size_t used_before_current() const noexcept {
+    std::size_t used = 0;
+    for (std::size_t b = 0; b < current_ && b < blocks_.size(); ++b) used += blocks_[b].size;
+    return used;
+  }
+
   std::vector<block> blocks_;
   std::size_t current_ = 0;
   std::size_t offset_ = 0;
+  std::size_t in_use_ = 0;
+  std::size_t peak_ = 0;
+  std::vector<void (*)()> releases_;
 };
+
+/// The calling thread's instance of a kernel's workspace W (objects with vectors that keep their
+/// capacity: hash tables, k-means state, sort buffers), so that repeated calls of the same size
+/// allocate nothing. `release_scratch()` resets it. Not reentrant for the same W: a kernel takes
+/// its workspace once per call and calls no kernel that takes the same W while it holds it.
+template <class W>
+W& workspace() {
+  thread_local W instance;
+  thread_local const bool registered = [] {
+    arena::local().on_release([] { instance = W{}; });
+    return true;
+  }();
+  (void)registered;
+  return instance;
+}
 
 /// A rows x cols row-major scratch matrix from the arena (uninitialised).
 template <class T>
@@ -139,14 +180,3 @@ Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, 1>, Eigen::Aligned64> scratch_vector
 }
 
 }  // namespace fastattn::detail
-
-namespace fastattn {
-
-/// Frees the calling thread's kernel scratch (fastattn keeps it between calls so that repeated
-/// calls allocate nothing). Call it outside any kernel, e.g. after a long sequence is done.
-inline void release_scratch() noexcept { detail::arena::local().release_all(); }
-
-/// Bytes of kernel scratch the calling thread currently keeps.
-inline std::size_t scratch_bytes() noexcept { return detail::arena::local().capacity(); }
-
-}  // namespace fastattn

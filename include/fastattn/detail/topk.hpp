@@ -6,7 +6,7 @@
 #include <limits>
 #include <vector>
 
-#include "../attention.hpp"
+#include "../policy.hpp"
 
 namespace fastattn::detail {
 

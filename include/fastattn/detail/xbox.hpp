@@ -14,7 +14,7 @@
 #include <algorithm>
 #include <cmath>
 
-#include "../attention.hpp"
+#include "../policy.hpp"
 
 namespace fastattn::detail {
 
@@ -23,10 +23,21 @@ class xbox_plus {
  public:
   using vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
 
+  xbox_plus() = default;
+
   /// Fits the transform to the queries `q` (Lv x E) and keys `k` (Sv x E): all rows given count.
   template <class DQ, class DK>
-  xbox_plus(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k)
-      : query_norm2_(q.rowwise().squaredNorm()), key_norm2_(k.rowwise().squaredNorm()) {
+  xbox_plus(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k) {
+    fit(q, k);
+  }
+
+  /// Refits to new rows, reusing the storage (no allocation when the sizes repeat).
+  template <class DQ, class DK>
+  void fit(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k) {
+    query_norm2_.resize(q.rows());
+    key_norm2_.resize(k.rows());
+    query_norm2_.noalias() = q.rowwise().squaredNorm();
+    key_norm2_.noalias() = k.rowwise().squaredNorm();
     const T mq2 = query_norm2_.size() ? query_norm2_.maxCoeff() : T(0);
     const T mk2 = key_norm2_.size() ? key_norm2_.maxCoeff() : T(0);
     max_norm2_ = mq2 + mk2;

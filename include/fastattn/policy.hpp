@@ -1,0 +1,168 @@
+// What a kernel is: the policy concept, the context a kernel runs in, and the description of its
+// knobs from which validation, the tools' flags and help, and the tests' kernel lists are derived.
+#pragma once
+
+#include <concepts>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <string_view>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#include <Eigen/Core>
+
+#include "error.hpp"
+
+namespace fastattn {
+
+/// Row-major dense matrix: rows are tokens, so one token's features are contiguous.
+template <class T>
+using matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+/// Read-only view of a row-major matrix whose rows may be strided (one head inside a
+/// (batch, length, heads, dim) buffer is such a view). Features within a row are contiguous.
+template <class T>
+using const_view = Eigen::Ref<const matrix<T>, 0, Eigen::OuterStride<>>;
+
+/// Writable counterpart of `const_view`.
+template <class T>
+using view = Eigen::Ref<matrix<T>, 0, Eigen::OuterStride<>>;
+
+/// Options after validation against the shapes: what a kernel's `compute` receives.
+struct context {
+  double scale;          ///< resolved scale, finite and representable in the scalar type
+  index query_length;    ///< valid queries Lv, >= 1 when compute is called
+  index key_length;      ///< valid keys Sv, >= 1 when compute is called
+  bool causal;           ///< query i sees keys j <= i
+  std::uint64_t stream;  ///< which (batch, head) this is: kernels derive their random draws
+                         ///< from (seed, stream) so results do not depend on scheduling
+};
+
+/// What a kernel policy provides. Built-in policies are listed in `fastattn::kernels`
+/// (fastattn.hpp); a user type that satisfies this concept works everywhere they do
+/// (`attention()`, `multihead_attention()`, the typed test suites).
+///
+/// - `P::name`: a `std::string_view`, the kernel's name in benchmarks and tools;
+/// - `P::is_exact`: true when the output equals softmax(s Q K^T) V up to rounding;
+/// - `P::supports_causal`: whether `context::causal` may be true;
+/// - `p.compute(q, k, v, out, ctx)` for float and double: writes rows [0, ctx.query_length) of
+///   the L x M output. The front door has already validated shapes, lengths, knobs and values,
+///   zeroed the padded rows, and handled the empty cases: compute sees Lv >= 1 and Sv >= 1, must
+///   not write rows at and beyond Lv, and must not read keys at and beyond Sv.
+///
+/// Optional members: `static constexpr auto knobs()` (a tuple of `make_knob(...)`: the knobs'
+/// names, help and valid ranges, checked by the front door before any work, and the tools'
+/// flags), and `void validate() const` (checks across knobs; throws invalid_argument).
+template <class P>
+concept attention_policy = std::copy_constructible<P> &&
+    requires(const P& p, const_view<float> qf, view<float> of, const_view<double> qd,
+             view<double> od, const context& ctx) {
+  { P::name } -> std::convertible_to<std::string_view>;
+  {std::bool_constant<P::is_exact>{}};
+  {std::bool_constant<P::supports_causal>{}};
+  p.compute(qf, qf, qf, of, ctx);
+  p.compute(qd, qd, qd, od, ctx);
+};
+
+/// One knob of a policy: a public data member, its name (the tools' flag is the name with '_'
+/// replaced by '-'), a one-line meaning, and its valid range [min, max] (inclusive; for floating
+/// knobs NaN is never valid). Build it with `make_knob`.
+template <class Policy, class Member>
+struct knob {
+  using policy_type = Policy;
+  using value_type = Member;
+
+  std::string_view name;
+  Member Policy::*member;
+  std::string_view help;
+  Member min;
+  Member max;
+
+  constexpr const Member& get(const Policy& p) const noexcept { return p.*member; }
+  constexpr Member& get(Policy& p) const noexcept { return p.*member; }
+  constexpr bool valid(const Member& value) const noexcept {
+    return value >= min && value <= max;  // false for NaN
+  }
+  /// The command-line flag without its dashes: "cluster_size" -> "cluster-size".
+  std::string flag() const {
+    std::string f(name);
+    for (char& c : f)
+      if (c == '_') c = '-';
+    return f;
+  }
+};
+
+/// A knob of `member`, valid in [min, max].
+template <class Policy, class Member>
+constexpr knob<Policy, Member> make_knob(std::string_view name, Member Policy::*member,
+                                         std::string_view help, std::type_identity_t<Member> min,
+                                         std::type_identity_t<Member> max) {
+  return {name, member, help, min, max};
+}
+
+/// A knob that takes every value of its type (a seed, a switch).
+template <class Policy, class Member>
+constexpr knob<Policy, Member> make_knob(std::string_view name, Member Policy::*member,
+                                         std::string_view help) {
+  if constexpr (std::is_floating_point_v<Member>)
+    return {name, member, help, std::numeric_limits<Member>::lowest(),
+            std::numeric_limits<Member>::max()};
+  else
+    return {name, member, help, std::numeric_limits<Member>::min(),
+            std::numeric_limits<Member>::max()};
+}
+
+/// Whether P describes its knobs.
+template <class P>
+concept has_knobs = requires { P::knobs(); };
+
+/// Calls f(knob) for every knob of P (none when P does not describe them).
+template <class P, class F>
+constexpr void for_each_knob(F&& f) {
+  if constexpr (has_knobs<P>) std::apply([&](const auto&... k) { (f(k), ...); }, P::knobs());
+}
+
+/// Throws invalid_argument naming the first knob of `policy` outside its range, or what the
+/// policy's own `validate()` rejects. The front door calls it before any work.
+template <class P>
+void validate(const P& policy) {
+  for_each_knob<P>([&](const auto& k) {
+    if (!k.valid(k.get(policy)))
+      detail::fail(k.name, P::name, ": ", k.name, " must be in [", detail::to_text(k.min), ", ",
+                   detail::to_text(k.max), "], got ", detail::to_text(k.get(policy)));
+  });
+  if constexpr (requires { policy.validate(); }) policy.validate();
+}
+
+/// A compile-time list of policies (see `fastattn::kernels` in fastattn.hpp).
+template <class... Policies>
+struct kernel_list {
+  static constexpr std::size_t size = sizeof...(Policies);
+
+  /// Calls f(std::type_identity<P>{}) for each policy, in order.
+  template <class F>
+  static constexpr void for_each(F&& f) {
+    (f(std::type_identity<Policies>{}), ...);
+  }
+
+  /// Calls f(P{...}) built by make(std::type_identity<P>) for the policy called `name`; returns
+  /// false when no policy has that name.
+  template <class F>
+  static bool visit(std::string_view name, F&& f) {
+    bool found = false;
+    ((!found && Policies::name == name ? (found = true, f(std::type_identity<Policies>{}), 0) : 0),
+     ...);
+    return found;
+  }
+
+  /// The names, comma separated.
+  static std::string names() {
+    std::string out;
+    ((out += (out.empty() ? "" : ", ") + std::string(Policies::name)), ...);
+    return out;
+  }
+};
+
+}  // namespace fastattn

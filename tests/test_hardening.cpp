@@ -1,0 +1,317 @@
+// Regression tests for the defects found by probing the library with hostile and careless input
+// (issue 10), each over every kernel of fastattn::kernels so that the class is covered, not only
+// the instance: overflowing scales and magnitudes, out aliasing an input, the non-finite policy,
+// huge knobs and thread counts, tensor_view extents that overflow, improved_clustered's scratch
+// with many clusters, and heap allocations in repeated calls.
+#include <gtest/gtest.h>
+
+#include <fastattn/fastattn.hpp>
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <new>
+#include <vector>
+
+#include "reference.hpp"
+
+namespace fa = fastattn;
+
+// ---------------------------------------------------------------------------------------------
+// Heap allocations counted on the calling thread (every replaceable operator new goes through
+// here; the counter only counts while `counting` is set on this thread).
+namespace {
+thread_local bool counting = false;
+thread_local long allocations = 0;
+
+void* counted(std::size_t size, std::size_t alignment) {
+  if (counting) ++allocations;
+  if (size == 0) size = 1;
+  void* p = nullptr;
+  if (alignment <= alignof(std::max_align_t)) {
+    p = std::malloc(size);
+  } else {
+    size = (size + alignment - 1) / alignment * alignment;
+    p = std::aligned_alloc(alignment, size);
+  }
+  if (!p) throw std::bad_alloc();
+  return p;
+}
+}  // namespace
+
+void* operator new(std::size_t n) { return counted(n, alignof(std::max_align_t)); }
+void* operator new[](std::size_t n) { return counted(n, alignof(std::max_align_t)); }
+void* operator new(std::size_t n, std::align_val_t a) {
+  return counted(n, static_cast<std::size_t>(a));
+}
+void* operator new[](std::size_t n, std::align_val_t a) {
+  return counted(n, static_cast<std::size_t>(a));
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+
+namespace {
+
+template <class List>
+struct as_gtest_types;
+template <class... Ps>
+struct as_gtest_types<fa::kernel_list<Ps...>> {
+  using type = ::testing::Types<Ps...>;
+};
+
+struct kernel_names {
+  template <class P>
+  static std::string GetName(int) {
+    return std::string(P::name);
+  }
+};
+
+template <class P>
+class Hardening : public ::testing::Test {};
+TYPED_TEST_SUITE(Hardening, as_gtest_types<fa::kernels>::type, kernel_names);
+
+template <class F>
+fa::invalid_argument expect_invalid(F&& f) {
+  try {
+    f();
+  } catch (const fa::invalid_argument& e) {
+    return e;
+  }
+  ADD_FAILURE() << "expected fastattn::invalid_argument";
+  return {"", ""};
+}
+
+// Item 2: a scale that is finite in double but overflows float (or makes every score overflow)
+// is refused, naming it; before, it gave all-NaN rows (dense, clustered, improved) or zeros
+// (smyrf).
+TYPED_TEST(Hardening, ScaleThatOverflowsTheScalarTypeIsRefused) {
+  const auto in = fa::testing::make_peaked<float>(64, 64, 8, 8, 1);
+  for (const double scale : {1e300, -1e300, 3e38, 1e39}) {
+    const auto e = expect_invalid([&] {
+      (void)fa::attention(TypeParam{}, in.q, in.k, in.v, {.scale = scale});
+    });
+    EXPECT_TRUE(e.argument() == "scale" || e.argument() == "q") << e.what();
+    EXPECT_NE(std::string(e.what()).find("overflow"), std::string::npos) << e.what();
+  }
+  // The same scale is fine in double when the scores stay representable.
+  const fa::matrix<double> q = in.q.cast<double>() * 1e-150, k = in.k.cast<double>() * 1e-150;
+  const fa::matrix<double> o =
+      fa::attention(TypeParam{}, q, k, in.v.cast<double>().eval(), {.scale = 1e300});
+  EXPECT_TRUE(o.allFinite());
+}
+
+// Item 3: finite inputs whose scores overflow are refused with a message saying so; inputs
+// inside the documented bound give finite rows, never NaN or silent zeros.
+TYPED_TEST(Hardening, FiniteInputsWhoseScoresOverflowAreRefused) {
+  for (const float magnitude : {1e30f, 1e19f}) {
+    fa::matrix<float> q = fa::testing::gaussian<float>(64, 8, 2) * magnitude;
+    fa::matrix<float> k = fa::testing::gaussian<float>(64, 8, 3) * magnitude;
+    const fa::matrix<float> v = fa::testing::gaussian<float>(64, 8, 4);
+    const auto e = expect_invalid([&] { (void)fa::attention(TypeParam{}, q, k, v); });
+    EXPECT_EQ(e.argument(), "q");
+    EXPECT_NE(e.message().find("scores could overflow float"), std::string::npos) << e.what();
+  }
+  // Huge queries with tiny keys: every score is about 1, and the centroid of huge members must
+  // not overflow (before: clustered NaN rows, improved_clustered zero rows).
+  fa::matrix<float> q = fa::testing::gaussian<float>(128, 8, 5);
+  q = q.array().sign() * 3e37f;  // |q| = 3e37, |scale q| < max/4
+  const fa::matrix<float> k = fa::testing::gaussian<float>(96, 8, 6) * 1e-38f;
+  const fa::matrix<float> v = fa::testing::gaussian<float>(96, 8, 7);
+  const fa::matrix<float> o = fa::attention(TypeParam{}, q, k, v);
+  ASSERT_TRUE(o.allFinite());
+  for (fa::index i = 0; i < o.rows(); ++i) EXPECT_GT(o.row(i).norm(), 0.0f) << "row " << i;
+  // Large but representable magnitudes: dense is exact, the others finite.
+  const fa::matrix<float> qb = fa::testing::gaussian<float>(64, 8, 8) * 1e17f;
+  const fa::matrix<float> kb = fa::testing::gaussian<float>(64, 8, 9) * 1e-17f;
+  const fa::matrix<float> vb = fa::testing::gaussian<float>(64, 8, 10) * 1e30f;
+  const fa::matrix<float> ob = fa::attention(TypeParam{}, qb, kb, vb);
+  EXPECT_TRUE(ob.allFinite());
+  if constexpr (TypeParam::is_exact) {
+    EXPECT_LT(fa::testing::relative_error(ob, fa::testing::reference_attention(qb, kb, vb)), 1e-5);
+  }
+  // v so large that a weighted sum could overflow is refused, naming v.
+  const fa::matrix<float> vh = fa::testing::gaussian<float>(64, 8, 11) * 1e36f;
+  EXPECT_EQ(expect_invalid([&] { (void)fa::attention(TypeParam{}, qb, kb, vh); }).argument(), "v");
+}
+
+// Item 4: out sharing memory with an input is refused for every kernel (before: wrong values,
+// errors 0.05-0.2), in the front door and in the multi-head driver; disjoint interleaved heads
+// of one buffer are accepted.
+TYPED_TEST(Hardening, OutAliasingAnInputIsRefused) {
+  fa::matrix<float> x = fa::testing::gaussian<float>(48, 8, 12);
+  const fa::matrix<float> k = fa::testing::gaussian<float>(48, 8, 13);
+  const fa::matrix<float> v = fa::testing::gaussian<float>(48, 8, 14);
+  EXPECT_EQ(expect_invalid([&] {
+              fa::attention(TypeParam{}, x, k, v, fa::view<float>(x));
+            }).argument(),
+            "out");
+  fa::matrix<float> all = x;
+  EXPECT_EQ(expect_invalid([&] {
+              fa::attention(TypeParam{}, all, all, all, fa::view<float>(all));
+            }).argument(),
+            "out");
+  // Partial overlap: out is rows 8.. of q's buffer.
+  fa::matrix<float> big = fa::testing::gaussian<float>(96, 8, 15);
+  EXPECT_EQ(expect_invalid([&] {
+              fa::attention(TypeParam{}, big.topRows(48), k, v,
+                            fa::view<float>(big.middleRows(8, 48)));
+            }).argument(),
+            "out");
+
+  // Multi-head: q and out in one (B, L, 2 heads, E) buffer: head 0 is q, head 1 is out. The
+  // element sets are disjoint: accepted and equal to separate buffers.
+  const fa::index L = 40, E = 8;
+  std::vector<float> buffer(static_cast<std::size_t>(L * 2 * E));
+  for (std::size_t i = 0; i < buffer.size(); ++i) buffer[i] = std::sin(static_cast<float>(i));
+  const std::vector<float> kv(static_cast<std::size_t>(L * E), 0.5f);
+  std::vector<float> separate(static_cast<std::size_t>(L * E));
+  const fa::tensor_view<const float> qh{buffer.data(), 1, L, 1, E, 2 * E};
+  const fa::tensor_view<const float> kh{kv.data(), 1, L, 1, E};
+  fa::multihead_attention(TypeParam{}, qh, kh, kh, fa::tensor_view<float>{separate.data(), 1, L, 1, E});
+  fa::multihead_attention(TypeParam{}, qh, kh, kh,
+                          fa::tensor_view<float>{buffer.data() + E, 1, L, 1, E, 2 * E});
+  for (fa::index t = 0; t < L; ++t)
+    for (fa::index e = 0; e < E; ++e)
+      EXPECT_EQ(buffer[static_cast<std::size_t>(t * 2 * E + E + e)],
+                separate[static_cast<std::size_t>(t * E + e)]);
+  // out written over q itself: refused before any work.
+  EXPECT_EQ(expect_invalid([&] {
+              fa::multihead_attention(TypeParam{}, qh, kh, kh,
+                                      fa::tensor_view<float>{buffer.data(), 1, L, 1, E, 2 * E});
+            }).argument(),
+            "out");
+}
+
+// Item 5: with check_finite off, a NaN in q reaches the output row of that query (every kernel,
+// any number of smyrf rounds), and a NaN in k never turns a valid row into a silent zero row.
+TYPED_TEST(Hardening, NonFinitePolicyHoldsWhenUnchecked) {
+  const auto in = fa::testing::make_peaked<float>(96, 96, 8, 8, 16);
+  for (const fa::index row : {0, 17, 95}) {
+    fa::matrix<float> q = in.q;
+    q(row, 3) = std::numeric_limits<float>::quiet_NaN();
+    const fa::matrix<float> o =
+        fa::attention(TypeParam{}, q, in.k, in.v, {.check_finite = false});
+    EXPECT_TRUE(o.row(row).hasNaN()) << "row " << row;
+  }
+  fa::matrix<float> k = in.k;
+  k(40, 1) = std::numeric_limits<float>::quiet_NaN();
+  const fa::matrix<float> o = fa::attention(TypeParam{}, in.q, k, in.v, {.check_finite = false});
+  EXPECT_TRUE(o.hasNaN());
+  for (fa::index i = 0; i < o.rows(); ++i)
+    EXPECT_TRUE(o.row(i).hasNaN() || o.row(i).norm() > 0.0f) << "row " << i << " is zero";
+}
+
+TEST(HardeningSmyrf, NaNInAKeyIsNotDroppedByTheRoundMerge) {
+  const auto in = fa::testing::make_peaked<float>(128, 128, 8, 8, 17);
+  fa::matrix<float> k = in.k;
+  k(5, 0) = std::numeric_limits<float>::quiet_NaN();
+  for (const fa::index hashes : {2, 4}) {
+    const fa::smyrf p{.hashes = hashes, .cluster_size = 16};
+    const fa::matrix<float> o = fa::attention(p, in.q, k, in.v, {.check_finite = false});
+    fa::index nan_rows = 0;
+    for (fa::index i = 0; i < o.rows(); ++i) {
+      nan_rows += o.row(i).hasNaN();
+      EXPECT_TRUE(o.row(i).hasNaN() || o.row(i).norm() > 0.0f) << "row " << i << " is zero";
+    }
+    EXPECT_GE(nan_rows, 16) << "a whole cluster sees the NaN key";
+  }
+}
+
+// Item 12: knobs that cannot be honoured are refused before any allocation, naming the knob.
+TEST(HardeningKnobs, HugeKnobsAndThreadCountsAreRefusedByName) {
+  const auto in = fa::testing::make_peaked<float>(32, 32, 8, 8, 18);
+  EXPECT_EQ(expect_invalid([&] {
+              (void)fa::attention(fa::smyrf{.hashes = fa::index{1} << 40}, in.q, in.k, in.v);
+            }).argument(),
+            "hashes");
+  EXPECT_EQ(expect_invalid([&] {
+              (void)fa::attention(fa::dense{.query_block = 4096, .key_block = 65536}, in.q, in.k,
+                                  in.v);
+            }).argument(),
+            "key_block");
+  std::vector<float> buffer(32 * 8), out(32 * 8);
+  const fa::tensor_view<const float> t{buffer.data(), 1, 32, 1, 8};
+  fa::multihead_options opt;
+  opt.threads = 2147483647;
+  const auto e = expect_invalid([&] {
+    fa::multihead_attention(fa::dense{}, t, t, t, fa::tensor_view<float>{out.data(), 1, 32, 1, 8},
+                            opt);
+  });
+  EXPECT_EQ(e.argument(), "threads");
+  EXPECT_NE(e.message().find("1024"), std::string::npos) << e.what();
+}
+
+// Item 11: extents whose product overflows are refused (before: UBSan overflow, null check
+// bypassed, crash).
+TEST(HardeningTensorView, OverflowingExtentsAreRefused) {
+  float one = 0;
+  const fa::tensor_view<const float> huge{nullptr, 1, fa::index{1} << 62, 4, 1};
+  const fa::tensor_view<const float> small{&one, 1, 1, 1, 1};
+  fa::tensor_view<float> out{&one, 1, 1, 1, 1};
+  EXPECT_EQ(expect_invalid([&] { fa::multihead_attention(fa::dense{}, huge, small, small, out); })
+                .argument(),
+            "q");
+  const fa::tensor_view<const float> strided{&one, 2, 2, 1, 1, fa::index{1} << 62};
+  EXPECT_EQ(
+      expect_invalid([&] { fa::multihead_attention(fa::dense{}, strided, small, small, out); })
+          .argument(),
+      "q");
+  // An output whose heads overlap each other would be written twice: refused.
+  std::vector<float> buffer(64);
+  const fa::tensor_view<const float> q2{buffer.data(), 1, 4, 2, 4};
+  std::vector<float> o2(64);
+  EXPECT_EQ(expect_invalid([&] {
+              fa::multihead_attention(fa::dense{}, q2, q2, q2,
+                                      fa::tensor_view<float>{o2.data(), 1, 4, 2, 4, 4, 0, 2});
+            }).argument(),
+            "out");
+}
+
+// Item 10: improved_clustered with clusters >= L kept a C x S = L x S matrix (192 MiB of scratch
+// at N = 4096); now its scratch is O((64 + k) S) whatever C and k are.
+TEST(HardeningImproved, ScratchStaysLinearWithOneClusterPerQuery) {
+  const fa::index N = 4096;
+  const auto in = fa::testing::make_peaked<float>(N, N, 16, 16, 19);
+  fa::release_scratch();
+  const fa::matrix<float> o =
+      fa::attention(fa::improved_clustered{.clusters = N, .iterations = 2}, in.q, in.k, in.v);
+  EXPECT_TRUE(o.allFinite());
+  // An N x N float matrix is 64 MiB; the bound below is (64 + 32) x N floats plus the member and
+  // clustering scratch, with room to spare.
+  EXPECT_LT(fa::scratch_bytes(), std::size_t{8} << 20);
+  // topk = S with one cluster holding everything: exact, and still no L x S scratch.
+  fa::release_scratch();
+  const fa::index n = 2048;
+  const auto small = fa::testing::make_peaked<float>(n, n, 16, 16, 20);
+  const fa::matrix<float> exact =
+      fa::attention(fa::improved_clustered{.clusters = 1, .topk = n}, small.q, small.k, small.v);
+  EXPECT_LT(fa::testing::relative_error(exact, fa::testing::reference_attention(small.q, small.k, small.v)),
+            1e-5);
+  EXPECT_LT(fa::scratch_bytes(), std::size_t{n} * n * sizeof(float) / 2);
+}
+
+// Item 15: an identical second call allocates nothing, for every kernel, and the arena keeps at
+// most its peak need (the 64 KiB first block aside).
+TYPED_TEST(Hardening, RepeatedCallsAllocateNothing) {
+  const auto in = fa::testing::make_peaked<float>(700, 600, 32, 16, 21);
+  fa::matrix<float> out(700, 16);
+  const fa::options opt{.key_length = 590, .query_length = 690};
+  fa::attention(TypeParam{}, in.q, in.k, in.v, fa::view<float>(out), opt);
+  counting = true;
+  allocations = 0;
+  fa::attention(TypeParam{}, in.q, in.k, in.v, fa::view<float>(out), opt);
+  counting = false;
+  EXPECT_EQ(allocations, 0) << TypeParam::name;
+  const std::size_t peak = fa::detail::arena::local().peak();
+  EXPECT_LE(fa::scratch_bytes(), std::max<std::size_t>(peak, std::size_t{1} << 16));
+}
+
+}  // namespace
