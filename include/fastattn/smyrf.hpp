@@ -47,10 +47,9 @@ namespace fastattn {
 /// comes from the calling thread's scratch arena (detail/scratch.hpp), so repeated calls of the
 /// same size allocate nothing.
 ///
-/// Accuracy: SMYRF with few rounds is coarse. On the peaked1024 fixture (16 centres, N = 1024,
-/// shared/data/peaked1024) the relative error is 0.99 for 2 hashes x clusters of 64 and 0.97 for
-/// 4 x 32 (mean of 20 seeds), as with the authors' code (1.02 and 0.97); it falls steadily with
-/// `hashes` (8 x 64: 0.38) and with larger clusters.
+/// Accuracy: SMYRF with few rounds is coarse on peaked attention (a cluster of c keys holds a
+/// small share of each query's heavy keys); the error falls steadily with `hashes` and with
+/// larger clusters. The README and the benchmark report give measured figures.
 ///
 /// Knobs (checked by the front door before any work; a violation throws
 /// `fastattn::invalid_argument` naming it):

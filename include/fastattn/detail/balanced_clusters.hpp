@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <array>
+#include <bit>
+#include <limits>
 #include <type_traits>
 #include <cstdint>
 #include <utility>
@@ -48,7 +50,25 @@ struct cluster_plan {
   index key_group_of(index c) const noexcept { return c * keys.groups / queries.groups; }
 };
 
-/// One row's sort key: (hash, position).
+/// An unsigned integer whose order is the numeric order of x: -0 and +0 are equal, NaN sorts
+/// after +inf (a total order even for NaN hashes, so the radix sort below is well defined).
+template <class T>
+std::uint64_t order_key(T x) noexcept {
+  if (x != x) return std::numeric_limits<std::uint64_t>::max();
+  if (x == T(0)) x = T(0);
+  if constexpr (std::is_same_v<T, float>) {
+    const auto b = std::bit_cast<std::uint32_t>(x);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+  } else {
+    static_assert(std::is_same_v<T, double>);
+    const auto b = std::bit_cast<std::uint64_t>(x);
+    const std::uint64_t sign = std::uint64_t{1} << 63;
+    // The largest NaN pattern is excluded above, so no finite or infinite value maps to max().
+    return (b & sign) ? ~b : (b | sign);
+  }
+}
+
+/// One row's sort key: (order_key(hash), position).
 struct hash_entry {
   std::uint64_t key;
   index position;

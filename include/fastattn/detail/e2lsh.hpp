@@ -66,22 +66,4 @@ struct e2lsh {
   }
 };
 
-/// An unsigned integer whose order is the numeric order of x: -0 and +0 are equal, NaN sorts
-/// after +inf (a strict weak order even for NaN hashes, so std::sort stays well defined).
-template <class T>
-std::uint64_t order_key(T x) noexcept {
-  if (x != x) return std::numeric_limits<std::uint64_t>::max();
-  if (x == T(0)) x = T(0);
-  if constexpr (std::is_same_v<T, float>) {
-    const auto b = std::bit_cast<std::uint32_t>(x);
-    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-  } else {
-    static_assert(std::is_same_v<T, double>);
-    const auto b = std::bit_cast<std::uint64_t>(x);
-    const std::uint64_t sign = std::uint64_t{1} << 63;
-    // The largest NaN pattern is excluded above, so no finite or infinite value maps to max().
-    return (b & sign) ? ~b : (b | sign);
-  }
-}
-
 }  // namespace fastattn::detail

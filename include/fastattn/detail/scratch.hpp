@@ -2,11 +2,12 @@
 //
 // Kernels need O(block * S)-sized scratch on every call. Allocating it afresh each time costs
 // little in a loop of large calls, but a model calls attention once per head and layer, and on
-// many systems each fresh allocation of a few hundred KiB is an mmap, page faults and a munmap:
-// measured here, that made a 256-token dense call 5x slower than its arithmetic. So each thread
-// keeps one arena that grows to the largest need seen and is then reused: after the first call,
-// a kernel touches no new pages. Allocation is a pointer bump; `scope` returns the memory taken
-// inside it, so kernels that call other kernels (clustered runs dense on its centroids) nest.
+// many systems each fresh allocation of a few hundred KiB is an mmap, page faults and a munmap,
+// which can cost more than a short call's arithmetic. So each thread keeps one arena that grows
+// to the largest need seen and is then reused: after the first call, a kernel touches no new
+// pages. Allocation is a pointer bump; `scope` returns the memory taken inside it, so scratch
+// users nest (clustered's exact centroid attention inside clustered). Kernel state that lives in
+// vectors (hashes, k-means, sort buffers) is a per-thread `workspace` reset with the arena.
 #pragma once
 
 #include <algorithm>
