@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -19,6 +20,7 @@
 #include <Eigen/Core>
 
 #include "error.hpp"
+#include "detail/causal.hpp"
 #include "detail/scratch.hpp"
 #include "policy.hpp"
 
@@ -105,7 +107,7 @@ context make_context(std::string_view name, bool supports_causal, index L, index
          " (|scale| <= ", std::numeric_limits<T>::max(), "): ", ctx.scale, " overflows it");
   if (opt.causal && !supports_causal)
     fail("causal", "causal = true is not supported by the '", name,
-         "' kernel (its supports_causal is false)");
+         "' kernel (its supports_causal is false and it returns no log-sum-exp)");
   ctx.causal = opt.causal;
   ctx.stream = stream;
   return ctx;
@@ -201,18 +203,40 @@ void check_no_alias(const const_view<T>& q, const const_view<T>& k, const const_
            "; attention cannot run in place: write the output to a separate buffer");
 }
 
+/// Runs the kernel on a validated head with Lv, Sv >= 1, making causal attention by decomposition
+/// for a policy with log-sum-exp that does not do it itself.
+template <class Policy, class T>
+void compute_head(const Policy& policy, const const_view<T>& q, const const_view<T>& k,
+                  const const_view<T>& v, view<T> out, const context& ctx, std::span<T> lse) {
+  if constexpr (provides_lse<Policy>) {
+    if (ctx.causal && !Policy::supports_causal)
+      causal_blocks(policy, q, k, v, out, ctx, lse);
+    else
+      policy.compute(q, k, v, out, ctx, lse);
+  } else {
+    policy.compute(q, k, v, out, ctx);
+  }
+}
+
 /// What the front door and the multi-head driver do for one validated head: zero the padded
-/// rows, handle the empty cases, and run the kernel on the rest.
+/// rows, handle the empty cases, make causal attention by decomposition for a policy that does
+/// not do it itself, and run the kernel on the rest. `lse` (empty, or one entry per row) gets
+/// -inf on padded and keyless rows.
 template <class Policy, class T>
 void run_head(const Policy& policy, const const_view<T>& q, const const_view<T>& k,
-              const const_view<T>& v, view<T> out, const context& ctx) {
+              const const_view<T>& v, view<T> out, const context& ctx, std::span<T> lse = {}) {
+  constexpr T minus_inf = -std::numeric_limits<T>::infinity();
   out.bottomRows(out.rows() - ctx.query_length).setZero();
+  if (!lse.empty())
+    std::fill(lse.begin() + ctx.query_length, lse.end(), minus_inf);
   if (ctx.query_length == 0) return;
   if (ctx.key_length == 0) {  // no visible key: zero rows
     out.topRows(ctx.query_length).setZero();
+    if (!lse.empty()) std::fill(lse.begin(), lse.begin() + ctx.query_length, minus_inf);
     return;
   }
-  policy.compute(q, k, v, out, ctx);
+  compute_head(policy, q, k, v, out, ctx,
+               lse.empty() ? lse : lse.first(static_cast<std::size_t>(ctx.query_length)));
 }
 
 }  // namespace detail
@@ -234,17 +258,41 @@ void attention(const Policy& policy, const Eigen::MatrixBase<DQ>& q, const Eigen
   static_assert(
       std::is_same_v<Scalar, typename DK::Scalar> && std::is_same_v<Scalar, typename DV::Scalar>,
       "fastattn: q, k and v must have the same scalar type");
-  const context ctx = detail::make_context<Scalar>(Policy::name, Policy::supports_causal, q.rows(),
+  attention(policy, q, k, v, out, std::span<Scalar>{}, opt);
+}
+
+/// As above, and writes into `lse` (L entries) each row's log-sum-exp of its scores,
+/// log sum_j exp(scale q_i . k_j) over the keys it sees (for an approximate kernel, the log of the
+/// normaliser its approximation uses; -inf for padded rows and rows that see no key). Requires a
+/// policy that `provides_lse`. Throws as above, and when lse.size() != L.
+template <attention_policy Policy, class DQ, class DK, class DV>
+void attention(const Policy& policy, const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+               const Eigen::MatrixBase<DV>& v, view<typename DQ::Scalar> out,
+               std::span<typename DQ::Scalar> lse, const options& opt = {}) {
+  using Scalar = typename DQ::Scalar;
+  static_assert(std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>,
+                "fastattn: kernels are defined for float and double");
+  static_assert(
+      std::is_same_v<Scalar, typename DK::Scalar> && std::is_same_v<Scalar, typename DV::Scalar>,
+      "fastattn: q, k and v must have the same scalar type");
+  const context ctx = detail::make_context<Scalar>(Policy::name, causal_capable<Policy>, q.rows(),
                                                    q.cols(), k.rows(), k.cols(), v.rows(), opt);
   validate(policy);
   if (out.rows() != q.rows() || out.cols() != v.cols())
     detail::fail("out", "out must be L x M = ", q.rows(), " x ", v.cols(), ", got ", out.rows(),
                  " x ", out.cols());
+  if (!lse.empty()) {
+    if constexpr (!provides_lse<Policy>)
+      detail::fail("lse", "the '", Policy::name, "' kernel does not return a log-sum-exp");
+    if (static_cast<index>(lse.size()) != q.rows())
+      detail::fail("lse", "lse must have one entry per query row (L = ", q.rows(), "), got ",
+                   lse.size());
+  }
   const const_view<Scalar> qv(q.derived()), kv(k.derived()), vv(v.derived());
   detail::check_no_alias(qv, kv, vv, out);
   if (opt.check_finite) detail::check_values(qv, kv, vv, ctx);
   const detail::serial_products_scope serial;
-  detail::run_head(policy, qv, kv, vv, out, ctx);
+  detail::run_head(policy, qv, kv, vv, out, ctx, lse);
 }
 
 /// Runs `policy` on one head: returns softmax(scale * q k^T) v, or the kernel's approximation of

@@ -5,9 +5,11 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <span>
 #include <string_view>
 
 #include "attention.hpp"
+#include "detail/causal.hpp"
 #include "detail/clustering.hpp"
 #include "detail/exact_attention.hpp"
 #include "detail/scratch.hpp"
@@ -33,7 +35,8 @@ namespace fastattn {
 ///
 /// Padding: queries at and beyond ctx.query_length take no part in hashing or clustering; keys at
 /// and beyond ctx.key_length get zero weight and are never read (the front door zeroes padded
-/// rows and handles the empty cases). Not causal: `supports_causal` is false.
+/// rows and handles the empty cases). Causal attention runs by the recursive decomposition of
+/// detail/causal.hpp: exact diagonal blocks, `clusters` clusters per off-diagonal block.
 ///
 /// Determinism: every random draw (hyperplanes, initial centroids, refills of empty clusters)
 /// comes from detail::rng(seed, ctx.stream), so the same seed gives the same bits, and
@@ -41,7 +44,8 @@ namespace fastattn {
 struct clustered {
   static constexpr std::string_view name = "clustered";
   static constexpr bool is_exact = false;
-  static constexpr bool supports_causal = false;
+  static constexpr bool supports_causal = true;
+  static constexpr bool supports_exclusion = true;  ///< honours context::exclude (see banded)
 
   /// Number of clusters C, in [1, 2^32 - 1]. More clusters: lower error, cost linear in C. When C exceeds the
   /// valid queries Lv, Lv clusters are used (each query can then be its own cluster).
@@ -60,20 +64,82 @@ struct clustered {
 
   static constexpr auto knobs() { return detail::clustering_knob_list<clustered>(); }
 
-  /// Preconditions (ensured by the front door): knobs in range, Lv >= 1, Sv >= 1.
+  /// Preconditions (ensured by the front door): knobs in range, Lv >= 1, Sv >= 1. `lse`, when
+  /// not empty, receives each valid row's log normaliser: its centroid's log-sum-exp expanded to
+  /// first order around the centroid (see below; 2 C S E more flops). Causal by the recursive
+  /// decomposition of detail/causal.hpp (the knobs apply per off-diagonal block).
   template <class T>
   void compute(const_view<T> q, const_view<T> k, const_view<T> v, view<T> out,
-               const context& ctx) const {
+               const context& ctx, std::span<T> lse = {}) const {
+    if (ctx.causal) return detail::causal_blocks(*this, q, k, v, out, ctx, lse);
     const detail::arena::scope scratch;  // the thread's reusable scratch: no allocation per call
     auto& groups = detail::workspace<detail::query_clustering<T>>();
     groups.run(*this, q, ctx);
 
     // Attention of the centroids: exact, streamed over key blocks (C x S, never L x S).
-    const index C = groups.count();
-    auto rows = detail::scratch_matrix<T>(C, v.cols());
-    detail::exact_attention<T>(const_view<T>(groups.centroids()), k, v, view<T>(rows), C,
-                               ctx.key_length, ctx.scale, std::nullopt, {std::min<index>(C, 128), 512});
-    groups.broadcast(rows, out);
+    const index C = groups.count(), M = v.cols(), E = q.cols(), Sv = ctx.key_length;
+    if (lse.empty()) {
+      auto rows = detail::scratch_matrix<T>(C, M);
+      detail::exact_attention<T>(const_view<T>(groups.centroids()), k, v, view<T>(rows), C, Sv,
+                                 ctx.scale, std::nullopt, {std::min<index>(C, 128), 512});
+      groups.broadcast(rows, out);
+      return;
+    }
+    // With lse: each centroid also attends to the keys themselves ([V | K] as values), giving
+    // the gradient of its log-sum-exp, scale * sum_j p_cj k_j; member i's normaliser is the
+    // first-order expansion lse_c + scale (q_i - c) . kbar_c around its centroid (exact when the
+    // member is the centroid; the members' mean equals the centroid's lse).
+    auto values = detail::scratch_matrix<T>(Sv, M + E);
+    values.leftCols(M) = v.topRows(Sv);
+    values.rightCols(E) = k.topRows(Sv);
+    auto rows = detail::scratch_matrix<T>(C, M + E);
+    T* const row_lse = detail::arena::local().take<T>(static_cast<std::size_t>(C));
+    detail::exact_attention<T>(const_view<T>(groups.centroids()), k, const_view<T>(values),
+                               view<T>(rows), C, Sv, ctx.scale, std::nullopt,
+                               {std::min<index>(C, 128), 512}, row_lse);
+    groups.broadcast(rows.leftCols(M), out);
+    const T scale = static_cast<T>(ctx.scale);
+    const T tiny = 16 * std::numeric_limits<T>::epsilon();
+    auto& work = detail::workspace<matrix<T>>();  // row 0: a correction [sum p v | sum p k]
+    work.resize(2, M + E);                         // row 1: the member's gradient
+    for (index j = 0; j < C; ++j) {
+      const auto c = groups.centroids().row(j);
+      for (index r = groups.begin(j); r < groups.end(j); ++r) {
+        const index i = groups.member(r);
+        auto o = out.row(i);
+        T kept = T(1);  // the centroid's probability mass on the keys this member may see
+        auto grad = work.row(1).head(E);
+        grad = rows.row(j).tail(E);
+        if (ctx.exclude) {
+          // Remove the excluded keys' share of the centroid's attention: o = (o_c - sum p v) /
+          // (1 - sum p) over the excluded keys (at most the band's width of them).
+          const index pos = ctx.query_offset + i - ctx.key_offset;
+          const index first = std::clamp<index>(pos + ctx.exclude->lower, 0, Sv);
+          const index last = std::clamp<index>(pos + ctx.exclude->upper + 1, first, Sv);
+          if (first < last) {
+            auto correction = work.row(0);
+            correction.setZero();
+            T removed = 0;
+            for (index key = first; key < last; ++key) {
+              const T p = std::exp(scale * c.dot(k.row(key)) - row_lse[j]);
+              removed += p;
+              correction.leftCols(M) += p * v.row(key);
+              correction.rightCols(E) += p * k.row(key);
+            }
+            kept = T(1) - std::min(removed, T(1));
+            if (kept <= tiny) {  // the member sees nothing but excluded keys
+              o.setZero();
+              lse[static_cast<std::size_t>(i)] = -std::numeric_limits<T>::infinity();
+              continue;
+            }
+            o = (o - correction.leftCols(M)) / kept;
+            grad = (grad - correction.rightCols(E)) / kept;
+          }
+        }
+        lse[static_cast<std::size_t>(i)] =
+            row_lse[j] + std::log(kept) + scale * (q.row(i) - c).dot(grad);
+      }
+    }
   }
 };
 

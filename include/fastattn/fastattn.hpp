@@ -3,6 +3,8 @@
 #pragma once
 
 #include "attention.hpp"
+#include "banded.hpp"
+#include "merge.hpp"
 #include "multihead.hpp"
 #include "policy.hpp"
 
@@ -10,12 +12,13 @@
 #include "clustered.hpp"
 #include "dense.hpp"
 #include "improved_clustered.hpp"
+#include "local.hpp"
 #include "smyrf.hpp"
 
 namespace fastattn {
 
 /// The built-in kernels, in the order tools list them. Adding a kernel: its header, its include
 /// above, and its name here (README, "Adding a kernel").
-using kernels = kernel_list<dense, clustered, improved_clustered, smyrf>;
+using kernels = kernel_list<dense, local, clustered, improved_clustered, smyrf>;
 
 }  // namespace fastattn

@@ -6,11 +6,13 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <span>
 #include <string_view>
 #include <tuple>
 #include <vector>
 
 #include "attention.hpp"
+#include "detail/causal.hpp"
 #include "detail/clustering.hpp"
 #include "detail/scratch.hpp"
 #include "detail/topk.hpp"
@@ -38,11 +40,12 @@ namespace fastattn {
 /// memory O((64 + k) (S + E + M) + 128 k + Lv), never L x S whatever C and k are.
 ///
 /// Padding, determinism and the clamp of `clusters` to the valid queries are as for clustered.
-/// Not causal: `supports_causal` is false.
+/// Causal attention runs by the recursive decomposition of detail/causal.hpp.
 struct improved_clustered {
   static constexpr std::string_view name = "improved_clustered";
   static constexpr bool is_exact = false;
-  static constexpr bool supports_causal = false;
+  static constexpr bool supports_causal = true;
+  static constexpr bool supports_exclusion = true;  ///< honours context::exclude (see banded)
 
   /// Number of clusters C, in [1, 2^32 - 1]; clamped to the valid queries Lv (see clustered::clusters).
   index clusters = 100;
@@ -66,10 +69,15 @@ struct improved_clustered {
                                   std::numeric_limits<index>::max())));
   }
 
-  /// Preconditions (ensured by the front door): knobs in range, Lv >= 1, Sv >= 1.
+  /// Preconditions (ensured by the front door): knobs in range, Lv >= 1, Sv >= 1. `lse`, when
+  /// not empty, receives each valid row's log normaliser: member i's output puts weight
+  /// e^(s_il) / Z_i on each of its cluster's top-k keys l with Z_i = (sum over the top-k of
+  /// e^(s_il)) / m_j, so log Z_i is returned (the exact log-sum-exp when topk >= S). Causal by the
+  /// recursive decomposition of detail/causal.hpp (the knobs apply per off-diagonal block).
   template <class T>
   void compute(const_view<T> q, const_view<T> k, const_view<T> v, view<T> out,
-               const context& ctx) const {
+               const context& ctx, std::span<T> lse = {}) const {
+    if (ctx.causal) return detail::causal_blocks(*this, q, k, v, out, ctx, lse);
     const index Sv = ctx.key_length, E = q.cols(), M = v.cols();
     const detail::arena::scope scratch;  // the thread's reusable scratch: no allocation per call
     auto& groups = detail::workspace<detail::query_clustering<T>>();
@@ -95,6 +103,15 @@ struct improved_clustered {
     auto top_values = detail::scratch_matrix<T>(top, M);
     auto scores = detail::scratch_matrix<T>(bm, top);
     auto member_out = detail::scratch_matrix<T>(bm, M);
+    // For context::exclude (banded's inner call): each cluster's top-k probabilities and
+    // log-sum-exp, which top-k slot a key holds (-1: none), and each member's removed residual.
+    const bool excluding = ctx.exclude.has_value();
+    T* const top_prob = detail::arena::local().take<T>(static_cast<std::size_t>(excluding ? cb * top : 0));
+    T* const centroid_lse = detail::arena::local().take<T>(static_cast<std::size_t>(cb));
+    index* const slot_of = detail::arena::local().take<index>(static_cast<std::size_t>(excluding ? Sv : 0));
+    if (excluding) std::fill(slot_of, slot_of + Sv, index{-1});
+    auto removed = detail::scratch_matrix<T>(excluding ? bm : 0, M);
+    T* const kept = detail::arena::local().take<T>(static_cast<std::size_t>(bm));
 
     for (index c0 = 0; c0 < C; c0 += cb) {
       const index n = std::min(cb, C - c0);
@@ -109,13 +126,18 @@ struct improved_clustered {
         if (!(peak > -std::numeric_limits<T>::infinity())) {  // no finite score: zero row
           row.setZero();
           mass[j] = T(0);
+          centroid_lse[j] = -std::numeric_limits<T>::infinity();
+          if (excluding) std::fill(top_prob + j * top, top_prob + (j + 1) * top, T(0));
           continue;
         }
         row = (row.array() - peak).exp();
-        row /= row.sum();
+        const T sum = row.sum();
+        row /= sum;
+        centroid_lse[j] = peak + std::log(sum);
         T m = 0;
         for (index t = 0; t < top; ++t) {
           m += row(chosen[t]);
+          if (excluding) top_prob[j * top + t] = row(chosen[t]);
           row(chosen[t]) = T(0);
         }
         mass[j] = m;
@@ -129,6 +151,7 @@ struct improved_clustered {
         for (index t = 0; t < top; ++t) {
           top_keys.row(t) = keys.row(chosen[t]) * scale;
           top_values.row(t) = values.row(chosen[t]);
+          if (excluding) slot_of[chosen[t]] = t;
         }
         const T m = mass[j];
         const index first = groups.begin(c0 + j), last = groups.end(c0 + j);
@@ -138,19 +161,85 @@ struct improved_clustered {
           auto s = scores.topRows(rows);
           s.noalias() = member_q.topRows(rows) * top_keys.transpose();
           for (index r = 0; r < rows; ++r) {
+            const index i = groups.member(r0 + r);
             auto row = s.row(r);
-            row = (row.array() - row.maxCoeff()).exp();
-            row *= m / row.sum();
+            T member_mass = m;  // m_i: the centroid's mass on the top-k keys this member sees
+            kept[r] = T(1);     // mu_i: its mass on all the keys this member sees
+            if (excluding)
+              exclude_keys(ctx, i, Sv, slot_of, top_prob + j * top, probabilities.row(j), values,
+                           row, member_mass, kept[r], removed.row(r));
+            const T peak = row.maxCoeff();
+            T top_lse = -std::numeric_limits<T>::infinity();
+            if (peak > -std::numeric_limits<T>::infinity() && member_mass > T(0)) {
+              row = (row.array() - peak).exp();
+              const T sum = row.sum();
+              row *= member_mass / sum;
+              top_lse = peak + std::log(sum);
+            } else {
+              row.setZero();
+            }
+            if (!lse.empty()) {
+              // The normaliser the output uses: that of the top-k part when it has one, else
+              // the centroid's; times the mass kept.
+              const T base = peak > -std::numeric_limits<T>::infinity() && member_mass > T(0)
+                                 ? top_lse - std::log(member_mass)
+                                 : centroid_lse[j];
+              lse[static_cast<std::size_t>(i)] =
+                  kept[r] > T(0) ? base + std::log(kept[r]) : -std::numeric_limits<T>::infinity();
+            }
           }
           member_out.topRows(rows).noalias() = s * top_values;
-          for (index r = 0; r < rows; ++r)
-            out.row(groups.member(r0 + r)) = member_out.row(r) + residual.row(j);
+          for (index r = 0; r < rows; ++r) {
+            auto o = out.row(groups.member(r0 + r));
+            if (!excluding) {
+              o = member_out.row(r) + residual.row(j);
+            } else if (kept[r] > 16 * std::numeric_limits<T>::epsilon()) {
+              o = (member_out.row(r) + residual.row(j) - removed.row(r)) / kept[r];
+            } else {  // the member sees nothing but excluded keys
+              o.setZero();
+              if (!lse.empty())
+                lse[static_cast<std::size_t>(groups.member(r0 + r))] =
+                    -std::numeric_limits<T>::infinity();
+            }
+          }
         }
+        if (excluding)
+          for (index t = 0; t < top; ++t) slot_of[chosen[t]] = -1;
       }
     }
   }
 
  private:
+  // Removes from member i's approximation the keys of its excluded band: their top-k scores
+  // become -inf (and their probability leaves the top-k mass m_i), and their residual share
+  // (the centroid's probability times their value) is collected in `removed`; `kept` becomes
+  // the centroid's mass on the keys the member still sees.
+  template <class T, class Probabilities, class Values, class Row, class Removed>
+  static void exclude_keys(const context& ctx, index i, index Sv, const index* slot_of,
+                           const T* top_prob, const Probabilities& probabilities,
+                           const Values& values, Row&& scores, T& member_mass, T& kept,
+                           Removed&& removed) {
+    removed.setZero();
+    const index pos = ctx.query_offset + i - ctx.key_offset;
+    const index first = std::clamp<index>(pos + ctx.exclude->lower, 0, Sv);
+    const index last = std::clamp<index>(pos + ctx.exclude->upper + 1, first, Sv);
+    T gone = 0;
+    for (index key = first; key < last; ++key) {
+      const index t = slot_of[key];
+      if (t >= 0) {
+        scores(t) = -std::numeric_limits<T>::infinity();
+        member_mass -= top_prob[t];
+        gone += top_prob[t];
+      } else {
+        const T p = probabilities(key);
+        removed += p * values.row(key);
+        gone += p;
+      }
+    }
+    member_mass = std::max(member_mass, T(0));
+    kept = std::max(T(1) - gone, T(0));
+  }
+
   static constexpr index centroid_block = 64;  // clusters whose S scores are held at once
   static constexpr index member_block = 128;   // member queries scored at once
 };

@@ -170,6 +170,16 @@ template <attention_policy Policy, class T>
 void multihead_attention(const Policy& policy, tensor_view<const T> q, tensor_view<const T> k,
                          tensor_view<const T> v, tensor_view<T> out,
                          const multihead_options& opt = {}) {
+  multihead_attention(policy, q, k, v, out, opt, std::span<T>{});
+}
+
+/// As above, and writes each row's log-sum-exp (see `attention`) into `lse`, B x H x L entries in
+/// that order (head (b, h)'s L entries at (b H + h) L). Requires a policy that `provides_lse`;
+/// throws when lse.size() != B H L.
+template <attention_policy Policy, class T>
+void multihead_attention(const Policy& policy, tensor_view<const T> q, tensor_view<const T> k,
+                         tensor_view<const T> v, tensor_view<T> out, const multihead_options& opt,
+                         std::span<T> lse) {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
                 "fastattn: kernels are defined for float and double");
   validate(policy);
@@ -199,6 +209,14 @@ void multihead_attention(const Policy& policy, tensor_view<const T> q, tensor_vi
   if (opt.threads < 0 || opt.threads > multihead_options::max_threads)
     detail::fail("threads", "threads must be in [0, ", multihead_options::max_threads, "], got ",
                  opt.threads);
+  if (!lse.empty()) {
+    if constexpr (!provides_lse<Policy>)
+      detail::fail("lse", "the '", Policy::name, "' kernel does not return a log-sum-exp");
+    const auto entries = detail::checked_product(q.batch, q.heads, q.length);
+    if (!entries || static_cast<index>(lse.size()) != *entries)
+      detail::fail("lse", "lse must have B H L = ", q.batch, " * ", q.heads, " * ", q.length,
+                   " entries, got ", lse.size());
+  }
   detail::check_tensor_no_alias("q", q, out);
   detail::check_tensor_no_alias("k", k, out);
   detail::check_tensor_no_alias("v", v, out);
@@ -214,7 +232,7 @@ void multihead_attention(const Policy& policy, tensor_view<const T> q, tensor_vi
     if (!opt.query_lengths.empty()) o.query_length = opt.query_lengths[static_cast<std::size_t>(b)];
     if (!opt.key_lengths.empty()) o.key_length = opt.key_lengths[static_cast<std::size_t>(b)];
     try {
-      contexts.push_back(detail::make_context<T>(Policy::name, Policy::supports_causal, q.length,
+      contexts.push_back(detail::make_context<T>(Policy::name, causal_capable<Policy>, q.length,
                                                  q.dim, k.length, k.dim, v.length, o));
     } catch (const invalid_argument& e) {
       throw located(e, b, std::nullopt);
@@ -248,7 +266,10 @@ void multihead_attention(const Policy& policy, tensor_view<const T> q, tensor_vi
       detail::run_head(policy, const_view<T>(detail::head_map(q, b, h)),
                        const_view<T>(detail::head_map(k, b, h)),
                        const_view<T>(detail::head_map(v, b, h)),
-                       view<T>(detail::head_map(out, b, h)), ctx);
+                       view<T>(detail::head_map(out, b, h)), ctx,
+                       lse.empty() ? lse
+                                   : lse.subspan(static_cast<std::size_t>(task * q.length),
+                                                 static_cast<std::size_t>(q.length)));
     } catch (...) {  // only allocation failures can reach here: everything was checked above
 #if defined(_OPENMP)
 #pragma omp critical(fastattn_multihead_error)

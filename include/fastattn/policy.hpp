@@ -4,7 +4,10 @@
 
 #include <concepts>
 #include <cstdint>
+#include <algorithm>
 #include <limits>
+#include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <tuple>
@@ -30,6 +33,32 @@ using const_view = Eigen::Ref<const matrix<T>, 0, Eigen::OuterStride<>>;
 template <class T>
 using view = Eigen::Ref<matrix<T>, 0, Eigen::OuterStride<>>;
 
+/// A band of keys around each query, by position: query i and key j are in it when
+/// i + lower <= j <= i + upper. Causal visibility is `band::causal()` = {-unbounded, 0}; a local
+/// window of w keys on both sides is {-w, w}, on earlier keys only {-w, 0}.
+struct band {
+  static constexpr index unbounded = std::numeric_limits<index>::max() / 4;
+  index lower = -unbounded;
+  index upper = unbounded;
+
+  static constexpr band causal() noexcept { return {-unbounded, 0}; }
+  /// The same band for a tile whose first query is i0 and first key j0 (row r, column c of the
+  /// tile are query i0 + r, key j0 + c).
+  constexpr band relative(index i0, index j0) const noexcept {
+    return {lower + (i0 - j0), upper + (i0 - j0)};
+  }
+  /// The keys [first, last) that any of the queries [i0, i0 + rows) sees, within [0, keys).
+  constexpr std::pair<index, index> keys_of(index i0, index rows, index keys) const noexcept {
+    const index first = std::clamp<index>(i0 + lower, 0, keys);
+    const index last = std::clamp<index>(i0 + rows - 1 + upper + 1, first, keys);
+    return {first, last};
+  }
+  /// Whether every query of [i0, i0 + rows) sees every key of [j0, j0 + cols).
+  constexpr bool covers(index i0, index rows, index j0, index cols) const noexcept {
+    return j0 >= i0 + rows - 1 + lower && j0 + cols - 1 <= i0 + upper;
+  }
+};
+
 /// Options after validation against the shapes: what a kernel's `compute` receives.
 struct context {
   double scale;          ///< resolved scale, finite and representable in the scalar type
@@ -38,6 +67,13 @@ struct context {
   bool causal;           ///< query i sees keys j <= i
   std::uint64_t stream;  ///< which (batch, head) this is: kernels derive their random draws
                          ///< from (seed, stream) so results do not depend on scheduling
+  /// Keys this call must give zero weight, set by `banded` for its inner kernel (only for
+  /// policies whose `supports_exclusion` is true): query row i, at position query_offset + i,
+  /// gives no weight to key row j, at position key_offset + j, when the positions are in the
+  /// band. Empty: every visible key counts.
+  std::optional<band> exclude{};
+  index query_offset = 0;  ///< position of query row 0 (sub-problems of a decomposition)
+  index key_offset = 0;    ///< position of key row 0
 };
 
 /// What a kernel policy provides. Built-in policies are listed in `fastattn::kernels`
@@ -65,6 +101,29 @@ concept attention_policy = std::copy_constructible<P> &&
   p.compute(qf, qf, qf, of, ctx);
   p.compute(qd, qd, qd, od, ctx);
 };
+
+/// A policy that can also return, per valid query row, the log-sum-exp of its scores (for an
+/// approximate kernel, the log of the normaliser its approximation uses): `compute(q, k, v, out,
+/// ctx, lse)` with `lse` a std::span of ctx.query_length entries (empty: not asked, no cost).
+/// Such a policy gets causal attention (by recursive decomposition), merging and local bands from
+/// the library without writing them.
+template <class P>
+concept provides_lse = attention_policy<P> &&
+    requires(const P& p, const_view<float> qf, view<float> of, const_view<double> qd,
+             view<double> od, const context& ctx, std::span<float> lf, std::span<double> ld) {
+  p.compute(qf, qf, qf, of, ctx, lf);
+  p.compute(qd, qd, qd, od, ctx, ld);
+};
+
+/// A policy that honours context::exclude (zero weight for each query's band of keys), so that
+/// `banded` can give it an exact local band without counting those keys twice.
+template <class P>
+concept supports_exclusion = requires { requires P::supports_exclusion; };
+
+/// Whether a causal request can be honoured: natively (`supports_causal`) or, for a policy with
+/// log-sum-exp, by the front door's recursive decomposition.
+template <class P>
+inline constexpr bool causal_capable = P::supports_causal || provides_lse<P>;
 
 /// One knob of a policy: a public data member, its name (the tools' flag is the name with '_'
 /// replaced by '-'), a one-line meaning, and its valid range [min, max] (inclusive; for floating

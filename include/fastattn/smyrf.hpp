@@ -6,11 +6,14 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <span>
 #include <string_view>
 #include <tuple>
 
 #include "attention.hpp"
+#include "merge.hpp"
 #include "detail/balanced_clusters.hpp"
+#include "detail/causal.hpp"
 #include "detail/e2lsh.hpp"
 #include "detail/online_softmax.hpp"
 #include "detail/rng.hpp"
@@ -34,7 +37,7 @@ namespace fastattn {
 ///    output o_h,i and the log-sum-exp lse_h,i of its scores.
 ///
 /// The rounds are merged as O_i = sum_h o_h,i exp(lse_h,i - logsumexp_h lse_h,i), in the log
-/// domain (no overflow however large the scores). A query sees the union of its clusters' keys,
+/// domain by `merge_row` (merge.hpp: no overflow however large the scores). A query sees the union of its clusters' keys,
 /// each key counted once per round it shares with the query.
 ///
 /// Cost: O(hashes (Lv + Sv) E) for the projections (one (Lv x E)(E x hashes) product and one for
@@ -72,11 +75,12 @@ namespace fastattn {
 /// - padded queries (index >= query_length) and padded keys (index >= key_length) enter neither
 ///   the norms, the hashes, the sorts nor the clusters, and their contents (even NaN) are never
 ///   read (the front door zeroes padded rows and handles Lv = 0 and Sv = 0).
-/// - causal masking is not supported (`supports_causal` is false): asking throws.
+/// - causal attention runs by the recursive decomposition of detail/causal.hpp.
 struct smyrf {
   static constexpr std::string_view name = "smyrf";
   static constexpr bool is_exact = false;
-  static constexpr bool supports_causal = false;
+  static constexpr bool supports_causal = true;
+  static constexpr bool supports_exclusion = true;  ///< honours context::exclude (see banded)
 
   index hashes = 2;         ///< hashing rounds, in [1, 1024]
   index cluster_size = 64;  ///< queries per cluster at most, in [1, 2^31]
@@ -95,10 +99,15 @@ struct smyrf {
         make_knob("seed", &smyrf::seed, "seed of every random draw"));
   }
 
-  /// Preconditions (ensured by the front door): knobs in range, Lv >= 1, Sv >= 1.
+  /// Preconditions (ensured by the front door): knobs in range, Lv >= 1, Sv >= 1. `lse`, when
+  /// not empty, receives each valid row's log normaliser: log((sum_h Z_h) / hashes), Z_h the
+  /// sum of e^score over the keys of the query's cluster in round h (the exact log-sum-exp when
+  /// cluster_size >= Lv). Causal by the recursive decomposition of detail/causal.hpp (the knobs
+  /// apply per off-diagonal block).
   template <class T>
   void compute(const_view<T> q, const_view<T> k, const_view<T> v, view<T> out,
-               const context& ctx) const {
+               const context& ctx, std::span<T> lse = {}) const {
+    if (ctx.causal) return detail::causal_blocks(*this, q, k, v, out, ctx, lse);
     const index Lv = ctx.query_length, Sv = ctx.key_length, E = q.cols(), M = v.cols();
     const auto qv = q.topRows(Lv);
     const auto kv = k.topRows(Sv);
@@ -130,8 +139,8 @@ struct smyrf {
     auto group_k = detail::scratch_matrix<T>(max_keys, E);
     auto group_v = detail::scratch_matrix<T>(max_keys, M);
     auto block_lse = detail::scratch_vector<T>(bq);
-    auto run_max = detail::scratch_vector<T>(Lv);
-    auto run_sum = detail::scratch_vector<T>(Lv);
+    T* const run_lse = lse.empty() ? detail::arena::local().take<T>(static_cast<std::size_t>(Lv))
+                                   : lse.data();
     auto& pool = detail::arena::local();
     const auto most = static_cast<std::size_t>(std::max(Lv, Sv));
     detail::hash_entry* entries = pool.take<detail::hash_entry>(most);
@@ -159,61 +168,43 @@ struct smyrf {
           softmax.reset(rows);
           for (index j0 = 0; j0 < keys; j0 += bk) {
             const index cols = std::min(bk, keys - j0);
-            softmax.scores(cols).noalias() =
-                block_q.topRows(rows) * group_k.middleRows(j0, cols).transpose();
+            auto scores = softmax.scores(cols);
+            scores.noalias() = block_q.topRows(rows) * group_k.middleRows(j0, cols).transpose();
+            if (ctx.exclude)  // keys in a query's excluded band (banded's inner call): weight 0
+              for (index t = 0; t < rows; ++t) {
+                const index pos = ctx.query_offset + query_order[i0 + t] - ctx.key_offset;
+                for (index c2 = 0; c2 < cols; ++c2) {
+                  const index d = key_order[k0 + j0 + c2] - pos;
+                  if (d >= ctx.exclude->lower && d <= ctx.exclude->upper)
+                    scores(t, c2) = -std::numeric_limits<T>::infinity();
+                }
+              }
             softmax.absorb(cols, group_v.middleRows(j0, cols));
           }
           softmax.finish(block_out.topRows(rows), block_lse.data());
-          merge_round(h, rows, query_order + i0, block_out, block_lse, out, run_max, run_sum);
+          // Rounds merge by log-sum-exp (merge.hpp); a row that saw no key adds nothing, NaN
+          // (a non-finite input with check_finite off) stays NaN.
+          for (index t = 0; t < rows; ++t) {
+            const index i = query_order[i0 + t];
+            if (h == 0) {
+              out.row(i) = block_out.row(t);
+              run_lse[i] = block_lse(t);
+            } else {
+              detail::merge_row(out.row(i), run_lse[i], block_out.row(t), block_lse(t));
+            }
+          }
         }
       }
     }
-    if (hashes > 1)
-      for (index i = 0; i < Lv; ++i) {
-        if (run_sum(i) != T(0))  // NaN propagates
-          out.row(i) /= run_sum(i);
-        else
-          out.row(i).setZero();
-      }
+    if (!lse.empty() && hashes > 1) {
+      const T rounds = std::log(static_cast<T>(hashes));
+      for (index i = 0; i < Lv; ++i) run_lse[i] -= rounds;
+    }
   }
 
  private:
   static constexpr index query_block = 64;  // queries per score block inside a cluster
   static constexpr index key_block = 256;   // keys per score block inside a cluster
-
-  // Folds one round's outputs of `rows` queries (positions in `rows_at`) into `out`, in the log
-  // domain: out holds sum_h o_h exp(lse_h - m) and run_sum holds sum_h exp(lse_h - m) for the
-  // running maximum m of the lse; a row that saw no key (lse = -inf) adds nothing, and a NaN
-  // (a non-finite input with check_finite off) makes the row NaN for good.
-  template <class T, class Block, class Vector>
-  static void merge_round(index h, index rows, const index* rows_at, const Block& block_out,
-                          const Vector& block_lse, view<T>& out, Vector& run_max, Vector& run_sum) {
-    constexpr T minus_inf = -std::numeric_limits<T>::infinity();
-    for (index t = 0; t < rows; ++t) {
-      const index i = rows_at[t];
-      const T lse = block_lse(t);
-      if (h > 0 && std::isnan(run_sum(i))) continue;  // already NaN
-      if (std::isnan(lse)) {
-        out.row(i).setConstant(std::numeric_limits<T>::quiet_NaN());
-        run_max(i) = run_sum(i) = std::numeric_limits<T>::quiet_NaN();
-      } else if (h == 0 || !(run_max(i) > minus_inf)) {
-        out.row(i) = block_out.row(t);  // zero when the row saw no key
-        run_max(i) = lse;
-        run_sum(i) = lse > minus_inf ? T(1) : T(0);
-      } else if (!(lse > minus_inf)) {
-        continue;
-      } else if (lse <= run_max(i)) {
-        const T w = std::exp(lse - run_max(i));
-        out.row(i) += w * block_out.row(t);
-        run_sum(i) += w;
-      } else {
-        const T w = std::exp(run_max(i) - lse);
-        out.row(i) = out.row(i) * w + block_out.row(t);
-        run_sum(i) = run_sum(i) * w + T(1);
-        run_max(i) = lse;
-      }
-    }
-  }
 };
 
 }  // namespace fastattn

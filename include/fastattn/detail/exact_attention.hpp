@@ -26,7 +26,7 @@ struct tiles {
 /// calling thread's arena: no rows x keys matrix.
 template <class T>
 void exact_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> out, index rows,
-                     index keys, double scale, std::optional<band> visible, tiles t,
+                     index keys, double scale, std::optional<fastattn::band> visible, tiles t,
                      T* lse = nullptr) {
   if (rows == 0) return;
   const index bq = std::min(t.query_block, rows);
@@ -47,7 +47,7 @@ void exact_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> 
       // Only the tiles that cross the band's edges need a mask.
       const bool masked = visible && !visible->covers(i0, n, j0, cols);
       softmax.absorb(cols, v.middleRows(j0, cols),
-                     masked ? std::optional<band>(visible->relative(i0, j0)) : std::nullopt);
+                     masked ? std::optional<fastattn::band>(visible->relative(i0, j0)) : std::nullopt);
     }
     softmax.finish(out.middleRows(i0, n), lse ? lse + i0 : nullptr);
   }

@@ -15,31 +15,6 @@
 
 namespace fastattn::detail {
 
-/// Which keys each query sees: query i sees key j when i + lower <= j <= i + upper. Causal is
-/// {unbounded_below, 0}; a symmetric local window of w is {-w, w}; no mask is `std::nullopt`.
-struct band {
-  static constexpr index unbounded = std::numeric_limits<index>::max() / 4;
-  index lower = -unbounded;
-  index upper = unbounded;
-
-  static constexpr band causal() noexcept { return {-unbounded, 0}; }
-  /// The same band for a tile whose first query is i0 and first key j0 (row r, column c of the
-  /// tile are query i0 + r, key j0 + c).
-  constexpr band relative(index i0, index j0) const noexcept {
-    return {lower + (i0 - j0), upper + (i0 - j0)};
-  }
-  /// The keys [first, last) that any of the queries [i0, i0 + rows) sees, within [0, keys).
-  constexpr std::pair<index, index> keys_of(index i0, index rows, index keys) const noexcept {
-    const index first = std::clamp<index>(i0 + lower, 0, keys);
-    const index last = std::clamp<index>(i0 + rows - 1 + upper + 1, first, keys);
-    return {first, last};
-  }
-  /// Whether every query of [i0, i0 + rows) sees every key of [j0, j0 + cols).
-  constexpr bool covers(index i0, index rows, index j0, index cols) const noexcept {
-    return j0 >= i0 + rows - 1 + lower && j0 + cols - 1 <= i0 + upper;
-  }
-};
-
 template <class T>
 class online_softmax {
  public:
@@ -69,7 +44,7 @@ class online_softmax {
   /// r + visible->lower <= c <= r + visible->upper (see `band::relative`); other entries get
   /// exactly zero weight.
   template <class Values>
-  void absorb(index cols, const Values& values, std::optional<band> visible = {}) {
+  void absorb(index cols, const Values& values, std::optional<fastattn::band> visible = {}) {
     auto block = scores_.topLeftCorner(rows_, cols);
     for (index r = 0; r < rows_; ++r) {
       index first = 0, last = cols;  // visible columns [first, last)

@@ -2,7 +2,11 @@
 //
 // Opt-in: not included by fastattn.hpp. Every failure throws `fastattn::invalid_argument` with
 // one line naming the file and the problem; corrupt input never crashes and never makes the
-// reader allocate more than the file can hold (sizes are checked against the file size first).
+// reader allocate more than the file can hold (sizes are checked against the file size first,
+// and every product of extents and byte counts is overflow-checked, so a dimension of 2^62 is a
+// clear error). Only regular files are read: a directory, FIFO or device is refused, naming it,
+// before it is opened (a FIFO without a writer never blocks). Write errors report the system's
+// reason and the path.
 //
 // Format (numpy.lib.format): 6-byte magic "\x93NUMPY", major and minor version bytes (1.0, 2.0 or
 // 3.0), header length (uint16 for 1.0, uint32 for 2.0/3.0, little-endian), then a Python dict
@@ -14,17 +18,16 @@
 #include <bit>
 #include <cstdint>
 #include <cstring>
-#include <filesystem>
 #include <fstream>
 #include <limits>
 #include <span>
 #include <string>
 #include <string_view>
-#include <system_error>
 #include <type_traits>
 #include <vector>
 
 #include "../attention.hpp"
+#include "common.hpp"
 
 namespace fastattn::io {
 
@@ -49,7 +52,7 @@ struct npy_array {
 namespace detail {
 
 [[noreturn]] inline void npy_fail(const std::string& path, const std::string& problem) {
-  throw invalid_argument("fastattn: " + path + ": " + problem);
+  fail(path, problem);
 }
 
 /// Parser for the dict literal of a .npy header. Accepts exactly what numpy writes plus harmless
@@ -213,19 +216,9 @@ class npy_dict_parser {
 inline std::uint64_t npy_item_size(npy_dtype t) { return t == npy_dtype::float32 ? 4 : 8; }
 
 /// Opens `path` for binary reading and returns its size; throws when it is missing or not a
-/// regular file.
+/// regular file (without opening it: a FIFO never blocks).
 inline std::uint64_t npy_open(const std::string& path, std::ifstream& in) {
-  std::error_code ec;
-  const auto status = std::filesystem::status(path, ec);
-  if (ec || !std::filesystem::exists(status)) npy_fail(path, "cannot open: no such file");
-  if (std::filesystem::is_directory(status)) npy_fail(path, "cannot open: is a directory");
-  in.open(path, std::ios::binary);
-  if (!in) npy_fail(path, "cannot open for reading");
-  in.seekg(0, std::ios::end);
-  const std::streamoff end = in.tellg();
-  in.seekg(0, std::ios::beg);
-  if (end < 0 || !in) npy_fail(path, "cannot determine the file size");
-  return static_cast<std::uint64_t>(end);
+  return open_regular_file(path, in);
 }
 
 inline npy_header npy_read_header(const std::string& path, std::ifstream& in,
@@ -235,8 +228,7 @@ inline npy_header npy_read_header(const std::string& path, std::ifstream& in,
   if (file_size < 10)
     npy_fail(path, "not a .npy file: " + std::to_string(file_size) +
                        " bytes is too short for the header");
-  in.read(reinterpret_cast<char*>(pre), 10);
-  if (!in) npy_fail(path, "read error in the header");
+  read_exact(in, path, pre, 10, "the header");
   if (std::memcmp(pre, magic, 6) != 0)
     npy_fail(path, "not a .npy file: bad magic (expected \\x93NUMPY)");
   const unsigned major = pre[6], minor = pre[7];
@@ -249,8 +241,7 @@ inline npy_header npy_read_header(const std::string& path, std::ifstream& in,
   } else {
     if (file_size < 12)
       npy_fail(path, "truncated header (file is " + std::to_string(file_size) + " bytes)");
-    in.read(reinterpret_cast<char*>(pre + 10), 2);
-    if (!in) npy_fail(path, "read error in the header");
+    read_exact(in, path, pre + 10, 2, "the header");
     header_len = std::uint64_t{pre[8]} | (std::uint64_t{pre[9]} << 8) |
                  (std::uint64_t{pre[10]} << 16) | (std::uint64_t{pre[11]} << 24);
     prefix = 12;
@@ -262,8 +253,7 @@ inline npy_header npy_read_header(const std::string& path, std::ifstream& in,
   if (header_len > (std::uint64_t{1} << 24))
     npy_fail(path, "header length " + std::to_string(header_len) + " is implausibly large");
   std::string text(static_cast<std::size_t>(header_len), '\0');
-  in.read(text.data(), static_cast<std::streamsize>(header_len));
-  if (!in) npy_fail(path, "read error in the header");
+  read_exact(in, path, text.data(), header_len, "the header");
   for (const char c : text)
     if (c == '\0' || static_cast<unsigned char>(c) >= 128)
       npy_fail(path, "malformed header: it contains non-ASCII or NUL bytes");
@@ -271,41 +261,26 @@ inline npy_header npy_read_header(const std::string& path, std::ifstream& in,
   npy_header h = parser.parse();
   h.data_offset = prefix + header_len;
 
-  // Element count, overflow-safe, then bytes against what the file really holds.
+  // Element count and bytes, overflow-checked against what the file really holds: the count may
+  // not exceed the data bytes / item size, so no product below can overflow and nothing larger
+  // than the file is ever allocated.
   const std::uint64_t available = file_size - h.data_offset;
   const std::uint64_t item = npy_item_size(h.dtype);
-  std::uint64_t count = 1;
-  const std::uint64_t max_items = available / item;
-  const bool empty = std::find(h.shape.begin(), h.shape.end(), index{0}) != h.shape.end();
-  if (empty) {
-    count = 0;
-  } else {
-    for (const index d : h.shape) {
-      const auto ud = static_cast<std::uint64_t>(d);
-      if (count > max_items / ud) {  // count * d items cannot fit in the file: stop before overflow
-        std::string dims;
-        for (std::size_t i = 0; i < h.shape.size(); ++i)
-          dims += (i ? ", " : "") + std::to_string(h.shape[i]);
-        npy_fail(path, "truncated data: shape (" + dims + ") needs more than the " +
-                           std::to_string(available) + " data bytes the file holds");
-      }
-      count *= ud;
-    }
-  }
-  h.count = count;
-  const std::uint64_t bytes = count * item;
-  if (bytes > available) {
-    std::string dims;
-    for (std::size_t i = 0; i < h.shape.size(); ++i)
-      dims += (i ? ", " : "") + std::to_string(h.shape[i]);
-    npy_fail(path, "truncated data: shape (" + dims + ") needs " + std::to_string(bytes) +
-                       " bytes, the file holds " + std::to_string(available));
-  }
-  if (bytes < available)
-    npy_fail(path, "file has " + std::to_string(available - bytes) +
+  const auto count = checked_count(h.shape, available / item);
+  if (!count)
+    npy_fail(path, "truncated data: shape (" + join_extents(h.shape) + ") needs more than the " +
+                       std::to_string(available) + " data bytes the file holds");
+  h.count = *count;
+  const auto bytes = checked_mul(*count, item, available);
+  if (!bytes)
+    npy_fail(path, "truncated data: shape (" + join_extents(h.shape) + ") needs more than the " +
+                       std::to_string(available) + " data bytes the file holds");
+  if (*bytes < available)
+    npy_fail(path, "file has " + std::to_string(available - *bytes) +
                        " unexpected bytes after the data (shape and file size disagree)");
-  if (count > static_cast<std::uint64_t>(std::numeric_limits<std::ptrdiff_t>::max()) / 8)
-    npy_fail(path, "array is too large");
+  if (!checked_mul(*count, sizeof(double),
+                   static_cast<std::uint64_t>(std::numeric_limits<std::ptrdiff_t>::max())))
+    npy_fail(path, "array of " + std::to_string(*count) + " elements is too large");
   return h;
 }
 
@@ -317,7 +292,7 @@ void npy_convert(const unsigned char* bytes, std::uint64_t count, T* out) {
     std::memcpy(tmp, bytes + i * sizeof(Source), sizeof(Source));
     if constexpr (std::endian::native == std::endian::big) std::reverse(tmp, tmp + sizeof(Source));
     std::memcpy(&value, tmp, sizeof(Source));
-    out[i] = static_cast<T>(value);
+    out[i] = narrow<T>(value);  // a double beyond float's range becomes an infinity, never UB
   }
 }
 
@@ -350,9 +325,7 @@ npy_array<T> read_npy(const std::string& path) {
   in.seekg(static_cast<std::streamoff>(h.data_offset), std::ios::beg);
   for (std::uint64_t done = 0; done < h.count;) {
     const std::uint64_t n = std::min(chunk_items, h.count - done);
-    in.read(reinterpret_cast<char*>(scratch.data()), static_cast<std::streamsize>(n * item));
-    if (!in)
-      detail::npy_fail(path, "read error in the data (file changed or truncated while reading)");
+    detail::read_exact(in, path, scratch.data(), n * item, "the data");
     T* out = result.data.data() + done;
     if (h.dtype == npy_dtype::float32)
       detail::npy_convert<float>(scratch.data(), n, out);
@@ -373,17 +346,14 @@ void write_npy(const std::string& path, std::span<const index> shape, std::span<
     if (d < 0) detail::npy_fail(path, "cannot write a negative dimension " + std::to_string(d));
   // As in read_npy, a zero dimension makes the array empty whatever the others are (they may
   // multiply past 2^64, and such a file must round-trip).
-  const bool empty = std::find(shape.begin(), shape.end(), index{0}) != shape.end();
-  std::uint64_t count = empty ? 0 : 1;
-  for (const index d : shape) {
-    if (empty) break;
-    if (count > std::numeric_limits<std::uint64_t>::max() / static_cast<std::uint64_t>(d))
-      detail::npy_fail(path, "cannot write: shape overflows");
-    count *= static_cast<std::uint64_t>(d);
-  }
-  if (count != data.size())
-    detail::npy_fail(path, "cannot write: shape holds " + std::to_string(count) +
-                               " elements but the data has " + std::to_string(data.size()));
+  const auto count = detail::checked_count(shape, detail::uint64_max / sizeof(T));
+  if (!count)
+    detail::npy_fail(path, "cannot write: shape (" + detail::join_extents(shape) +
+                               ") has more elements than 64-bit byte counts can hold");
+  if (*count != data.size())
+    detail::npy_fail(path, "cannot write: shape (" + detail::join_extents(shape) + ") holds " +
+                               std::to_string(*count) + " elements but the data has " +
+                               std::to_string(data.size()));
   std::string dict = std::string("{'descr': '") + (std::is_same_v<T, float> ? "<f4" : "<f8") +
                      "', 'fortran_order': False, 'shape': (";
   for (std::size_t i = 0; i < shape.size(); ++i) {
@@ -403,8 +373,7 @@ void write_npy(const std::string& path, std::span<const index> shape, std::span<
   dict += '\n';
   const std::size_t header_len = dict.size();
 
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  if (!out) detail::npy_fail(path, "cannot open for writing");
+  io::output_file out(path);
   unsigned char pre[12] = {0x93,
                            'N',
                            'U',
@@ -417,21 +386,19 @@ void write_npy(const std::string& path, std::span<const index> shape, std::span<
                            static_cast<unsigned char>((header_len >> 8) & 0xff),
                            static_cast<unsigned char>((header_len >> 16) & 0xff),
                            static_cast<unsigned char>((header_len >> 24) & 0xff)};
-  out.write(reinterpret_cast<const char*>(pre), static_cast<std::streamsize>(prefix));
-  out.write(dict.data(), static_cast<std::streamsize>(dict.size()));
+  out.write(pre, prefix);
+  out.write(dict);
   if constexpr (std::endian::native == std::endian::little) {
-    out.write(reinterpret_cast<const char*>(data.data()),
-              static_cast<std::streamsize>(data.size() * sizeof(T)));
+    out.write(data.data(), data.size() * sizeof(T));  // fits: checked above
   } else {
     for (const T x : data) {
       unsigned char tmp[sizeof(T)];
       std::memcpy(tmp, &x, sizeof(T));
       std::reverse(tmp, tmp + sizeof(T));
-      out.write(reinterpret_cast<const char*>(tmp), sizeof(T));
+      out.write(tmp, sizeof(T));
     }
   }
   out.close();
-  if (!out) detail::npy_fail(path, "write error (disk full?)");
 }
 
 /// Convenience overload: vectors for shape and data.

@@ -1,0 +1,116 @@
+// Causal attention for any kernel that returns its log-sum-exp, by recursive decomposition
+// (HyperAttention, Han et al. ICLR 2024, Algorithm 4): the causal problem on rows and keys [a, b)
+// is the causal problem on [a, m), the causal problem on [m, b), and the full (non-causal) block
+// rows [m, b) x keys [a, m), whose result is merged into the rows [m, b) by log-sum-exp.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <span>
+
+#include "../merge.hpp"
+#include "../policy.hpp"
+#include "exact_attention.hpp"
+#include "rng.hpp"
+#include "scratch.hpp"
+
+namespace fastattn::detail {
+
+/// Diagonal blocks of at most this many rows are solved exactly (causal streamed attention).
+inline constexpr index causal_leaf = 128;
+
+/// The random stream of an off-diagonal block: a mix of the head's stream and the block's place
+/// in the recursion tree (root 1, children 2 i and 2 i + 1), so every block draws independently
+/// and the result does not depend on scheduling.
+inline std::uint64_t block_stream(std::uint64_t head_stream, std::uint64_t node) noexcept {
+  std::uint64_t state = head_stream ^ (node * 0x9E3779B97F4A7C15ULL);
+  return splitmix64(state);
+}
+
+/// The diagonal leaf rows and keys [a, a + n): exact causal attention, without the keys of
+/// ctx.exclude (then at most two bands of visible keys, merged by log-sum-exp).
+template <class T>
+void causal_leaf_block(const const_view<T>& q, const const_view<T>& k, const const_view<T>& v,
+                       view<T>& out, T* lse, const context& ctx, index a, index n) {
+  const auto qa = q.middleRows(a, n), ka = k.middleRows(a, n), va = v.middleRows(a, n);
+  if (!ctx.exclude) {
+    exact_attention<T>(qa, ka, va, out.middleRows(a, n), n, n, ctx.scale, band::causal(), {n, n},
+                       lse + a);
+    return;
+  }
+  // Visible: j <= i and not i + lower <= j <= i + upper (positions: ctx.query_offset equals
+  // ctx.key_offset on the diagonal).
+  const band& x = *ctx.exclude;
+  exact_attention<T>(qa, ka, va, out.middleRows(a, n), n, n, ctx.scale,
+                     band{-band::unbounded, std::min<index>(0, x.lower - 1)}, {n, n}, lse + a);
+  if (x.upper + 1 <= 0) {
+    const arena::scope scratch;
+    auto part = scratch_matrix<T>(n, v.cols());
+    T* const part_lse = arena::local().take<T>(static_cast<std::size_t>(n));
+    exact_attention<T>(qa, ka, va, view<T>(part), n, n, ctx.scale,
+                       band{std::max<index>(x.upper + 1, x.lower), 0}, {n, n}, part_lse);
+    for (index r = 0; r < n; ++r) merge_row(out.row(a + r), lse[a + r], part.row(r), part_lse[r]);
+  }
+}
+
+template <class Policy, class T>
+void causal_diagonal(const Policy& policy, const const_view<T>& q, const const_view<T>& k,
+                     const const_view<T>& v, view<T>& out, T* lse, const context& ctx, index a,
+                     index b, std::uint64_t node) {
+  const index n = b - a;
+  if (n <= causal_leaf) {
+    causal_leaf_block(q, k, v, out, lse, ctx, a, n);
+    return;
+  }
+  const index m = a + n / 2;
+  causal_diagonal(policy, q, k, v, out, lse, ctx, a, m, 2 * node);
+  causal_diagonal(policy, q, k, v, out, lse, ctx, m, b, 2 * node + 1);
+  // Rows [m, b) see every key of [a, m): the kernel's (non-causal) approximation of that block.
+  const arena::scope scratch;
+  const index rows = b - m, keys = m - a;
+  auto part = scratch_matrix<T>(rows, v.cols());
+  T* const part_lse = arena::local().take<T>(static_cast<std::size_t>(rows));
+  context block = ctx;
+  block.query_length = rows;
+  block.key_length = keys;
+  block.causal = false;
+  block.stream = block_stream(ctx.stream, node);
+  block.query_offset = ctx.query_offset + m;
+  block.key_offset = ctx.key_offset + a;
+  policy.compute(const_view<T>(q.middleRows(m, rows)), const_view<T>(k.middleRows(a, keys)),
+                 const_view<T>(v.middleRows(a, keys)), view<T>(part), block,
+                 std::span<T>(part_lse, static_cast<std::size_t>(rows)));
+  for (index r = 0; r < rows; ++r) merge_row(out.row(m + r), lse[m + r], part.row(r), part_lse[r]);
+}
+
+/// Causal attention of rows [0, ctx.query_length) over keys [0, ctx.key_length) for a policy
+/// with log-sum-exp, by the recursive decomposition above. The kernel's knobs apply unchanged to
+/// each off-diagonal block (e.g. `clusters` clusters of that block's queries, clamped to them;
+/// `topk` of that block's keys; `cluster_size`): a block is a smaller problem of the same kind, so
+/// its error is at most the kernel's error on a problem of that size, and the cost is the
+/// kernel's cost summed over log2(N / 128) levels of blocks that together hold N / 2 queries:
+/// O(N log N) for a kernel linear in N. Diagonal leaves of at most 128 rows are exact. Rows
+/// at and beyond the key count (L > S) see every key: one non-causal call of the kernel.
+/// `lse`, when not empty, receives each valid row's log-sum-exp.
+template <class Policy, class T>
+void causal_blocks(const Policy& policy, const_view<T> q, const_view<T> k, const_view<T> v,
+                   view<T> out, const context& ctx, std::span<T> lse) {
+  const index Lv = ctx.query_length, Sv = ctx.key_length, D = std::min(Lv, Sv);
+  const arena::scope scratch;
+  T* const row_lse = lse.empty() ? arena::local().take<T>(static_cast<std::size_t>(Lv)) : lse.data();
+  if (Lv > D) {  // rows [D, Lv) see all Sv keys
+    context rest = ctx;
+    rest.query_length = Lv - D;
+    rest.causal = false;
+    rest.stream = block_stream(ctx.stream, 0);
+    rest.query_offset = ctx.query_offset + D;
+    policy.compute(const_view<T>(q.middleRows(D, Lv - D)), k, v,
+                   view<T>(out.middleRows(D, Lv - D)), rest,
+                   std::span<T>(row_lse + D, static_cast<std::size_t>(Lv - D)));
+  }
+  causal_diagonal(policy, q, k, v, out, row_lse, ctx, 0, D, 1);
+}
+
+}  // namespace fastattn::detail

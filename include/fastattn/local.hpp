@@ -1,0 +1,56 @@
+// Local (sliding-window) attention: exact attention to the keys within a window of each query.
+#pragma once
+
+#include <algorithm>
+#include <span>
+#include <string_view>
+#include <tuple>
+
+#include "attention.hpp"
+#include "detail/exact_attention.hpp"
+
+namespace fastattn {
+
+/// Local attention: query i attends exactly, with its own scores, to the keys j with
+/// |i - j| <= window (with causal: i - window <= j <= i), and to no other key. It equals exact
+/// attention when window >= max(L, S), and is what positional heads (previous token, next token)
+/// compute. It shares the band machinery of dense (detail/exact_attention.hpp): query blocks of
+/// 64 rows, each streaming only its 64 + 2 window keys.
+///
+/// Cost: 2 Lv (64 + 2 window) (E + M) flops at most, i.e. O(N window d); extra memory
+/// O(64 (64 + 2 window + E + M)). Keys at and beyond key_length are never seen; a query whose
+/// window holds no valid key outputs zeros (lse -inf).
+struct local {
+  static constexpr std::string_view name = "local";
+  static constexpr bool is_exact = false;  // exact on its window only
+  static constexpr bool supports_causal = true;
+
+  index window = 16;  ///< keys on each side of the query (earlier side only when causal)
+
+  static constexpr auto knobs() {
+    return std::make_tuple(make_knob("window", &local::window,
+                                     "keys seen on each side of a query (earlier only if causal)",
+                                     0, index{1} << 30));
+  }
+
+  /// The band of keys each query sees, in positions (key - query).
+  static constexpr band visible(index window, bool causal) noexcept {
+    return {-window, causal ? 0 : window};
+  }
+
+  /// Preconditions (ensured by the front door): window in range, Lv >= 1, Sv >= 1. `lse`, when
+  /// not empty, receives each row's log-sum-exp over its window.
+  template <class T>
+  void compute(const_view<T> q, const_view<T> k, const_view<T> v, view<T> out,
+               const context& ctx, std::span<T> lse = {}) const {
+    const band b = visible(window, ctx.causal);
+    const index shift = ctx.query_offset - ctx.key_offset;  // rows and keys at other positions
+    const index bq = 64;
+    detail::exact_attention<T>(q, k, v, out, ctx.query_length, ctx.key_length, ctx.scale,
+                               band{b.lower + shift, b.upper + shift},
+                               {bq, std::min<index>(bq + 2 * window, 8192)},
+                               lse.empty() ? nullptr : lse.data());
+  }
+};
+
+}  // namespace fastattn

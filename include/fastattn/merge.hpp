@@ -1,0 +1,65 @@
+// Merging partial attentions of the same queries over disjoint key sets by their log-sum-exp.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <span>
+
+#include "error.hpp"
+#include "policy.hpp"
+
+namespace fastattn {
+namespace detail {
+
+/// Folds one row's partial attention (part, part_lse) over a key set disjoint from the one
+/// (out, lse) covers: with Z = e^lse and Z' = e^part_lse, out becomes (Z out + Z' part) / (Z + Z')
+/// and lse becomes log(Z + Z'), computed relative to the larger lse so that nothing overflows
+/// however large the scores. A part with lse = -inf (it saw no key) changes nothing; a NaN lse on
+/// either side makes the row NaN.
+template <class OutRow, class PartRow, class T>
+void merge_row(OutRow&& out, T& lse, const PartRow& part, T part_lse) {
+  constexpr T minus_inf = -std::numeric_limits<T>::infinity();
+  if (std::isnan(lse)) return;
+  if (std::isnan(part_lse)) {
+    out.setConstant(std::numeric_limits<T>::quiet_NaN());
+    lse = part_lse;
+    return;
+  }
+  if (part_lse == minus_inf) return;
+  if (lse == minus_inf) {
+    out = part;
+    lse = part_lse;
+    return;
+  }
+  const T m = std::max(lse, part_lse);
+  const T a = std::exp(lse - m), b = std::exp(part_lse - m);
+  const T total = a + b;
+  out = (a / total) * out + (b / total) * part;
+  lse = m + std::log(total);
+}
+
+}  // namespace detail
+
+/// Combines two attentions of the same L queries over disjoint key sets into the attention over
+/// their union: `out` and `lse` (L x M and L entries: the log-sum-exp of each row's scores, as
+/// the front door returns it) are updated in place with `part` and `part_lse`. Exact when the
+/// parts are exact; rows of a part that saw no key (lse = -inf) contribute nothing; no overflow
+/// for large scores; NaN propagates.
+/// Throws invalid_argument when the shapes differ (before changing anything).
+template <class T>
+void merge_attention(view<T> out, std::span<T> lse, const_view<T> part,
+                     std::span<const T> part_lse) {
+  if (part.rows() != out.rows() || part.cols() != out.cols())
+    detail::fail("part", "part must have out's shape ", out.rows(), " x ", out.cols(), ", got ",
+                 part.rows(), " x ", part.cols());
+  if (static_cast<index>(lse.size()) != out.rows() ||
+      static_cast<index>(part_lse.size()) != out.rows())
+    detail::fail("lse", "lse and part_lse must have one entry per row (", out.rows(), "), got ",
+                 lse.size(), " and ", part_lse.size());
+  for (index i = 0; i < out.rows(); ++i)
+    detail::merge_row(out.row(i), lse[static_cast<std::size_t>(i)], part.row(i),
+                      part_lse[static_cast<std::size_t>(i)]);
+}
+
+}  // namespace fastattn
