@@ -156,9 +156,11 @@ void check_tensor_no_alias(const char* name, const tensor_view<const T>& in,
 
 }  // namespace detail
 
-/// Runs `policy` on every (sample, head) pair of q (B, L, H, E), k (B, S, H, E), v (B, S, H, M)
-/// and writes out (B, L, H, M), in parallel over B x H with OpenMP when it is enabled. No input
-/// is copied: each head is a strided view into the caller's buffer. Each (b, h) draws its random
+/// Runs `policy` on every (sample, head) pair of q (B, L, H, E), k (B, S, Hkv, E),
+/// v (B, S, Hkv, M) and writes out (B, L, H, M), in parallel over B x H with OpenMP when it is
+/// enabled. Hkv divides H: query head h attends with key/value head h / (H / Hkv) (grouped-query
+/// attention; Hkv = 1 is multi-query attention, Hkv = H the usual case). No input is copied:
+/// each head is a strided view into the caller's buffer. Each (b, h) draws its random
 /// numbers from (policy seed, stream = b * H + h), so the output does not depend on the thread
 /// count or schedule.
 /// Everything is checked before any work starts, on the calling thread: shapes, strides (no
@@ -190,9 +192,11 @@ void multihead_attention(const Policy& policy, tensor_view<const T> q, tensor_vi
   if (k.batch != q.batch || v.batch != q.batch || out.batch != q.batch)
     detail::fail("batch", "q, k, v and out must have the same batch size: q ", q.batch, ", k ",
                  k.batch, ", v ", v.batch, ", out ", out.batch);
-  if (k.heads != q.heads || v.heads != q.heads || out.heads != q.heads)
-    detail::fail("heads", "q, k, v and out must have the same number of heads: q ", q.heads,
-                 ", k ", k.heads, ", v ", v.heads, ", out ", out.heads);
+  if (out.heads != q.heads || v.heads != k.heads || q.heads % k.heads != 0)
+    detail::fail("heads",
+                 "out must have q's heads, v k's heads, and k's heads must divide q's (grouped-"
+                 "query attention): q ",
+                 q.heads, ", k ", k.heads, ", v ", v.heads, ", out ", out.heads);
   if (k.length != v.length)
     detail::fail("v", "k and v must have the same length (S): k ", k.length, ", v ", v.length);
   if (out.length != q.length || out.dim != v.dim)
@@ -221,7 +225,7 @@ void multihead_attention(const Policy& policy, tensor_view<const T> q, tensor_vi
   detail::check_tensor_no_alias("k", k, out);
   detail::check_tensor_no_alias("v", v, out);
 
-  const index H = q.heads;
+  const index H = q.heads, group = q.heads / k.heads;  // query heads per key/value head
   auto located = [&](const invalid_argument& e, index b, std::optional<index> h) {
     return e.at(q.batch == 1 ? std::nullopt : std::optional<index>(b), h);
   };
@@ -243,8 +247,8 @@ void multihead_attention(const Policy& policy, tensor_view<const T> q, tensor_vi
     for (index b = 0; b < q.batch; ++b)
       for (index h = 0; h < H; ++h) {
         try {
-          detail::check_values<T>(detail::head_map(q, b, h), detail::head_map(k, b, h),
-                                  detail::head_map(v, b, h),
+          detail::check_values<T>(detail::head_map(q, b, h), detail::head_map(k, b, h / group),
+                                  detail::head_map(v, b, h / group),
                                   contexts[static_cast<std::size_t>(b)]);
         } catch (const invalid_argument& e) {
           throw located(e, b, h);
@@ -264,8 +268,8 @@ void multihead_attention(const Policy& policy, tensor_view<const T> q, tensor_vi
       ctx.stream = static_cast<std::uint64_t>(task);
       const detail::serial_products_scope serial;
       detail::run_head(policy, const_view<T>(detail::head_map(q, b, h)),
-                       const_view<T>(detail::head_map(k, b, h)),
-                       const_view<T>(detail::head_map(v, b, h)),
+                       const_view<T>(detail::head_map(k, b, h / group)),
+                       const_view<T>(detail::head_map(v, b, h / group)),
                        view<T>(detail::head_map(out, b, h)), ctx,
                        lse.empty() ? lse
                                    : lse.subspan(static_cast<std::size_t>(task * q.length),
