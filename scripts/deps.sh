@@ -24,4 +24,4 @@ fastattn_require_packages() {
 }
 
 # What every build needs.
-FASTATTN_BUILD_PACKAGES=(cmake ninja-build g++ libeigen3-dev libgtest-dev libbenchmark-dev nlohmann-json3-dev)
+FASTATTN_BUILD_PACKAGES=(cmake ninja-build g++ libeigen3-dev libgtest-dev libbenchmark-dev nlohmann-json3-dev libcli11-dev)

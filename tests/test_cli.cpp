@@ -1,24 +1,29 @@
-// The `fastattn` command-line tool (examples/fastattn_cli.cpp): round trips through .npy files
-// match attention() for every kernel, flags map onto the policies' knobs, and bad input of every
-// kind (flags, shapes, corrupted files) gives one clear line on stderr and exit status 1, never a
-// crash.
+// The `fastattn` command-line tool (tools/fastattn.cpp): round trips through .npy files match the
+// library for every kernel of fastattn::kernels, flags map onto the policies' knobs, several heads
+// run as heads, library errors name the flag or file the user gave, and bad input of every kind
+// (flags, shapes, corrupted files, sizes) gives one clear line on stderr and exit status 1, never
+// a crash. The kernels and their flags are derived here from fastattn::kernels, as in the tool, so
+// a new kernel is tested without touching this file.
 #include <gtest/gtest.h>
 
+#include <sys/resource.h>
 #include <sys/wait.h>
+#include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <charconv>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include <sstream>
 #include <string>
 #include <vector>
 
 #include <fastattn/fastattn.hpp>
 #include <fastattn/io/npy.hpp>
 
-#include "kernels.hpp"  // examples/: the tool's kernel list, so new kernels are tested too
-#include "npy.hpp"
 #include "reference.hpp"
 
 namespace fa = fastattn;
@@ -34,12 +39,46 @@ struct result {
   int status = -1;  ///< exit status, or -1 if killed by a signal
   bool signaled = false;
   std::string out, err;
+  long max_rss_kib = 0;  ///< peak resident memory of the tool (run_measured only)
 };
+
+/// A knob's default as the tool prints it (shortest round-trip form, bools as true/false).
+template <class T>
+std::string text(const T& value) {
+  if constexpr (std::is_same_v<T, bool>) {
+    return value ? "true" : "false";
+  } else {
+    char buffer[64];
+    return std::string(buffer, std::to_chars(buffer, buffer + sizeof buffer, value).ptr);
+  }
+}
+
+/// The lines of a text, without their '\n'.
+std::vector<std::string> lines(const std::string& s) {
+  std::vector<std::string> out;
+  std::istringstream in(s);
+  for (std::string line; std::getline(in, line);) out.push_back(line);
+  return out;
+}
+
+/// A .npy array read back: shape and data.
+template <class T>
+fa::io::npy_array<T> load(const std::string& path) {
+  return fa::io::read_npy<T>(path);
+}
+
+template <class T>
+fa::matrix<T> as_matrix(const fa::io::npy_array<T>& a) {
+  EXPECT_EQ(a.shape.size(), 2u);
+  fa::matrix<T> m(a.shape.at(0), a.shape.at(1));
+  std::copy(a.data.begin(), a.data.end(), m.data());
+  return m;
+}
 
 class Cli : public ::testing::Test {
  protected:
   void SetUp() override {
-    if (std::string(FASTATTN_CLI_PATH).empty()) GTEST_SKIP() << "examples are not built";
+    if (std::string(FASTATTN_CLI_PATH).empty()) GTEST_SKIP() << "tools are not built";
     const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
     dir_ = fs::temp_directory_path() /
            ("fastattn_test_cli_" + std::to_string(::getpid()) + "_" + info->name());
@@ -71,17 +110,60 @@ class Cli : public ::testing::Test {
     return r;
   }
 
-  /// Expects a clean failure: status 1, exactly one line on stderr starting "fastattn: " and
-  /// containing `needle`.
-  void expect_clean_error(const std::string& args, const std::string& needle) const {
+  /// Runs the tool directly (no shell; `args` split at spaces) and measures its peak resident
+  /// memory (wait4 reports the child's own).
+  result run_measured(const std::string& args) const {
+    std::vector<std::string> words = {FASTATTN_CLI_PATH};
+    std::istringstream in(args);
+    for (std::string w; in >> w;) words.push_back(w);
+    std::vector<char*> argv;
+    for (auto& w : words) argv.push_back(w.data());
+    argv.push_back(nullptr);
+    const std::string out_path = path("stdout"), err_path = path("stderr");
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+      const int o = ::open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      const int e = ::open(err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+      if (o < 0 || e < 0 || ::dup2(o, 1) < 0 || ::dup2(e, 2) < 0) ::_exit(127);
+      ::execv(argv[0], argv.data());
+      ::_exit(127);
+    }
+    result r;
+    int raw = 0;
+    struct rusage usage {};
+    if (pid < 0 || ::wait4(pid, &raw, 0, &usage) != pid) {
+      ADD_FAILURE() << "could not run the tool";
+      return r;
+    }
+    if (WIFEXITED(raw)) {
+      r.status = WEXITSTATUS(raw);
+    } else {
+      r.signaled = true;
+    }
+    r.max_rss_kib = usage.ru_maxrss;
+    r.out = slurp(out_path);
+    r.err = slurp(err_path);
+    return r;
+  }
+
+  /// Expects a clean failure: status 1, exactly one line on stderr starting "fastattn: error: "
+  /// and containing every one of `needles`. Returns that line.
+  std::string expect_clean_error(const std::string& args,
+                                 std::initializer_list<std::string> needles) const {
     SCOPED_TRACE(args);
     const result r = run(args);
     EXPECT_FALSE(r.signaled);
     EXPECT_EQ(r.status, 1) << r.err;
-    ASSERT_FALSE(r.err.empty());
-    EXPECT_EQ(r.err.rfind("fastattn: ", 0), 0u) << r.err;
-    EXPECT_EQ(r.err.find('\n'), r.err.size() - 1) << "expected one line, got: " << r.err;
-    EXPECT_NE(r.err.find(needle), std::string::npos) << "expected '" << needle << "' in: " << r.err;
+    EXPECT_EQ(r.err.rfind("fastattn: error: ", 0), 0u) << r.err;
+    EXPECT_TRUE(!r.err.empty() && r.err.find('\n') == r.err.size() - 1)
+        << "expected one line, got: " << r.err;
+    for (const auto& needle : needles)
+      EXPECT_NE(r.err.find(needle), std::string::npos)
+          << "expected '" << needle << "' in: " << r.err;
+    return r.err.substr(0, r.err.find('\n'));
+  }
+  std::string expect_clean_error(const std::string& args, const std::string& needle) const {
+    return expect_clean_error(args, {needle});
   }
 
   template <class T>
@@ -97,6 +179,10 @@ class Cli : public ::testing::Test {
                                              heads[0].cols()},
                       data);
   }
+  /// An empty array of `shape` (some extent 0): a header-only file.
+  void save_empty(const std::string& name, std::vector<fa::index> shape) const {
+    fa::io::write_npy(path(name), shape, std::vector<float>{});
+  }
   std::string qkv() const {
     return "--q " + path("q.npy") + " --k " + path("k.npy") + " --v " + path("v.npy");
   }
@@ -104,22 +190,41 @@ class Cli : public ::testing::Test {
   fs::path dir_;
 };
 
-TEST_F(Cli, HelpListsEveryKernelAndKnobWithDefaults) {
+TEST_F(Cli, HelpListsEveryKernelAndEachKnobFlagWithItsDefault) {
+  // Derived from fastattn::kernels and each policy's knobs(): a fifth kernel must show up here,
+  // under its own --kernel entry, with all its knob flags, without any change to the tool.
   const result r = run("--help");
   EXPECT_EQ(r.status, 0);
-  fa::examples::for_each_kernel([&](const auto& tag) {
-    using P = std::decay_t<decltype(tag)>;
-    EXPECT_NE(r.out.find("--kernel " + std::string(P::name)), std::string::npos) << P::name;
+  std::size_t kernels = 0;
+  fa::kernels::for_each([&](auto tag) {
+    using P = typename decltype(tag)::type;
+    ++kernels;
+    const std::string header = "  --kernel " + std::string(P::name) + "  (";
+    const auto begin = r.out.find(header);
+    ASSERT_NE(begin, std::string::npos) << P::name << " is not listed in:\n" << r.out;
+    const auto end = r.out.find("  --kernel ", begin + header.size());  // next kernel, or npos
+    const std::string section = r.out.substr(begin, end == std::string::npos ? end : end - begin);
     const P defaults{};
-    fa::examples::for_each_knob<P>([&](const auto& k) {
-      const std::string line =
-          "--" + k.flag() + " " + fa::examples::format_value(defaults.*(k.member));
-      EXPECT_NE(r.out.find(line), std::string::npos) << line;
+    fa::for_each_knob<P>([&](const auto& k) {
+      const std::string line = "--" + k.flag() + " " + text(k.get(defaults));
+      EXPECT_NE(section.find(line), std::string::npos)
+          << "knob " << k.name << " of " << P::name << " missing: '" << line << "' in\n"
+          << section;
+      EXPECT_NE(section.find(std::string(k.help)), std::string::npos) << k.help;
     });
+    // The kernel's name is one of the values --kernel takes.
+    EXPECT_NE(r.out.find(std::string(P::name)), r.out.find(header)) << P::name;
   });
+  EXPECT_EQ(kernels, fa::kernels::size);
   for (const char* flag :
-       {"--scale", "--key-length", "--query-length", "--causal", "--reference", "--q", "--out"})
+       {"--kernel", "--q", "--k", "--v", "--out", "--scale", "--key-length", "--query-length",
+        "--causal", "--precision", "--threads", "--no-check-finite", "--reference", "--help"})
     EXPECT_NE(r.out.find(flag), std::string::npos) << flag;
+  // The limits are documented where the user looks.
+  EXPECT_NE(r.out.find("max(64 MiB, 16 x the total size of the input files)"), std::string::npos)
+      << r.out;
+  EXPECT_NE(r.out.find("[0, " + std::to_string(fa::multihead_options::max_threads) + "]"),
+            std::string::npos);
 }
 
 TEST_F(Cli, EveryKernelRoundTripsAndMatchesAttention) {
@@ -127,16 +232,16 @@ TEST_F(Cli, EveryKernelRoundTripsAndMatchesAttention) {
   save("q.npy", in.q);
   save("k.npy", in.k);
   save("v.npy", in.v);
-  fa::examples::for_each_kernel([&](const auto& tag) {
-    using P = std::decay_t<decltype(tag)>;
+  fa::kernels::for_each([&](auto tag) {
+    using P = typename decltype(tag)::type;
     SCOPED_TRACE(std::string(P::name));
     const result r =
         run("--kernel " + std::string(P::name) + " " + qkv() + " --out " + path("o.npy"));
     ASSERT_EQ(r.status, 0) << r.err;
-    const auto o = fa::testing::load_npy<float>(path("o.npy"));
+    const auto o = load<float>(path("o.npy"));
     ASSERT_EQ(o.shape, (std::vector<fa::index>{150, 12}));
     const fa::matrix<float> expected = fa::attention(P{}, in.q, in.k, in.v);
-    EXPECT_EQ(fa::testing::as_matrix(o), expected);
+    EXPECT_EQ(as_matrix(o), expected);
   });
 }
 
@@ -152,18 +257,17 @@ TEST_F(Cli, KnobsAndCommonOptionsReachThePolicy) {
           "--query-length 60 --causal " +
           qkv() + " --out " + path("o.npy"));
   ASSERT_EQ(r.status, 0) << r.err;
-  const auto o = fa::testing::load_npy<double>(path("o.npy"));  // float64 in -> float64 out
+  const auto o = load<double>(path("o.npy"));  // float64 in -> float64 out
   const fa::options opt{.scale = 0.3, .key_length = 80, .query_length = 60, .causal = true};
-  EXPECT_LT(fa::testing::relative_error(fa::testing::as_matrix(o),
-                                        fa::testing::reference_attention(q, k, v, opt)),
-            1e-12);
+  EXPECT_LT(
+      fa::testing::relative_error(as_matrix(o), fa::testing::reference_attention(q, k, v, opt)),
+      1e-12);
   EXPECT_EQ(fa::io::read_npy_header(path("o.npy")).dtype, fa::io::npy_dtype::float64);
   // --precision float computes (and writes) in float.
   ASSERT_EQ(run("--kernel dense --precision float " + qkv() + " --out " + path("f.npy")).status, 0);
   EXPECT_EQ(fa::io::read_npy_header(path("f.npy")).dtype, fa::io::npy_dtype::float32);
 }
 
-#ifdef FASTATTN_EXAMPLES_HAVE_CLUSTERED
 TEST_F(Cli, ClusteredKnobsMatchThePolicy) {
   const auto in = fa::testing::make_peaked<float>(200, 200, 16, 16, 9);
   save("q.npy", in.q);
@@ -176,16 +280,39 @@ TEST_F(Cli, ClusteredKnobsMatchThePolicy) {
   ASSERT_EQ(r.status, 0) << r.err;
   const fa::clustered policy{
       .clusters = 7, .bits = 31, .iterations = 3, .hash_bias = false, .seed = 42};
-  EXPECT_EQ(fa::testing::as_matrix(fa::testing::load_npy<float>(path("o.npy"))),
+  EXPECT_EQ(as_matrix(load<float>(path("o.npy"))),
             fa::matrix<float>(fa::attention(policy, in.q, in.k, in.v)));
-  expect_clean_error("--kernel clustered --causal " + qkv() + " --out " + path("o.npy"), "causal");
 }
-#endif
 
-TEST_F(Cli, SeveralHeadsMatchPerHeadAttention) {
+TEST_F(Cli, CausalRunsOnTheKernelsThatCanAndIsRefusedByTheOthers) {
+  const auto in = fa::testing::make_peaked<float>(40, 40, 8, 4, 5);
+  save("q.npy", in.q);
+  save("k.npy", in.k);
+  save("v.npy", in.v);
+  fa::kernels::for_each([&](auto tag) {
+    using P = typename decltype(tag)::type;
+    SCOPED_TRACE(std::string(P::name));
+    const std::string args =
+        "--kernel " + std::string(P::name) + " --causal " + qkv() + " --out " + path("o.npy");
+    if constexpr (fa::causal_capable<P>) {
+      const result r = run(args);
+      ASSERT_EQ(r.status, 0) << r.err;
+      EXPECT_EQ(as_matrix(load<float>(path("o.npy"))),
+                fa::matrix<float>(fa::attention(P{}, in.q, in.k, in.v, {.causal = true})));
+    } else {
+      expect_clean_error(args, {"--causal: ", std::string(P::name)});
+    }
+  });
+}
+
+TEST_F(Cli, SeveralHeadsRunAsTheHeadsOfOneSample) {
+  // (H, L, E) arrays are the H heads of one sample: the output equals multihead_attention over
+  // the (1, L, H, E) view with head_stride = L E (head h draws from stream h), on any thread
+  // count, and head 0 equals attention() (stream 0).
+  const fa::index H = 3, L = 64, S = 80, E = 8, M = 6;
   std::vector<fa::matrix<float>> q, k, v;
-  for (int h = 0; h < 3; ++h) {
-    const auto in = fa::testing::make_peaked<float>(64, 80, 8, 6, 10 + static_cast<unsigned>(h));
+  for (fa::index h = 0; h < H; ++h) {
+    const auto in = fa::testing::make_peaked<float>(L, S, E, M, 10 + static_cast<unsigned>(h));
     q.push_back(in.q);
     k.push_back(in.k);
     v.push_back(in.v);
@@ -193,28 +320,29 @@ TEST_F(Cli, SeveralHeadsMatchPerHeadAttention) {
   save3("q.npy", q);
   save3("k.npy", k);
   save3("v.npy", v);
-  fa::examples::for_each_kernel([&](const auto& tag) {
-    using P = std::decay_t<decltype(tag)>;
+  const auto qa = load<float>(path("q.npy")), ka = load<float>(path("k.npy")),
+             va = load<float>(path("v.npy"));
+  fa::kernels::for_each([&](auto tag) {
+    using P = typename decltype(tag)::type;
     SCOPED_TRACE(std::string(P::name));
     const result r = run("--kernel " + std::string(P::name) + " --threads 2 --key-length 70 " +
                          qkv() + " --out " + path("o.npy"));
     ASSERT_EQ(r.status, 0) << r.err;
-    const auto o = fa::testing::load_npy<float>(path("o.npy"));
-    ASSERT_EQ(o.shape, (std::vector<fa::index>{3, 64, 6}));
-    for (int h = 0; h < 3; ++h) {
-      fa::matrix<float> got(64, 6);
-      std::copy_n(o.data.begin() + h * 64 * 6, 64 * 6, got.data());
-      fa::matrix<float> expected(64, 6);
-      if constexpr (P::is_exact) {
-        expected =
-            fa::attention(P{}, q[static_cast<std::size_t>(h)], k[static_cast<std::size_t>(h)],
-                          v[static_cast<std::size_t>(h)], {.key_length = 70});
-        EXPECT_LT(fa::testing::relative_error(got, expected), 1e-6);
-      } else if (h == 0) {  // head 0 uses random stream 0, as attention() does
-        expected = fa::attention(P{}, q[0], k[0], v[0], {.key_length = 70});
-        EXPECT_EQ(got, expected);
-      }
-    }
+    const auto o = load<float>(path("o.npy"));
+    ASSERT_EQ(o.shape, (std::vector<fa::index>{H, L, M}));
+    std::vector<float> expected(static_cast<std::size_t>(H * L * M));
+    fa::multihead_options mo;
+    mo.common.key_length = 70;
+    mo.threads = 1;
+    fa::multihead_attention(P{},
+                            fa::tensor_view<const float>{qa.data.data(), 1, L, H, E, E, 0, L * E},
+                            fa::tensor_view<const float>{ka.data.data(), 1, S, H, E, E, 0, S * E},
+                            fa::tensor_view<const float>{va.data.data(), 1, S, H, M, M, 0, S * M},
+                            fa::tensor_view<float>{expected.data(), 1, L, H, M, M, 0, L * M}, mo);
+    EXPECT_EQ(o.data, expected);
+    fa::matrix<float> head0(L, M);
+    std::copy_n(o.data.begin(), L * M, head0.data());
+    EXPECT_EQ(head0, fa::matrix<float>(fa::attention(P{}, q[0], k[0], v[0], {.key_length = 70})));
   });
 }
 
@@ -243,23 +371,46 @@ TEST_F(Cli, BadFlagsAndShapesGiveOneClearLine) {
   save3("v3.npy", std::vector<fa::matrix<float>>(2, fa::testing::gaussian<float>(12, 3, 1)));
   const std::string out = " --out " + path("o.npy");
   expect_clean_error(qkv() + out, "--kernel is required");
-  expect_clean_error("--kernel nope " + qkv() + out, "unknown kernel 'nope'");
+  expect_clean_error("--kernel nope " + qkv() + out, {"--kernel", "unknown kernel 'nope'"});
   expect_clean_error("--kernel dense --frobnicate 3 " + qkv() + out, "unknown flag --frobnicate");
-  expect_clean_error("--kernel dense --query-block x7 " + qkv() + out, "--query-block");
-  expect_clean_error("--kernel dense --query-block 0 " + qkv() + out, "query_block");
-  expect_clean_error("--kernel dense --query-block 99999999999999999999 " + qkv() + out, "range");
-  expect_clean_error("--kernel dense --scale nan " + qkv() + out, "--scale");
-  expect_clean_error("--kernel dense " + qkv() + " --out", "needs a value");
+  expect_clean_error("--kernel dense --frobnicate=3 " + qkv() + out, "unknown flag --frobnicate");
+  expect_clean_error("--kernel dense --query-block x7 " + qkv() + out,
+                     {"--query-block", "'x7' is not an integer"});
+  expect_clean_error("--kernel dense --query-block 0 " + qkv() + out,
+                     {"--query-block 0: ", "query_block must be in [1, 4096], got 0"});
+  expect_clean_error("--kernel dense --query-block 99999999999999999999 " + qkv() + out,
+                     {"--query-block", "range"});
+  expect_clean_error("--kernel dense --scale nan " + qkv() + out, {"--scale", "finite"});
+  expect_clean_error("--kernel dense " + qkv() + " --out", {"--out", "missing"});
   expect_clean_error("--kernel dense --q " + path("q.npy") + out, "--k is required");
   expect_clean_error("--kernel dense " + qkv(), "--out is required");
   expect_clean_error("--kernel dense stray " + qkv() + out, "unexpected argument 'stray'");
-  expect_clean_error("--kernel dense --causal=1 " + qkv() + out, "takes no value");
-  expect_clean_error("--kernel dense --kernel dense " + qkv() + out, "twice");
-  if (fa::examples::all_knob_flags().count("clusters"))
-    expect_clean_error("--kernel dense --clusters 5 " + qkv() + out,
-                       "not a knob of kernel 'dense'");
-  expect_clean_error("--kernel dense --key-length 13 " + qkv() + out, "key_length");
-  expect_clean_error("--kernel dense --query-length -1 " + qkv() + out, "query_length");
+  expect_clean_error("--kernel dense --causal=1 " + qkv() + out, "causal");
+  expect_clean_error("--kernel dense --kernel dense " + qkv() + out, "--kernel");
+  // A knob flag of another kernel: the error names the chosen kernel's knobs.
+  fa::kernels::for_each([&](auto tag) {
+    using P = typename decltype(tag)::type;
+    std::string mine, other;
+    fa::for_each_knob<P>([&](const auto& k) { mine += (mine.empty() ? "--" : ", --") + k.flag(); });
+    fa::kernels::for_each([&](auto other_tag) {
+      using O = typename decltype(other_tag)::type;
+      fa::for_each_knob<O>([&](const auto& k) {
+        if (other.empty() && mine.find("--" + k.flag()) == std::string::npos) other = k.flag();
+      });
+    });
+    if (other.empty()) return;
+    const std::string line =
+        expect_clean_error("--kernel " + std::string(P::name) + " --" + other + " 5 " + qkv() + out,
+                           {"--" + other, "not a knob of kernel '" + std::string(P::name) + "'"});
+    EXPECT_NE(line.find("(its knobs: " + (mine.empty() ? "none" : mine) + ")"), std::string::npos)
+        << line;
+  });
+  expect_clean_error("--kernel clustered --seed -1 " + qkv() + out,
+                     {"--seed", "'-1' is not a non-negative integer"});
+  expect_clean_error("--kernel dense --key-length 13 " + qkv() + out,
+                     {"--key-length 13: ", "key_length"});
+  expect_clean_error("--kernel dense --query-length -1 " + qkv() + out,
+                     {"--query-length -1: ", "query_length"});
   expect_clean_error("--kernel dense --precision half " + qkv() + out, "--precision");
   expect_clean_error("--kernel dense --q " + path("q.npy") + " --k " + path("k5.npy") + " --v " +
                          path("v.npy") + out,
@@ -269,7 +420,7 @@ TEST_F(Cli, BadFlagsAndShapesGiveOneClearLine) {
                      "as many rows");
   expect_clean_error("--kernel dense --q " + path("q1.npy") + " --k " + path("k.npy") + " --v " +
                          path("v.npy") + out,
-                     "must be 2-d");
+                     {path("q1.npy"), "must be 2-d"});
   expect_clean_error("--kernel dense --q " + path("q3.npy") + " --k " + path("k.npy") + " --v " +
                          path("v.npy") + out,
                      "all be 3-d");
@@ -278,9 +429,9 @@ TEST_F(Cli, BadFlagsAndShapesGiveOneClearLine) {
                      "same number of heads");
   expect_clean_error("--kernel dense --q " + path("missing.npy") + " --k " + path("k.npy") +
                          " --v " + path("v.npy") + out,
-                     "no such file");
+                     {path("missing.npy"), "no such file"});
   expect_clean_error("--kernel dense " + qkv() + " --out " + path("no/such/dir/o.npy"),
-                     "cannot open for writing");
+                     {path("no/such/dir/o.npy"), "cannot open for writing"});
 }
 
 TEST_F(Cli, BadFilesGiveOneClearLine) {
@@ -300,7 +451,7 @@ TEST_F(Cli, BadFilesGiveOneClearLine) {
   };
   std::string magic = good;
   magic[0] = 'X';
-  expect_clean_error(variant("magic.npy", magic), "bad magic");
+  expect_clean_error(variant("magic.npy", magic), {path("magic.npy"), "bad magic"});
   expect_clean_error(variant("trunc.npy", good.substr(0, good.size() - 4)), "truncated data");
   expect_clean_error(variant("fortran.npy", replaced("False", "True ")), "Fortran");
   expect_clean_error(variant("int.npy", replaced("<f4", "<i4")), "unsupported dtype");
@@ -309,22 +460,44 @@ TEST_F(Cli, BadFilesGiveOneClearLine) {
   expect_clean_error(variant("empty.npy", ""), "too short");
 }
 
-TEST_F(Cli, NonFiniteInputs) {
+TEST_F(Cli, NonFiniteInputsNameTheFileTheHeadAndTheFlagThatSkipsTheCheck) {
+  // The error is the library's message as data, located at the file the user gave (and the head
+  // for several heads); the hint is a second line naming the tool's flag.
   auto q = fa::testing::gaussian<float>(10, 4, 1);
   q(3, 2) = std::numeric_limits<float>::quiet_NaN();
   save("q.npy", q);
   save("k.npy", fa::testing::gaussian<float>(12, 4, 2));
   save("v.npy", fa::testing::gaussian<float>(12, 3, 3));
-  if constexpr (requires(fa::options o) { o.check_finite = true; }) {
-    expect_clean_error("--kernel dense " + qkv() + " --out " + path("o.npy"), "--no-check-finite");
-  }
-  const result r = run("--kernel dense --no-check-finite " + qkv() + " --out " + path("o.npy"));
+  result r = run("--kernel dense " + qkv() + " --out " + path("o.npy"));
+  EXPECT_EQ(r.status, 1);
+  auto got = lines(r.err);
+  ASSERT_EQ(got.size(), 2u) << r.err;
+  EXPECT_EQ(got[0], "fastattn: error: " + path("q.npy") +
+                        ": q has a non-finite value (nan) at row 3, column 2");
+  EXPECT_EQ(got[1].rfind("fastattn: hint: pass --no-check-finite to skip this check", 0), 0u)
+      << got[1];
+  r = run("--kernel dense --no-check-finite " + qkv() + " --out " + path("o.npy"));
   EXPECT_EQ(r.status, 0) << r.err;
+
+  // Three heads, an infinity in head 2 of v: "head 2".
+  std::vector<fa::matrix<float>> v3(3, fa::testing::gaussian<float>(12, 3, 3));
+  v3[2](5, 1) = std::numeric_limits<float>::infinity();
+  save3("q3.npy", std::vector<fa::matrix<float>>(3, fa::testing::gaussian<float>(10, 4, 1)));
+  save3("k3.npy", std::vector<fa::matrix<float>>(3, fa::testing::gaussian<float>(12, 4, 2)));
+  save3("v3.npy", v3);
+  r = run("--kernel dense --q " + path("q3.npy") + " --k " + path("k3.npy") + " --v " +
+          path("v3.npy") + " --out " + path("o.npy"));
+  EXPECT_EQ(r.status, 1);
+  got = lines(r.err);
+  ASSERT_EQ(got.size(), 2u) << r.err;
+  EXPECT_EQ(got[0], "fastattn: error: " + path("v3.npy") +
+                        ": head 2: v has a non-finite value (inf) at row 5, column 1");
 }
 
 TEST_F(Cli, FuzzedFilesNeverCrashTheTool) {
   // Random byte flips and truncations of valid q, k and v files: every run either succeeds or
-  // fails cleanly (status 1, one line on stderr); a crash or a sanitizer report fails the test.
+  // fails cleanly (status 1, one error line on stderr, and a hint line only for a non-finite
+  // value); a crash or a sanitizer report fails the test.
   save("q.npy", fa::testing::gaussian<float>(10, 4, 1));
   save("k.npy", fa::testing::gaussian<float>(12, 4, 2));
   save("v.npy", fa::testing::gaussian<float>(12, 3, 3));
@@ -357,12 +530,215 @@ TEST_F(Cli, FuzzedFilesNeverCrashTheTool) {
     } else {
       ++failed;
       EXPECT_EQ(r.status, 1) << "trial " << trial << ": " << r.err;
-      EXPECT_EQ(r.err.rfind("fastattn: ", 0), 0u) << r.err;
-      EXPECT_EQ(r.err.find('\n'), r.err.size() - 1) << "trial " << trial << ": " << r.err;
+      const auto got = lines(r.err);
+      ASSERT_FALSE(got.empty()) << "trial " << trial;
+      EXPECT_EQ(got[0].rfind("fastattn: error: ", 0), 0u) << r.err;
+      const bool hinted = got.size() == 2 && got[1].rfind("fastattn: hint: ", 0) == 0 &&
+                          got[0].find("non-finite") != std::string::npos;
+      EXPECT_TRUE(got.size() == 1 || hinted) << "trial " << trial << ": " << r.err;
     }
   }
   EXPECT_GT(failed, 0);
   RecordProperty("succeeded", ok);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Regression tests for issue 10 (each fails with the tool as it was before the fix).
+
+TEST_F(Cli, OutputThatIsAnInputIsRefusedWhateverItsSpelling) {
+  // Issue 10.1: `--out` naming an input, with --reference: the output overwrote q, and the
+  // reference then re-read q/k/v from disk (a heap out-of-bounds read with M < E, a silently
+  // wrong error figure with M == E). Inputs are now read once, and an --out that is the same
+  // file as an input is refused before anything is written, by file identity.
+  save("q.npy", fa::testing::gaussian<float>(10, 6, 1));
+  save("k.npy", fa::testing::gaussian<float>(12, 6, 2));
+  save("v.npy", fa::testing::gaussian<float>(12, 3, 3));   // M = 3 < E = 6
+  save("v6.npy", fa::testing::gaussian<float>(12, 6, 4));  // M == E
+  fs::create_directories(dir_ / "sub");
+  fs::create_hard_link(dir_ / "q.npy", dir_ / "hard.npy");
+  fs::create_symlink(dir_ / "q.npy", dir_ / "soft.npy");
+  const std::string original = slurp(path("q.npy"));
+  for (const std::string& v : {path("v.npy"), path("v6.npy")}) {
+    const std::string inputs = "--q " + path("q.npy") + " --k " + path("k.npy") + " --v " + v;
+    for (const std::string& out : {path("sub/../q.npy"), (dir_.filename() / "q.npy").string(),
+                                   path("hard.npy"), path("soft.npy"), path("./q.npy")}) {
+      const std::string args = "--kernel dense --reference " + inputs + " --out " + out;
+      if (out.front() != '/') {  // a relative spelling: run from the directory above
+        SCOPED_TRACE(out);
+        const std::string cmd = "cd " + dir_.parent_path().string() + " && " +
+                                std::string(FASTATTN_CLI_PATH) + " " + args + " >" +
+                                path("stdout") + " 2>" + path("stderr");
+        const int raw = std::system(cmd.c_str());
+        ASSERT_TRUE(WIFEXITED(raw));
+        EXPECT_EQ(WEXITSTATUS(raw), 1);
+        const std::string err = slurp(path("stderr"));
+        EXPECT_NE(err.find("--out " + out + ": is the same file as --q " + path("q.npy")),
+                  std::string::npos)
+            << err;
+      } else {
+        expect_clean_error(args, {"--out " + out + ": is the same file as --q " + path("q.npy"),
+                                  "overwrite an input"});
+      }
+      EXPECT_EQ(slurp(path("q.npy")), original) << "q.npy was overwritten through " << out;
+    }
+    expect_clean_error("--kernel dense --reference " + inputs + " --out " + path("k.npy"),
+                       "is the same file as --k " + path("k.npy"));
+    expect_clean_error("--kernel dense --reference " + inputs + " --out " + v,
+                       "is the same file as --v " + v);
+  }
+  // Another file is fine, and the reference's figure is computed from the inputs as read.
+  const result r = run("--kernel dense --reference " + qkv() + " --out " + path("o.npy"));
+  ASSERT_EQ(r.status, 0) << r.err;
+  const auto pos = r.out.find("relative error:");
+  ASSERT_NE(pos, std::string::npos) << r.out;
+  EXPECT_LT(std::stod(r.out.substr(pos + 15)), 1e-5) << r.out;
+}
+
+TEST_F(Cli, AutoPrecisionComputesInDoubleWhenAnyInputIsFloat64) {
+  // Issue 10.8: with mixed float32/float64 inputs, --precision auto converted a float64 file
+  // holding 1e300 to float and then reported "k has a non-finite value (inf)" for a finite file.
+  const auto q = fa::testing::gaussian<float>(10, 4, 1);
+  fa::matrix<double> k = fa::testing::gaussian<double>(12, 4, 2);
+  k(5, 2) = 1e300;
+  const auto v = fa::testing::gaussian<float>(12, 3, 3);
+  save("q.npy", q);
+  save("k.npy", k);
+  save("v.npy", v);
+  const result r = run("--kernel dense " + qkv() + " --out " + path("o.npy"));
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(fa::io::read_npy_header(path("o.npy")).dtype, fa::io::npy_dtype::float64);
+  const fa::matrix<double> qd = q.cast<double>(), vd = v.cast<double>();
+  EXPECT_LT(fa::testing::relative_error(as_matrix(load<double>(path("o.npy"))),
+                                        fa::attention(fa::dense{}, qd, k, vd)),
+            1e-14);
+}
+
+TEST_F(Cli, PrecisionFloatNamesAFloat64ValueThatOverflowsFloat) {
+  // Issue 10.8: --precision float with a float64 value beyond float's range: the conversion
+  // overflowed silently (and was then reported as a non-finite input). It is now an error that
+  // says so, naming the file, the element and the value.
+  fa::matrix<double> k = fa::testing::gaussian<double>(12, 4, 2);
+  k(5, 2) = 1e300;
+  save("q.npy", fa::testing::gaussian<float>(10, 4, 1));
+  save("k.npy", k);
+  save("v.npy", fa::testing::gaussian<float>(12, 3, 3));
+  const std::string line =
+      expect_clean_error("--kernel dense --precision float " + qkv() + " --out " + path("o.npy"),
+                         {path("k.npy") + ": ", "element (5, 2)", "1e+300", "overflows float"});
+  EXPECT_EQ(line.find("non-finite"), std::string::npos) << line;
+  EXPECT_FALSE(fs::exists(path("o.npy")));
+  // Three heads: the element's index includes the head.
+  std::vector<fa::matrix<double>> k3(2, fa::testing::gaussian<double>(12, 4, 2));
+  k3[1](7, 0) = -3e39;
+  save3("q3.npy", std::vector<fa::matrix<float>>(2, fa::testing::gaussian<float>(10, 4, 1)));
+  save3("k3.npy", k3);
+  save3("v3.npy", std::vector<fa::matrix<float>>(2, fa::testing::gaussian<float>(12, 3, 3)));
+  expect_clean_error("--kernel dense --precision float --q " + path("q3.npy") + " --k " +
+                         path("k3.npy") + " --v " + path("v3.npy") + " --out " + path("o.npy"),
+                     {path("k3.npy"), "element (1, 7, 0) = -3e+39", "overflows float"});
+}
+
+TEST_F(Cli, ThreadsOutOfRangeNamesTheFlagAndItsBound) {
+  // Issue 10.12: --threads 2147483647 must be a clear error naming the flag and its bound.
+  save("q.npy", fa::testing::gaussian<float>(10, 4, 1));
+  save("k.npy", fa::testing::gaussian<float>(12, 4, 2));
+  save("v.npy", fa::testing::gaussian<float>(12, 3, 3));
+  const std::string bound = "[0, " + std::to_string(fa::multihead_options::max_threads) + "]";
+  for (const char* threads : {"2147483647", "-1", "1025"})
+    expect_clean_error("--kernel dense --threads " + std::string(threads) + " " + qkv() +
+                           " --out " + path("o.npy"),
+                       {"--threads", bound});
+  expect_clean_error("--kernel dense --threads 99999999999 " + qkv() + " --out " + path("o.npy"),
+                     {"--threads", "range"});
+  EXPECT_EQ(run("--kernel dense --threads 1024 " + qkv() + " --out " + path("o.npy")).status, 0);
+}
+
+TEST_F(Cli, ManyHeadsOfZeroLengthArraysCostConstantMemory) {
+  // Issue 10.13: three 128-byte files of shape (H, 0, 8) with H = 1e7 took 395 MB and 4.5 s, and
+  // H = 2^62 failed with "vector::reserve". Inputs without data are H identical empty problems:
+  // the tool now checks and runs one, and writes the (H, 0, 8) output.
+  for (const fa::index H : {fa::index{10'000'000}, fa::index{1} << 62}) {
+    SCOPED_TRACE(H);
+    for (const char* name : {"q.npy", "k.npy", "v.npy"}) save_empty(name, {H, 0, 8});
+    ASSERT_EQ(fs::file_size(path("q.npy")), 128u);
+    const result r =
+        run_measured("--kernel dense --reference " + qkv() + " --out " + path("o.npy"));
+    ASSERT_FALSE(r.signaled);
+    ASSERT_EQ(r.status, 0) << r.err;
+    EXPECT_LT(r.max_rss_kib, 100 * 1024) << "peak memory " << r.max_rss_kib << " KiB";
+    EXPECT_EQ(fa::io::read_npy_header(path("o.npy")).shape, (std::vector<fa::index>{H, 0, 8}));
+    // The same problems with a bad option are still refused.
+    expect_clean_error("--kernel dense --key-length 1 " + qkv() + " --out " + path("o.npy"),
+                       "--key-length 1: key_length must be in [0, S = 0], got 1");
+  }
+}
+
+TEST_F(Cli, AnOutputOutOfProportionToTheInputsIsRefused) {
+  // Issue 10.13: q (1, 1), k (0, 1), v (0, 2.5e8) wrote a 1 GB output from 390 bytes of input.
+  // The output may take at most max(64 MiB, 16 x the input files' size) (stated in --help).
+  save("q.npy", fa::testing::gaussian<float>(1, 1, 1));
+  save_empty("k.npy", {0, 1});
+  save_empty("v.npy", {0, fa::index{1} << 25});  // output 1 x 2^25 floats = 128 MiB
+  expect_clean_error("--kernel dense " + qkv() + " --out " + path("o.npy"),
+                     {"the output (1, 33554432) in float32 would take 134217728 bytes",
+                      "max(64 MiB, 16 x the input files' size) = 67108864 bytes"});
+  EXPECT_FALSE(fs::exists(path("o.npy")));
+  save_empty("v.npy", {0, fa::index{1} << 20});  // 4 MiB: within the limit
+  const result r = run("--kernel dense " + qkv() + " --out " + path("o.npy"));
+  ASSERT_EQ(r.status, 0) << r.err;
+  const auto o = load<float>(path("o.npy"));
+  EXPECT_EQ(o.shape, (std::vector<fa::index>{1, fa::index{1} << 20}));
+  EXPECT_TRUE(std::all_of(o.data.begin(), o.data.end(), [](float x) { return x == 0; }));
+  // Heads multiply: 2 heads of (1, 2^62) outputs are 2^63 floats, more than 2^64 bytes.
+  fa::io::write_npy(path("q.npy"), std::vector<fa::index>{2, 1, 1}, std::vector<float>{1, 2});
+  save_empty("k.npy", {2, 0, 1});
+  save_empty("v.npy", {2, 0, fa::index{1} << 62});
+  expect_clean_error("--kernel dense " + qkv() + " --out " + path("o2.npy"),
+                     "the output (2, 1, 4611686018427387904) in float32 would take more than 2^64 "
+                     "bytes");
+  EXPECT_FALSE(fs::exists(path("o2.npy")));
+}
+
+TEST_F(Cli, LibraryErrorsNameTheFlagTheUserGave) {
+  // Issue 10.16: `--key-length 65` on a 2-d input said "sample 0: key_length ..."; a library
+  // error now names the flag (with the value as typed) and the library's message follows as is.
+  save("q.npy", fa::testing::gaussian<float>(64, 4, 1));
+  save("k.npy", fa::testing::gaussian<float>(64, 4, 2));
+  save("v.npy", fa::testing::gaussian<float>(64, 3, 3));
+  EXPECT_EQ(
+      expect_clean_error("--kernel dense --key-length 65 " + qkv() + " --out " + path("o.npy"),
+                         "--key-length"),
+      "fastattn: error: --key-length 65: key_length must be in [0, S = 64], got 65");
+  EXPECT_EQ(expect_clean_error("--kernel dense --key-block=0 " + qkv() + " --out " + path("o.npy"),
+                               "--key-block"),
+            "fastattn: error: --key-block 0: dense: key_block must be in [1, 65536], got 0");
+  expect_clean_error("--kernel dense --scale 1e300 " + qkv() + " --out " + path("o.npy"),
+                     "fastattn: error: --scale 1e300: scale must be finite");
+  // Several heads: the same message, no sample.
+  save3("q3.npy", std::vector<fa::matrix<float>>(2, fa::testing::gaussian<float>(64, 4, 1)));
+  save3("k3.npy", std::vector<fa::matrix<float>>(2, fa::testing::gaussian<float>(64, 4, 2)));
+  save3("v3.npy", std::vector<fa::matrix<float>>(2, fa::testing::gaussian<float>(64, 3, 3)));
+  EXPECT_EQ(
+      expect_clean_error("--kernel dense --key-length 65 --q " + path("q3.npy") + " --k " +
+                             path("k3.npy") + " --v " + path("v3.npy") + " --out " + path("o.npy"),
+                         "--key-length"),
+      "fastattn: error: --key-length 65: key_length must be in [0, S = 64], got 65");
+}
+
+TEST_F(Cli, OutputFileErrorsGiveTheRealCauseAndThePath) {
+  // Issue 10.16: `--out /proc/version` said "disk full?". The writer's message (the system's
+  // reason and the path) reaches the user unchanged.
+  save("q.npy", fa::testing::gaussian<float>(10, 4, 1));
+  save("k.npy", fa::testing::gaussian<float>(12, 4, 2));
+  save("v.npy", fa::testing::gaussian<float>(12, 3, 3));
+  if (fs::exists("/proc/version")) {
+    const std::string line =
+        expect_clean_error("--kernel dense " + qkv() + " --out /proc/version", "/proc/version: ");
+    EXPECT_EQ(line.find("disk full"), std::string::npos) << line;
+  }
+  fs::create_directories(dir_ / "adir");
+  expect_clean_error("--kernel dense " + qkv() + " --out " + path("adir"),
+                     {path("adir") + ": ", "directory"});
 }
 
 }  // namespace

@@ -206,8 +206,8 @@ struct kernel_list {
     (f(std::type_identity<Policies>{}), ...);
   }
 
-  /// Calls f(P{...}) built by make(std::type_identity<P>) for the policy called `name`; returns
-  /// false when no policy has that name.
+  /// Calls f(std::type_identity<P>{}) for the policy P called `name`; returns false when no
+  /// policy has that name.
   template <class F>
   static bool visit(std::string_view name, F&& f) {
     bool found = false;
