@@ -33,7 +33,7 @@
 namespace fastattn::examples {
 
 [[noreturn]] inline void usage_error(const std::string& message) {
-  throw invalid_argument("fastattn: " + message);
+  throw invalid_argument("", message);
 }
 
 /// One knob: a public data member of a policy, its flag name and a help line.

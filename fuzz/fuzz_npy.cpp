@@ -2,6 +2,11 @@
 // per-process temporary file, since the reader takes a path). Only fastattn::invalid_argument may
 // escape the reader; on success the data holds exactly product(shape) elements, and writing the
 // array back and reading it again gives the same shape and bits.
+//
+// Header amplification: a few header bytes can declare a shape whose product is huge (or
+// overflows 64 bits) over little or no data. The reader must refuse it before allocating: a
+// header's element count times the item size never exceeds the data bytes the file holds, and a
+// successful read never holds more elements than that (the seeds huge_*.npy start there).
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -27,16 +32,18 @@ const std::string& temp_path(const char* suffix) {
 }
 
 template <class T>
-void read_and_round_trip(const std::string& path) {
+void read_and_round_trip(const std::string& path, std::size_t file_size) {
   fastattn::io::npy_array<T> a;
   try {
     a = fastattn::io::read_npy<T>(path);
   } catch (const fastattn::invalid_argument&) {
     return;
   }
-  std::uint64_t count = 1;
-  for (const auto d : a.shape) count *= static_cast<std::uint64_t>(d);
-  if (count != a.data.size()) violation("data size differs from the product of the shape");
+  // Every element came from at least 4 bytes of the file: nothing was amplified.
+  if (a.data.size() > file_size / 4) violation("more elements than the file can hold");
+  const auto count = fastattn::io::detail::checked_count(a.shape);
+  if (!count || *count != a.data.size())
+    violation("data size differs from the product of the shape");
   const std::string& out = temp_path("out");
   fastattn::io::write_npy<T>(out, a.shape, a.data);
   const auto b = fastattn::io::read_npy<T>(out);
@@ -58,9 +65,15 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   try {
     const auto h = fastattn::io::read_npy_header(path);
     if (h.data_offset > size) violation("data offset beyond the file");
+    const std::uint64_t item = h.dtype == fastattn::io::npy_dtype::float32 ? 4 : 8;
+    const auto count = fastattn::io::detail::checked_count(h.shape);
+    if (!count || *count != h.count)
+      violation("header count differs from the product of the shape");
+    // The count was checked against the data before any product could overflow.
+    if (h.count > (size - h.data_offset) / item) violation("header count exceeds the data bytes");
   } catch (const fastattn::invalid_argument&) {
   }
-  read_and_round_trip<float>(path);
-  read_and_round_trip<double>(path);
+  read_and_round_trip<float>(path, size);
+  read_and_round_trip<double>(path, size);
   return 0;
 }

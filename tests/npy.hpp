@@ -27,8 +27,8 @@ npy_data<T> load_npy(const std::string& path) {
 template <class T>
 matrix<T> as_matrix(const npy_data<T>& a) {
   if (a.shape.size() != 2)
-    throw invalid_argument("fastattn: as_matrix needs a 2-d array, got " +
-                           std::to_string(a.shape.size()) + " dimensions");
+    io::detail::raise(
+        "a", "as_matrix needs a 2-d array, got " + std::to_string(a.shape.size()) + " dimensions");
   matrix<T> m(a.shape[0], a.shape[1]);
   std::copy(a.data.begin(), a.data.end(), m.data());
   return m;

@@ -4,26 +4,36 @@
 // both GELU variants and every optional-tensor rule; broken files are refused with a clear message.
 #include <gtest/gtest.h>
 
+#include <chrono>
+#include <csignal>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <future>
+#include <limits>
 #include <map>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include <fcntl.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <fastattn/fastattn.hpp>
+#include <fastattn/io/safetensors.hpp>
 
 #include "bert.hpp"
 #include "kernels.hpp"
-#include "safetensors.hpp"
 
 namespace fa = fastattn;
-namespace fb = fastattn::bert;
+namespace fb = bert;
+namespace fio = fastattn::io;
 namespace fx = fastattn::examples;
 namespace fs = std::filesystem;
 using idx = fa::index;
@@ -42,7 +52,7 @@ struct variant {
   idx classes = 0;          ///< decoder rows when untied (0 = vocab)
   idx type_vocab = 2;       ///< 0: no token-type embeddings
   bool embedding_norm = true;
-  fx::st_dtype dtype = fx::st_dtype::F32;  ///< F32 or F64 weights
+  fio::st_dtype dtype = fio::st_dtype::F32;  ///< F32 or F64 weights
   double eps = 1e-12;
 };
 
@@ -61,7 +71,7 @@ tensor_map make_tensors(const variant& v, std::uint64_t seed) {
     std::vector<double> x(static_cast<std::size_t>(n));
     for (auto& e : x) {
       e = mean + sigma * normal(gen);
-      if (v.dtype == fx::st_dtype::F32) e = static_cast<double>(static_cast<float>(e));
+      if (v.dtype == fio::st_dtype::F32) e = static_cast<double>(static_cast<float>(e));
     }
     t[name] = {std::move(shape), std::move(x)};
   };
@@ -128,19 +138,19 @@ void write_model(const fs::path& dir, const variant& v, const tensor_map& t) {
                         {"hidden_dropout_prob", 0.1}};
   if (v.pre_norm) cfg["norm"] = "pre";
   std::ofstream(dir / "config.json") << cfg.dump(2);
-  std::vector<fx::st_write_tensor> out;
+  std::vector<fio::st_write_tensor> out;
   for (const auto& [name, value] : t) {
-    if (v.dtype == fx::st_dtype::F32) {
+    if (v.dtype == fio::st_dtype::F32) {
       std::vector<float> f(value.second.begin(), value.second.end());
-      out.push_back(fx::st_write_tensor::make(stored_name(v, name), value.first, f));
+      out.push_back(fio::st_write_tensor::make(stored_name(v, name), value.first, f));
     } else {
-      out.push_back(fx::st_write_tensor::make(stored_name(v, name), value.first, value.second));
+      out.push_back(fio::st_write_tensor::make(stored_name(v, name), value.first, value.second));
     }
   }
   // An unrelated tensor (as in BertForPreTraining checkpoints) is ignored.
-  out.push_back(fx::st_write_tensor::make("cls.seq_relationship.weight", {2, D},
-                                          std::vector<float>(2 * D, 0.f)));
-  fx::write_safetensors((dir / "model.safetensors").string(), out);
+  out.push_back(fio::st_write_tensor::make("cls.seq_relationship.weight", {2, D},
+                                           std::vector<float>(2 * D, 0.f)));
+  fio::write_safetensors((dir / "model.safetensors").string(), out);
 }
 
 // ---- the float64 reference: plain loops over one sample's valid tokens ----
@@ -314,7 +324,7 @@ TEST_F(Bert, DenseEncoderMatchesFloat64Reference) {
   variants.push_back(
       {"no_token_types_no_embedding_norm", variant{.type_vocab = 0, .embedding_norm = false}});
   variants.push_back(
-      {"pre_untied_f64", variant{.pre_norm = true, .tied = false, .dtype = fx::st_dtype::F64}});
+      {"pre_untied_f64", variant{.pre_norm = true, .tied = false, .dtype = fio::st_dtype::F64}});
   std::uint64_t seed = 1;
   for (const auto& [name, v] : variants) {
     SCOPED_TRACE(name);
@@ -394,7 +404,42 @@ void expect_refused(const fs::path& dir, const std::string& needle) {
     const std::string what = e.what();
     EXPECT_NE(what.find(needle), std::string::npos) << "expected '" << needle << "' in: " << what;
     EXPECT_EQ(what.find('\n'), std::string::npos) << what;
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "not a fastattn::invalid_argument (expected '" << needle << "'): " << e.what();
   }
+}
+
+/// Runs `action`, which must throw fastattn::invalid_argument, on a thread and returns its
+/// message. When it is still running after 10 s it is blocked opening the FIFO `fifo`: the test
+/// fails, and the FIFO is opened and closed from here (read + write with O_NONBLOCK never blocks)
+/// to release the action, which then sees an empty FIFO (SIGPIPE is ignored meanwhile).
+std::string refusal_without_blocking(const std::string& fifo, const std::function<void()>& action) {
+  std::promise<std::string> done;
+  std::future<std::string> result = done.get_future();
+  std::thread worker([&] {
+    try {
+      action();
+      done.set_value("(no exception)");
+    } catch (const fa::invalid_argument& e) {
+      done.set_value(e.what());
+    } catch (const std::exception& e) {
+      done.set_value(std::string("(other exception) ") + e.what());
+    }
+  });
+  if (result.wait_for(std::chrono::seconds(10)) != std::future_status::ready) {
+    ADD_FAILURE() << "blocked for 10 s on the FIFO " << fifo;
+    const auto previous = std::signal(SIGPIPE, SIG_IGN);
+    while (result.wait_for(std::chrono::milliseconds(100)) != std::future_status::ready) {
+      const int fd = ::open(fifo.c_str(), O_RDWR | O_NONBLOCK);
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      if (fd >= 0) ::close(fd);
+    }
+    worker.join();
+    std::signal(SIGPIPE, previous);
+  } else {
+    worker.join();
+  }
+  return result.get();
 }
 
 TEST_F(Bert, LoadingRefusesBrokenFiles) {
@@ -420,9 +465,9 @@ TEST_F(Bert, LoadingRefusesBrokenFiles) {
       j[key] = value;
     return j.dump();
   };
-  auto st_with = [&](std::vector<fx::st_write_tensor> extra, const std::string& drop = "",
+  auto st_with = [&](std::vector<fio::st_write_tensor> extra, const std::string& drop = "",
                      const std::string& reshape = "", std::vector<idx> shape = {}) {
-    std::vector<fx::st_write_tensor> out;
+    std::vector<fio::st_write_tensor> out;
     for (const auto& [name, value] : t) {
       const std::string n = stored_name(v, name);
       if (n == drop) continue;
@@ -431,18 +476,18 @@ TEST_F(Bert, LoadingRefusesBrokenFiles) {
         idx count = 1;
         for (const idx d : shape) count *= d;
         f.assign(static_cast<std::size_t>(count), 0.f);
-        out.push_back(fx::st_write_tensor::make(n, shape, f));
+        out.push_back(fio::st_write_tensor::make(n, shape, f));
       } else {
-        out.push_back(fx::st_write_tensor::make(n, value.first, f));
+        out.push_back(fio::st_write_tensor::make(n, value.first, f));
       }
     }
     for (auto& e : extra) out.push_back(std::move(e));
     const fs::path p = dir_ / "tmp.safetensors";
-    fx::write_safetensors(p.string(), out);
+    fio::write_safetensors(p.string(), out);
     return read_raw(p);
   };
 
-  expect_refused(dir_ / "nowhere", "not a directory");
+  expect_refused(dir_ / "nowhere", "no such directory");
   expect_refused(with(st, "{not json"), "not valid JSON");
   expect_refused(with(st, cfg_edit("hidden_size", nullptr)), "missing key 'hidden_size'");
   expect_refused(with(st, cfg_edit("hidden_act", "relu")), "unsupported hidden_act 'relu'");
@@ -474,25 +519,25 @@ TEST_F(Bert, LoadingRefusesBrokenFiles) {
       "has shape [16, 24], expected [24, 16]");
   expect_refused(with(st_with({}, "", "cls.predictions.bias", {vocab + 1}), cfg),
                  "cls.predictions.bias");
-  expect_refused(with(st_with({fx::st_write_tensor::make(
+  expect_refused(with(st_with({fio::st_write_tensor::make(
                           "cls.predictions.decoder.weight", {vocab + 5, D},
                           std::vector<float>(static_cast<std::size_t>((vocab + 5) * D)))}),
                       cfg),
                  "1 <= C <= vocab_size");
   // Wrong dtype kind for a weight, and a header whose sizes lie.
   {
-    std::vector<fx::st_write_tensor> out;
+    std::vector<fio::st_write_tensor> out;
     for (const auto& [name, value] : t) {
       const std::string n = stored_name(v, name);
       if (n == "bert.embeddings.position_embeddings.weight") {
-        out.push_back(fx::st_write_tensor::make(n, value.first,
-                                                std::vector<std::int32_t>(value.second.size())));
+        out.push_back(fio::st_write_tensor::make(n, value.first,
+                                                 std::vector<std::int32_t>(value.second.size())));
       } else {
-        out.push_back(fx::st_write_tensor::make(
+        out.push_back(fio::st_write_tensor::make(
             n, value.first, std::vector<float>(value.second.begin(), value.second.end())));
       }
     }
-    fx::write_safetensors((dir_ / "tmp.safetensors").string(), out);
+    fio::write_safetensors((dir_ / "tmp.safetensors").string(), out);
     expect_refused(with(read_raw(dir_ / "tmp.safetensors"), cfg),
                    "expected a floating-point dtype");
   }
@@ -531,36 +576,123 @@ TEST_F(Bert, LoadingRefusesBrokenFiles) {
   }
 }
 
-TEST_F(Bert, SafetensorsHalfPrecisionConversions) {
-  // F16 and BF16 as stored by PyTorch, hand-encoded: 1.0, -2.0, 0.5, 65504 (F16 max), a subnormal.
-  const std::vector<std::uint16_t> f16 = {0x3c00, 0xc000, 0x3800, 0x7bff, 0x0001};
-  const std::vector<std::uint16_t> bf16 = {0x3f80, 0xc000, 0x3f00, 0x4780, 0x0000};
-  auto raw = [](const std::vector<std::uint16_t>& v) {
-    std::string s;
-    for (const auto x : v) s += {static_cast<char>(x & 0xff), static_cast<char>(x >> 8)};
-    return s;
+// Issue 10 defect 6: a NaN or infinite weight is refused when the model loads, naming the file,
+// the tensor and the element; it used to reach the forward pass and come out as "loss: nan" or as
+// an error about the attention input q and a C++ option (check_finite) the tool does not have.
+TEST_F(Bert, NonFiniteWeightIsRefusedWhenLoading) {
+  const variant v{};
+  int case_id = 0;
+  for (const double bad :
+       {std::numeric_limits<double>::quiet_NaN(), std::numeric_limits<double>::infinity(),
+        -std::numeric_limits<double>::infinity()}) {
+    tensor_map t = make_tensors(v, 13);
+    t.at("encoder.layer.0.attention.self.query.weight").second[17] = bad;
+    const fs::path d = dir_ / ("m" + std::to_string(case_id++));
+    write_model(d, v, t);
+    const std::string value = std::isnan(bad) ? "nan" : bad > 0 ? "inf" : "-inf";
+    expect_refused(d, (d / "model.safetensors").string() +
+                          ": tensor 'bert.encoder.layer.0.attention.self.query.weight' has a "
+                          "non-finite value (" +
+                          value + ") at element 17");
+  }
+  // An F64 weight beyond float's range: refused for a float model, fine for a double one.
+  const variant f64{.dtype = fio::st_dtype::F64};
+  tensor_map t = make_tensors(f64, 14);
+  t.at("encoder.layer.1.output.dense.bias").second[3] = 1e300;
+  write_model(dir_ / "f64", f64, t);
+  expect_refused(dir_ / "f64",
+                 "tensor 'bert.encoder.layer.1.output.dense.bias' has the value 1e+300 at element "
+                 "3, which overflows float");
+  EXPECT_NO_THROW((void)fb::model<double>::load((dir_ / "f64").string()));
+}
+
+// Issue 10 defect 6: finite weights whose activations overflow are reported naming the layer,
+// sample and position; they used to surface in the next layer as "sample 0, head 0: q has a
+// non-finite value ...; pass options.check_finite = false".
+TEST_F(Bert, OverflowingActivationsNameTheLayer) {
+  const variant v{};
+  tensor_map t = make_tensors(v, 15);
+  for (const char* name :
+       {"encoder.layer.0.intermediate.dense.weight", "encoder.layer.0.output.dense.weight"})
+    for (double& x : t.at(name).second) x *= 1e20;  // finite as float; their product is not
+  write_model(dir_ / "m", v, t);
+  const auto m = fb::model<float>::load((dir_ / "m").string());
+  const fb::encoder<fa::dense> enc(m.cfg, m.w);
+  try {
+    (void)enc.forward(make_batch(2, 8, {8, 5}, true, 1));
+    ADD_FAILURE() << "an overflowing forward pass returned";
+  } catch (const fa::invalid_argument& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("encoder: layer 0's output is not finite"), std::string::npos) << what;
+    EXPECT_NE(what.find("at sample 0, position 0"), std::string::npos) << what;
+    EXPECT_EQ(what.find("check_finite"), std::string::npos) << what;
+  }
+}
+
+// Issue 10 defect 11: B * L is computed with checked arithmetic. B = 2^62 + 1, L = 4 used to
+// wrap to 4, pass the size check with 4 token ids, and read far out of bounds.
+TEST_F(Bert, EncoderRejectsBatchShapesThatOverflow) {
+  const variant v{};
+  write_model(dir_ / "m", v, make_tensors(v, 16));
+  const auto m = fb::model<float>::load((dir_ / "m").string());
+  const fb::encoder<fa::dense> enc(m.cfg, m.w);
+  for (const idx B : {(idx{1} << 62) + 1, idx{1} << 62, std::numeric_limits<idx>::max()}) {
+    fb::batch in;
+    in.size = B;
+    in.length = 4;
+    in.input_ids = {1, 2, 3, 4};
+    try {
+      (void)enc.forward(in);
+      ADD_FAILURE() << "B = " << B << " accepted";
+    } catch (const fa::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find("samples of L = 4 tokens are too many"),
+                std::string::npos)
+          << e.what();
+    }
+  }
+}
+
+// Issue 10 defect 16: each message names the file and the real cause. config.json as a directory
+// used to escape as "basic_filebuf::underflow ... Is a directory" naming no file, a directory as
+// model.safetensors said "no such file", and a FIFO as config.json blocked forever.
+TEST_F(Bert, FilesAreRefusedWithTheRealCause) {
+  const variant v{};
+  const tensor_map t = make_tensors(v, 17);
+  auto model_dir = [&](const std::string& name) {
+    write_model(dir_ / name, v, t);
+    return dir_ / name;
   };
-  std::string header =
-      R"({"a":{"dtype":"F16","shape":[5],"data_offsets":[0,10]},"b":{"dtype":"BF16","shape":[5],"data_offsets":[10,20]},"__metadata__":{"format":"pt"}})";
-  while (header.size() % 8) header += ' ';
-  std::string file(8, '\0');
-  for (int i = 0; i < 8; ++i)
-    file[static_cast<std::size_t>(i)] = static_cast<char>((header.size() >> (8 * i)) & 0xff);
-  file += header + raw(f16) + raw(bf16);
-  write_raw(dir_ / "h.safetensors", file);
-  const fx::safetensors_file f((dir_ / "h.safetensors").string());
-  const auto a = f.read<float>("a"), b = f.read<float>("b");
-  EXPECT_EQ(a[0], 1.f);
-  EXPECT_EQ(a[1], -2.f);
-  EXPECT_EQ(a[2], 0.5f);
-  EXPECT_EQ(a[3], 65504.f);
-  EXPECT_FLOAT_EQ(a[4], std::ldexp(1.f, -24));
-  EXPECT_EQ(b[0], 1.f);
-  EXPECT_EQ(b[1], -2.f);
-  EXPECT_EQ(b[2], 0.5f);
-  EXPECT_EQ(b[3], 65536.f);
-  EXPECT_EQ(b[4], 0.f);
-  EXPECT_THROW((void)f.read<std::int64_t>("a"), fa::invalid_argument);
+  const fs::path a = model_dir("config_dir");
+  fs::remove(a / "config.json");
+  fs::create_directory(a / "config.json");
+  expect_refused(a, (a / "config.json").string() + ": is a directory, not a regular file");
+
+  const fs::path b = model_dir("weights_dir");
+  fs::remove(b / "model.safetensors");
+  fs::create_directory(b / "model.safetensors");
+  expect_refused(b, (b / "model.safetensors").string() + ": is a directory, not a regular file");
+
+  const fs::path c = model_dir("missing");
+  fs::remove(c / "model.safetensors");
+  expect_refused(c, (c / "model.safetensors").string() + ": cannot open: no such file");
+
+  for (const char* file : {"config.json", "model.safetensors"}) {
+    const fs::path d = model_dir(std::string("fifo_") + file);
+    fs::remove(d / file);
+    const std::string fifo = (d / file).string();
+    ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0) << std::strerror(errno);
+    const std::string what =
+        refusal_without_blocking(fifo, [&] { (void)fb::model<float>::load(d.string()); });
+    EXPECT_NE(what.find(fifo + ": is a FIFO, not a regular file"), std::string::npos) << what;
+  }
+
+  expect_refused(model_dir("m") / "config.json", "is a regular file, not a directory");
+  const fs::path e = model_dir("bad_json");
+  write_raw(e / "config.json", "{\"vocab_size\": 37,\n \"hidden_size\": }");
+  expect_refused(e, (e / "config.json").string() + ": not valid JSON: parse error at line 2");
+  const fs::path f = model_dir("deep_json");
+  write_raw(f / "config.json", std::string(100000, '[') + std::string(100000, ']'));
+  expect_refused(f, (f / "config.json").string() + ": JSON nests deeper than 64 levels");
 }
 
 #ifdef FASTATTN_MLM_PATH
@@ -578,10 +710,10 @@ TEST_F(Bert, MlmToolReportsLossAndTable) {
     mask[static_cast<std::size_t>(L + i)] = 0;
     labels[static_cast<std::size_t>(L + i)] = -100;
   }
-  fx::write_safetensors((dir_ / "batch.safetensors").string(),
-                        {fx::st_write_tensor::make("input_ids", {B, L}, in.input_ids),
-                         fx::st_write_tensor::make("labels", {B, L}, labels),
-                         fx::st_write_tensor::make("attention_mask", {B, L}, mask)});
+  fio::write_safetensors((dir_ / "batch.safetensors").string(),
+                         {fio::st_write_tensor::make("input_ids", {B, L}, in.input_ids),
+                          fio::st_write_tensor::make("labels", {B, L}, labels),
+                          fio::st_write_tensor::make("attention_mask", {B, L}, mask)});
   // Expected loss from the float64 reference.
   const reference_model ref{t, v};
   double loss = 0;
@@ -626,6 +758,125 @@ TEST_F(Bert, MlmToolReportsLossAndTable) {
                            .c_str());
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 1);
   EXPECT_NE(read_raw(err).find("config.json"), std::string::npos) << read_raw(err);
+}
+
+/// Runs fastattn_mlm with `args`; returns (exit status, stdout, stderr).
+struct tool_run {
+  int status = -1;
+  std::string out, err;
+};
+tool_run run_mlm(const fs::path& dir, const std::string& args) {
+  const std::string out = (dir / "out.txt").string(), err = (dir / "err.txt").string();
+  const int status =
+      std::system((std::string(FASTATTN_MLM_PATH) + " " + args + " >" + out + " 2>" + err).c_str());
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, read_raw(out), read_raw(err)};
+}
+
+// Issue 10 defect 6: a model with NaN or infinite weights, or whose loss is not finite, makes
+// fastattn_mlm fail (status 1) with a message that names the tensor; it used to print
+// "loss: nan" and exit 0.
+TEST_F(Bert, MlmToolRefusesNonFiniteWeightsAndLoss) {
+  const idx B = 2, L = 8;
+  const fb::batch in = make_batch(B, L, {}, false, 5);
+  std::vector<std::int64_t> labels(static_cast<std::size_t>(B * L), -100);
+  for (idx i = 0; i < B * L; i += 2)
+    labels[static_cast<std::size_t>(i)] = in.input_ids[static_cast<std::size_t>(i)];
+  const std::string data = (dir_ / "batch.safetensors").string();
+  fio::write_safetensors(data, {fio::st_write_tensor::make("input_ids", {B, L}, in.input_ids),
+                                fio::st_write_tensor::make("labels", {B, L}, labels)});
+
+  const variant v{};
+  tensor_map nan = make_tensors(v, 18);
+  nan.at("encoder.layer.0.attention.self.query.weight").second[17] =
+      std::numeric_limits<double>::quiet_NaN();
+  write_model(dir_ / "nan", v, nan);
+  for (const char* kernel : {"dense", "all"}) {
+    const tool_run r = run_mlm(
+        dir_, "--model " + (dir_ / "nan").string() + " --data " + data + " --kernel " + kernel);
+    EXPECT_EQ(r.status, 1) << r.out << r.err;
+    EXPECT_NE(r.err.find("model.safetensors: tensor "
+                         "'bert.encoder.layer.0.attention.self.query.weight' has a non-finite "
+                         "value (nan) at element 17"),
+              std::string::npos)
+        << r.err;
+    EXPECT_EQ(r.err.find("check_finite"), std::string::npos) << r.err;
+    EXPECT_EQ(r.out.find("nan"), std::string::npos) << r.out;
+  }
+
+  // Finite weights whose logits overflow float: the loss would be NaN.
+  const variant untied{.tied = false};
+  tensor_map big = make_tensors(untied, 19);
+  for (double& x : big.at("cls.predictions.decoder.weight").second)
+    x = x < 0 ? -static_cast<double>(std::numeric_limits<float>::max())
+              : static_cast<double>(std::numeric_limits<float>::max());
+  write_model(dir_ / "big", untied, big);
+  const tool_run r =
+      run_mlm(dir_, "--model " + (dir_ / "big").string() + " --data " + data + " --kernel dense");
+  EXPECT_EQ(r.status, 1) << r.out << r.err;
+  EXPECT_NE(r.err.find("logits at sample 0, position 0 are not finite with kernel dense"),
+            std::string::npos)
+      << r.err;
+  EXPECT_EQ(r.out.find("loss: nan"), std::string::npos) << r.out;
+}
+
+// Issue 10 defect 7: labels on positions that attention_mask pads, an all-zero mask row, and mask
+// values other than 0 and 1 are refused naming the sample, position and value; they used to be
+// scored into the loss (or, for a 2, taken as 1).
+TEST_F(Bert, MlmToolRefusesLabelsOnPaddingAndBadMasks) {
+  const variant v{};
+  write_model(dir_ / "m", v, make_tensors(v, 20));
+  const idx B = 2, L = 12;
+  const fb::batch in = make_batch(B, L, {}, false, 6);
+  auto write_batch = [&](const std::vector<std::int64_t>& labels,
+                         const std::vector<std::int64_t>& mask) {
+    const std::string p = (dir_ / "batch.safetensors").string();
+    fio::write_safetensors(p, {fio::st_write_tensor::make("input_ids", {B, L}, in.input_ids),
+                               fio::st_write_tensor::make("labels", {B, L}, labels),
+                               fio::st_write_tensor::make("attention_mask", {B, L}, mask)});
+    return "--model " + (dir_ / "m").string() + " --data " + p + " --kernel dense";
+  };
+  std::vector<std::int64_t> labels(static_cast<std::size_t>(B * L), -100),
+      mask(static_cast<std::size_t>(B * L), 1);
+  for (idx t = 0; t < 8; t += 2) labels[static_cast<std::size_t>(t)] = 3;
+  for (idx t = 8; t < L; ++t) mask[static_cast<std::size_t>(L + t)] = 0;  // sample 1: 8 tokens
+  ASSERT_EQ(run_mlm(dir_, write_batch(labels, mask)).status, 0);          // consistent
+
+  auto expect_refused_batch = [&](const std::string& args, const std::string& needle) {
+    const tool_run r = run_mlm(dir_, args);
+    EXPECT_EQ(r.status, 1) << r.out << r.err;
+    EXPECT_NE(r.err.find(needle), std::string::npos) << "expected '" << needle << "' in: " << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  };
+  auto padded_label = labels;
+  padded_label[static_cast<std::size_t>(L + 9)] = 5;
+  expect_refused_batch(write_batch(padded_label, mask),
+                       "labels at sample 1, position 9 is 5 but attention_mask is 0 there");
+  auto all_zero = mask;
+  for (idx t = 0; t < L; ++t) all_zero[static_cast<std::size_t>(L + t)] = 0;
+  expect_refused_batch(write_batch(labels, all_zero),
+                       "attention_mask of sample 1 is all 0 (at sample 1, position 0)");
+  auto two = mask;
+  two[3] = 2;
+  expect_refused_batch(write_batch(labels, two),
+                       "attention_mask at sample 0, position 3 is 2; values must be 0");
+  auto negative = mask;
+  negative[L + 2] = -1;
+  expect_refused_batch(write_batch(labels, negative),
+                       "attention_mask at sample 1, position 2 is -1");
+  auto holes = mask;
+  holes[5] = 0;
+  expect_refused_batch(write_batch(labels, holes),
+                       "not right-padded (1...1 0...0): 1 at sample 0, position 6 after 0 at "
+                       "sample 0, position 5");
+  auto out_of_range = labels;
+  out_of_range[4] = 1000;
+  expect_refused_batch(write_batch(out_of_range, mask),
+                       "labels at sample 0, position 4 is 1000, neither -100 (ignore) nor a class "
+                       "in [0, 37)");
+  // --data as a directory names it and says what it is (it used to say "no such file").
+  expect_refused_batch(
+      "--model " + (dir_ / "m").string() + " --data " + dir_.string() + " --kernel dense",
+      dir_.string() + ": is a directory, not a regular file");
 }
 #endif
 

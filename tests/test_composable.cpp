@@ -332,3 +332,31 @@ TEST(GroupedQuery, EqualsRepeatedKeysAndValues) {
 }
 
 }  // namespace
+
+namespace {
+
+// The default batch stride of a slice of a fused QKV buffer is L * token_stride (regression: a
+// default of one sample's span read sample 1 from the wrong place).
+TEST(TensorView, FusedQkvSliceDefaultsToTokenMajorSamples) {
+  const fa::index B = 3, L = 20, H = 2, E = 8;
+  const fa::matrix<float> qkv = fa::testing::gaussian<float>(B * L, 3 * H * E, 16);
+  std::vector<float> fused(static_cast<std::size_t>(B * L * H * E)), separate(fused.size());
+  const fa::tensor_view<const float> q{qkv.data(), B, L, H, E, 3 * H * E};
+  const fa::tensor_view<const float> k{qkv.data() + H * E, B, L, H, E, 3 * H * E};
+  const fa::tensor_view<const float> v{qkv.data() + 2 * H * E, B, L, H, E, 3 * H * E};
+  EXPECT_EQ(q.sample_stride(), L * 3 * H * E);
+  fa::multihead_attention(fa::dense{}, q, k, v, fa::tensor_view<float>{fused.data(), B, L, H, E});
+  for (fa::index b = 0; b < B; ++b)
+    for (fa::index h = 0; h < H; ++h) {
+      const fa::matrix<float> qs = qkv.block(b * L, h * E, L, E);
+      const fa::matrix<float> ks = qkv.block(b * L, H * E + h * E, L, E);
+      const fa::matrix<float> vs = qkv.block(b * L, 2 * H * E + h * E, L, E);
+      const fa::matrix<float> o = fa::attention(fa::dense{}, qs, ks, vs);
+      for (fa::index t = 0; t < L; ++t)
+        for (fa::index e = 0; e < E; ++e)
+          separate[static_cast<std::size_t>(((b * L + t) * H + h) * E + e)] = o(t, e);
+    }
+  EXPECT_EQ(fused, separate);
+}
+
+}  // namespace

@@ -2,11 +2,22 @@
 // corruption (each must throw fastattn::invalid_argument naming the file, never crash).
 #include <gtest/gtest.h>
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <csignal>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <future>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <fastattn/io/npy.hpp>
@@ -18,6 +29,39 @@ namespace fa = fastattn;
 namespace fs = std::filesystem;
 
 namespace {
+
+/// Runs `action`, which must throw fastattn::invalid_argument, on a thread and returns its
+/// message. When it is still running after 10 s it is blocked opening the FIFO `fifo`: the test
+/// fails, and the FIFO is opened and closed from here (read + write with O_NONBLOCK never blocks)
+/// to release the action, which then sees an empty FIFO (SIGPIPE is ignored meanwhile).
+std::string refusal_without_blocking(const std::string& fifo, const std::function<void()>& action) {
+  std::promise<std::string> done;
+  std::future<std::string> result = done.get_future();
+  std::thread worker([&] {
+    try {
+      action();
+      done.set_value("(no exception)");
+    } catch (const fa::invalid_argument& e) {
+      done.set_value(e.what());
+    } catch (const std::exception& e) {
+      done.set_value(std::string("(other exception) ") + e.what());
+    }
+  });
+  if (result.wait_for(std::chrono::seconds(10)) != std::future_status::ready) {
+    ADD_FAILURE() << "blocked for 10 s on the FIFO " << fifo;
+    const auto previous = std::signal(SIGPIPE, SIG_IGN);
+    while (result.wait_for(std::chrono::milliseconds(100)) != std::future_status::ready) {
+      const int fd = ::open(fifo.c_str(), O_RDWR | O_NONBLOCK);
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      if (fd >= 0) ::close(fd);
+    }
+    worker.join();
+    std::signal(SIGPIPE, previous);
+  } else {
+    worker.join();
+  }
+  return result.get();
+}
 
 class Npy : public ::testing::Test {
  protected:
@@ -303,6 +347,89 @@ TEST_F(Npy, EmptyArrayWithHugeDimensionsRoundTrips) {
   EXPECT_THROW(
       fa::io::write_npy(path("e.npy"), std::vector<fa::index>{huge, huge, 2}, std::vector<float>{}),
       fa::invalid_argument);
+}
+
+// Issue 10 defect 16: only regular files are read. A FIFO without a writer used to block the
+// reader forever, and a character device was read as a (too short) .npy file.
+TEST_F(Npy, NonRegularFilesAreRefusedWithoutBlocking) {
+  expect_error(dir_.string(), "is a directory, not a regular file");
+  if (fs::exists("/dev/null"))
+    expect_error("/dev/null", "is a character device, not a regular file");
+  const std::string fifo = path("fifo.npy");
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0) << std::strerror(errno);
+  std::string what = refusal_without_blocking(fifo, [&] { (void)fa::io::read_npy<float>(fifo); });
+  EXPECT_NE(what.find(fifo + ": is a FIFO, not a regular file"), std::string::npos) << what;
+  what = refusal_without_blocking(fifo, [&] { (void)fa::io::read_npy_header(fifo); });
+  EXPECT_NE(what.find(fifo + ": is a FIFO, not a regular file"), std::string::npos) << what;
+  // Writing to a FIFO without a reader would block as well.
+  what = refusal_without_blocking(
+      fifo, [&] { fa::io::write_npy(fifo, std::vector<fa::index>{1}, std::vector<float>{1.f}); });
+  EXPECT_NE(what.find(fifo + ": cannot write: is a FIFO, not a regular file"), std::string::npos)
+      << what;
+}
+
+// Issue 10 defect 16 (writing): a failed write names the path and the system's reason; it used
+// to say "write error (disk full?)" whatever happened, or "cannot open for writing".
+TEST_F(Npy, WriteErrorsReportTheRealCause) {
+  auto message = [](const std::string& p) {
+    try {
+      fa::io::write_npy(p, std::vector<fa::index>{2}, std::vector<float>{1.f, 2.f});
+    } catch (const fa::invalid_argument& e) {
+      return std::string(e.what());
+    }
+    return std::string("(no exception)");
+  };
+  write_bytes(path("file"), "x");
+  const std::string under_file = path("file") + "/a.npy";
+  EXPECT_NE(message(under_file).find(under_file + ": cannot open for writing: Not a directory"),
+            std::string::npos)
+      << message(under_file);
+  EXPECT_NE(message(dir_.string()).find(dir_.string() + ": cannot write: is a directory"),
+            std::string::npos)
+      << message(dir_.string());
+  if (fs::exists("/dev/full")) {
+    const std::string full = message("/dev/full");
+    EXPECT_NE(full.find("/dev/full: write error: No space left on device"), std::string::npos)
+        << full;
+  }
+  if (fs::exists("/proc/version")) {  // read-only: EACCES for a user, EIO for root
+    const std::string proc = message("/proc/version");
+    EXPECT_NE(proc.find("/proc/version: "), std::string::npos) << proc;
+    EXPECT_EQ(proc.find("disk full"), std::string::npos) << proc;
+    EXPECT_TRUE(proc.find(std::strerror(EACCES)) != std::string::npos ||
+                proc.find(std::strerror(EIO)) != std::string::npos ||
+                proc.find(std::strerror(EROFS)) != std::string::npos)
+        << proc;
+  }
+}
+
+// Issue 10 defect 11: sizes are computed with checked arithmetic; a dimension of 2^62 is a clear
+// error naming the shape, in the header and when writing.
+TEST_F(Npy, HugeDimensionsAreClearErrors) {
+  write_bytes(path("big.npy"),
+              make("{'descr': '<f4', 'fortran_order': False, 'shape': (4611686018427387904, 4), }",
+                   floats({1.f, 2.f})));
+  expect_error(path("big.npy"),
+               "truncated data: shape (4611686018427387904, 4) needs more than 2^64 bytes, more "
+               "than the 8 data bytes the file holds");
+  write_bytes(path("big3.npy"),
+              make("{'descr': '<f8', 'fortran_order': False, 'shape': (4611686018427387904, "
+                   "4611686018427387904, 4611686018427387904), }",
+                   ""));
+  expect_error(path("big3.npy"), "needs more than 2^64 bytes, more than the 0 data bytes");
+  write_bytes(path("short.npy"),
+              make("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 4), }", floats({1.f})));
+  expect_error(path("short.npy"), "shape (2, 4) needs 32 bytes, more than the 4 data bytes");
+  try {
+    fa::io::write_npy(path("w.npy"), std::vector<fa::index>{fa::index{1} << 62, 4},
+                      std::vector<float>{});
+    ADD_FAILURE() << "wrote a 2^64-element shape";
+  } catch (const fa::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("shape (4611686018427387904, 4) has more elements than "
+                                         "64-bit byte counts can hold"),
+              std::string::npos)
+        << e.what();
+  }
 }
 
 TEST_F(Npy, WriteRejectsInconsistentShape) {

@@ -3,31 +3,50 @@
 // fastattn::multihead_attention directly on the fused QKV projection buffer (no per-head copies).
 //
 // Loads Hugging Face checkpoints: config.json (BertConfig keys) + model.safetensors with
-// BertForMaskedLM / BertForPreTraining tensor names; see README.md for the exact mapping.
+// BertForMaskedLM / BertForPreTraining tensor names; see README.md for the exact mapping. Every
+// weight must be finite (checked at load time, naming the tensor and the element), and a forward
+// pass whose activations overflow says so, naming the layer, sample and position.
+//
+// Example code, not part of the library: namespace `bert`.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
-#include <memory>
 #include <fstream>
+#include <limits>
+#include <memory>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 #include <unsupported/Eigen/SpecialFunctions>
 
 #include <fastattn/attention.hpp>
+#include <fastattn/io/safetensors.hpp>
 #include <fastattn/multihead.hpp>
 
-#include "safetensors.hpp"
+namespace bert {
 
-namespace fastattn::bert {
+using fastattn::attention_policy;
+using fastattn::index;
+using fastattn::invalid_argument;
+using fastattn::matrix;
+using fastattn::multihead_attention;
+using fastattn::multihead_options;
+using fastattn::tensor_view;
+namespace io = fastattn::io;
+using io::safetensors_file;
+using io::shape_to_string;
 
-using examples::safetensors_file;
-using examples::shape_to_string;
+/// Throws fastattn::invalid_argument "fastattn: <where>: <message>".
+[[noreturn]] inline void fail(const std::string& where, const std::string& message) {
+  io::detail::raise(where, where + ": " + message);
+}
 
 enum class activation { gelu_erf, gelu_tanh };
 enum class norm_placement { post, pre };
@@ -49,9 +68,7 @@ struct config {
 
   /// Checks the values (sizes positive, heads divide hidden_size, ...); `where` prefixes errors.
   void validate(const std::string& where) const {
-    auto fail = [&](const std::string& m) {
-      throw invalid_argument("fastattn: " + where + ": " + m);
-    };
+    auto fail = [&](const std::string& m) { bert::fail(where, m); };
     if (vocab_size < 1) fail("vocab_size must be >= 1, got " + std::to_string(vocab_size));
     if (hidden_size < 1) fail("hidden_size must be >= 1, got " + std::to_string(hidden_size));
     if (num_hidden_layers < 0) fail("num_hidden_layers must be >= 0");
@@ -67,52 +84,51 @@ struct config {
   }
 
   static config from_json(const nlohmann::json& j, const std::string& where) {
-    auto fail = [&](const std::string& m) -> void {
-      throw invalid_argument("fastattn: " + where + ": " + m);
-    };
+    auto fail = [&](const std::string& m) { bert::fail(where, m); };
     if (!j.is_object()) fail("config must be a JSON object");
     config c;
-    auto get_int = [&](const char* key, index& out, bool required) {
-      if (!j.contains(key)) {
-        if (required) fail(std::string("missing key '") + key + "'");
-        return;
-      }
-      if (!j[key].is_number_integer()) fail(std::string("'") + key + "' must be an integer");
-      const auto v = j[key].get<std::int64_t>();
+    // A key that is present must have the right JSON type; optional keys then take their
+    // defaults through nlohmann's value().
+    auto require_type = [&](const char* key, bool ok, const char* what) {
+      if (j.contains(key) && !ok) fail(std::string("'") + key + "' must be " + what);
+    };
+    auto get_int = [&](const char* key, index fallback, bool required) {
+      if (required && !j.contains(key)) fail(std::string("missing key '") + key + "'");
+      require_type(key, j.contains(key) && j[key].is_number_integer(), "an integer");
+      const auto v = j.value(key, static_cast<std::int64_t>(fallback));
       if (v < 0 || v > (std::int64_t{1} << 40))
         fail(std::string("'") + key + "' is out of range: " + std::to_string(v));
-      out = static_cast<index>(v);
+      return static_cast<index>(v);
     };
-    get_int("vocab_size", c.vocab_size, true);
-    get_int("hidden_size", c.hidden_size, true);
-    get_int("num_hidden_layers", c.num_hidden_layers, true);
-    get_int("num_attention_heads", c.num_attention_heads, true);
-    get_int("intermediate_size", c.intermediate_size, true);
-    get_int("max_position_embeddings", c.max_position_embeddings, false);
-    get_int("type_vocab_size", c.type_vocab_size, false);
-    if (j.contains("layer_norm_eps")) {
-      if (!j["layer_norm_eps"].is_number()) fail("'layer_norm_eps' must be a number");
-      c.layer_norm_eps = j["layer_norm_eps"].get<double>();
-    }
-    if (j.contains("hidden_act")) {
-      if (!j["hidden_act"].is_string()) fail("'hidden_act' must be a string");
-      const auto act = j["hidden_act"].get<std::string>();
-      if (act == "gelu")
-        c.hidden_act = activation::gelu_erf;
-      else if (act == "gelu_new" || act == "gelu_pytorch_tanh")
-        c.hidden_act = activation::gelu_tanh;
-      else
-        fail("unsupported hidden_act '" + act + "' (supported: gelu, gelu_new, gelu_pytorch_tanh)");
-    }
-    if (j.contains("norm")) {
-      const auto n = j["norm"].is_string() ? j["norm"].get<std::string>() : std::string("?");
-      if (n == "pre")
-        c.norm = norm_placement::pre;
-      else if (n == "post")
-        c.norm = norm_placement::post;
-      else
-        fail("'norm' must be \"pre\" or \"post\"");
-    }
+    c.vocab_size = get_int("vocab_size", 0, true);
+    c.hidden_size = get_int("hidden_size", 0, true);
+    c.num_hidden_layers = get_int("num_hidden_layers", 0, true);
+    c.num_attention_heads = get_int("num_attention_heads", 0, true);
+    c.intermediate_size = get_int("intermediate_size", 0, true);
+    c.max_position_embeddings =
+        get_int("max_position_embeddings", c.max_position_embeddings, false);
+    c.type_vocab_size = get_int("type_vocab_size", c.type_vocab_size, false);
+    require_type("layer_norm_eps", j.contains("layer_norm_eps") && j["layer_norm_eps"].is_number(),
+                 "a number");
+    c.layer_norm_eps = j.value("layer_norm_eps", c.layer_norm_eps);
+    require_type("hidden_act", j.contains("hidden_act") && j["hidden_act"].is_string(), "a string");
+    const auto act = j.value("hidden_act", std::string("gelu"));
+    if (act == "gelu")
+      c.hidden_act = activation::gelu_erf;
+    else if (act == "gelu_new" || act == "gelu_pytorch_tanh")
+      c.hidden_act = activation::gelu_tanh;
+    else
+      fail("unsupported hidden_act '" + io::detail::printable(act, 40) +
+           "' (supported: gelu, gelu_new, gelu_pytorch_tanh)");
+    const char* const pre_or_post = "\"pre\" or \"post\"";
+    require_type("norm", j.contains("norm") && j["norm"].is_string(), pre_or_post);
+    const auto n = j.value("norm", std::string("post"));
+    if (n == "pre")
+      c.norm = norm_placement::pre;
+    else if (n == "post")
+      c.norm = norm_placement::post;
+    else
+      fail(std::string("'norm' must be ") + pre_or_post);
     if (j.contains("position_embedding_type") &&
         (!j["position_embedding_type"].is_string() ||
          j["position_embedding_type"].get<std::string>() != "absolute"))
@@ -121,14 +137,34 @@ struct config {
     return c;
   }
 
+  /// Largest config.json read (real ones are a few kB), and its deepest JSON nesting: together
+  /// they bound what parsing a hostile file can cost.
+  static constexpr std::uint64_t max_file_bytes = std::uint64_t{4} << 20;
+  static constexpr int max_depth = 64;
+
   static config load(const std::string& path) {
-    std::ifstream in(path);
-    if (!in) throw invalid_argument("fastattn: " + path + ": cannot open");
+    std::ifstream in;
+    const std::uint64_t size = io::open_regular_file(path, in);
+    if (size > max_file_bytes)
+      fail(path, "is " + std::to_string(size) + " bytes, more than the " +
+                     std::to_string(max_file_bytes) + " a config.json may have");
+    std::string text(static_cast<std::size_t>(size), '\0');
+    io::detail::read_exact(in, path, text.data(), size, "the file");
+    struct too_deep {};
     nlohmann::json j;
     try {
-      j = nlohmann::json::parse(in);
-    } catch (const nlohmann::json::exception&) {
-      throw invalid_argument("fastattn: " + path + ": not valid JSON");
+      j = nlohmann::json::parse(text,
+                                [](int depth, nlohmann::json::parse_event_t, nlohmann::json&) {
+                                  if (depth > max_depth)
+                                    throw too_deep{};  // stops the parse at once
+                                  return true;
+                                });
+    } catch (const nlohmann::json::exception& e) {
+      std::string why = e.what();  // "[json.exception.parse_error.101] parse error at line ..."
+      if (const auto end = why.find("] "); end != std::string::npos) why.erase(0, end + 2);
+      fail(path, "not valid JSON: " + io::detail::printable(why));
+    } catch (const too_deep&) {
+      fail(path, "JSON nests deeper than " + std::to_string(max_depth) + " levels");
     }
     return from_json(j, path);
   }
@@ -255,11 +291,13 @@ weights<T> load_weights(const config& c, const safetensors_file& f) {
       f.fail("missing tensor '" + (encoder ? names.prefix() : std::string()) + name + "'");
     return stored;
   };
+  // Every weight must be finite: a NaN or infinity is reported here, naming the tensor and the
+  // element, instead of surfacing as a NaN loss or as an error about an internal activation.
   auto read_mat = [&](const std::string& stored, index rows, index cols) {
-    return detail::to_mat(f.read<T>(stored, {rows, cols}), rows, cols);
+    return detail::to_mat(f.read_finite<T>(stored, {rows, cols}), rows, cols);
   };
   auto read_vec = [&](const std::string& stored, index n) {
-    return detail::to_vec(f.read<T>(stored, {n}));
+    return detail::to_vec(f.read_finite<T>(stored, {n}));
   };
   auto read_linear = [&](const std::string& base, index out, index in, bool encoder = true) {
     linear<T> l;
@@ -413,11 +451,10 @@ class encoder {
   /// Shares the weights: several encoders (one per kernel) can run the same model.
   encoder(config c, std::shared_ptr<const weights<T>> w, Attention attention = {}, int threads = 0)
       : config_(std::move(c)), shared_(std::move(w)), attention_(attention), threads_(threads) {
-    if (!shared_) throw invalid_argument("fastattn: encoder: null weights");
+    if (!shared_) fail("encoder", "null weights");
     if (static_cast<index>(shared_->layers.size()) != config_.num_hidden_layers)
-      throw invalid_argument("fastattn: encoder: weights have " +
-                             std::to_string(shared_->layers.size()) + " layers, config says " +
-                             std::to_string(config_.num_hidden_layers));
+      fail("encoder", "weights have " + std::to_string(shared_->layers.size()) +
+                          " layers, config says " + std::to_string(config_.num_hidden_layers));
   }
   encoder(config c, weights<T> w, Attention attention = {}, int threads = 0)
       : encoder(std::move(c), std::make_shared<const weights<T>>(std::move(w)), attention,
@@ -465,6 +502,7 @@ class encoder {
         }
       }
     if (shared_->embedding_norm.present()) shared_->embedding_norm.apply(x, config_.layer_norm_eps);
+    require_finite(x, in, "the embeddings");
 
     const double eps = config_.layer_norm_eps;
     mat<T>&y = ws.y, &qkv = ws.qkv, &context = ws.context, &projected = ws.projected,
@@ -480,7 +518,9 @@ class encoder {
       } else {
         layer.qkv.apply(x, qkv);
       }
-      attention_seconds += attend(qkv, context, in);
+      const std::string where = "layer " + std::to_string(&layer - shared_->layers.data());
+      require_finite(qkv, in, where + "'s query/key/value projection");
+      attention_seconds += attend(qkv, context, in, where);
       layer.attention_out.apply(context, projected);
       x += projected;
       if (!pre) layer.attention_norm.apply(x, eps);
@@ -495,8 +535,12 @@ class encoder {
       layer.output.apply(hidden, projected);
       x += projected;
       if (!pre) layer.output_norm.apply(x, eps);
+      require_finite(x, in, where + "'s output");
     }
-    if (config_.norm == norm_placement::pre) shared_->final_norm.apply(x, eps);
+    if (config_.norm == norm_placement::pre) {
+      shared_->final_norm.apply(x, eps);
+      require_finite(x, in, "the final LayerNorm's output");
+    }
     if (time) {
       time->attention += attention_seconds;
       time->total +=
@@ -532,39 +576,96 @@ class encoder {
   int threads_ = 0;
 
   void check(const batch& in) const {
-    auto fail = [](const std::string& m) { throw invalid_argument("fastattn: batch: " + m); };
-    if (in.size < 1 || in.length < 1) fail("needs at least one sample of at least one token");
-    const auto n = static_cast<std::size_t>(in.size * in.length);
-    if (in.input_ids.size() != n) fail("input_ids must have B * L entries");
+    auto fail = [](const std::string& m) { bert::fail("batch", m); };
+    if (in.size < 1 || in.length < 1)
+      fail("needs at least one sample of at least one token, got B = " + std::to_string(in.size) +
+           ", L = " + std::to_string(in.length));
+    // B * L and B * L * 3 * hidden_size (the largest buffer) must be countable: never overflow.
+    const auto n = io::detail::checked_mul(static_cast<std::uint64_t>(in.size),
+                                           static_cast<std::uint64_t>(in.length));
+    const std::uint64_t index_max = static_cast<std::uint64_t>(std::numeric_limits<index>::max());
+    if (!n || !io::detail::checked_mul(*n, 3 * static_cast<std::uint64_t>(config_.hidden_size),
+                                       index_max))
+      fail("B = " + std::to_string(in.size) + " samples of L = " + std::to_string(in.length) +
+           " tokens are too many to hold");
+    if (in.input_ids.size() != *n)
+      fail("input_ids must have B * L = " + std::to_string(*n) + " entries, got " +
+           std::to_string(in.input_ids.size()));
     if (in.length > config_.max_position_embeddings)
       fail("length " + std::to_string(in.length) +
            " exceeds max_position_embeddings = " + std::to_string(config_.max_position_embeddings));
+    auto position = [&](std::size_t i) {
+      return "sample " + std::to_string(static_cast<index>(i) / in.length) + ", position " +
+             std::to_string(static_cast<index>(i) % in.length);
+    };
     const index vocab = shared_->word.rows();
-    for (const auto id : in.input_ids)
-      if (id < 0 || id >= vocab)
-        fail("token id " + std::to_string(id) + " out of range [0, " + std::to_string(vocab) + ")");
+    for (std::size_t i = 0; i < in.input_ids.size(); ++i)
+      if (in.input_ids[i] < 0 || in.input_ids[i] >= vocab)
+        fail(position(i) + ": token id " + std::to_string(in.input_ids[i]) + " out of range [0, " +
+             std::to_string(vocab) + ")");
     if (!in.token_type_ids.empty()) {
-      if (in.token_type_ids.size() != n) fail("token_type_ids must have B * L entries");
+      if (in.token_type_ids.size() != *n)
+        fail("token_type_ids must be empty or have B * L = " + std::to_string(*n) +
+             " entries, got " + std::to_string(in.token_type_ids.size()));
       const index types = std::max<index>(shared_->token_type.rows(), 1);
-      for (const auto t : in.token_type_ids)
-        if (t < 0 || t >= types)
-          fail("token type " + std::to_string(t) + " out of range [0, " + std::to_string(types) +
-               ")");
+      for (std::size_t i = 0; i < in.token_type_ids.size(); ++i)
+        if (in.token_type_ids[i] < 0 || in.token_type_ids[i] >= types)
+          fail(position(i) + ": token type " + std::to_string(in.token_type_ids[i]) +
+               " out of range [0, " + std::to_string(types) + ")");
     }
     if (!in.lengths.empty() && in.lengths.size() != static_cast<std::size_t>(in.size))
-      fail("lengths must be empty or have one entry per sample");
-    for (const index l : in.lengths)
-      if (l < 0 || l > in.length) fail("a sample length is out of [0, L]");
+      fail("lengths must be empty or have one entry per sample (" + std::to_string(in.size) +
+           "), got " + std::to_string(in.lengths.size()));
+    for (std::size_t b = 0; b < in.lengths.size(); ++b)
+      if (in.lengths[b] < 0 || in.lengths[b] > in.length)
+        fail("sample " + std::to_string(b) + ": length " + std::to_string(in.lengths[b]) +
+             " is out of [0, L = " + std::to_string(in.length) + "]");
+  }
+
+  /// Throws when a valid row (position t < the sample's length) of `m` ((B * L) x cols) holds a
+  /// NaN or infinity: with finite weights that means the activations overflow T.
+  static void require_finite(const mat<T>& m, const batch& in, const std::string& what) {
+    for (index b = 0; b < in.size; ++b) {
+      const index valid = in.lengths.empty() ? in.length : in.lengths[static_cast<std::size_t>(b)];
+      for (index t = 0; t < valid; ++t) {
+        const auto row = m.row(b * in.length + t);
+        if (row.allFinite()) continue;
+        index c = 0;
+        while (std::isfinite(row[c])) ++c;
+        fail("encoder", what + " is not finite (" +
+                            io::detail::value_text(static_cast<double>(row[c])) + ") at sample " +
+                            std::to_string(b) + ", position " + std::to_string(t) + ", column " +
+                            std::to_string(c) + ": the activations overflow " +
+                            (std::is_same_v<T, float> ? "float" : "double") +
+                            " (are the weights finite and of a sensible size?)");
+      }
+    }
   }
 
   /// Multi-head attention straight from the fused (B*L, 3D) QKV buffer into (B*L, D).
-  double attend(const mat<T>& qkv, mat<T>& context, const batch& in) const {
+  double attend(const mat<T>& qkv, mat<T>& context, const batch& in,
+                const std::string& where) const {
     const index B = in.size, L = in.length, D = config_.hidden_size,
                 H = config_.num_attention_heads, E = config_.head_dim();
-    const tensor_view<const T> q{qkv.data(), B, L, H, E, 3 * D};
-    const tensor_view<const T> k{qkv.data() + D, B, L, H, E, 3 * D};
-    const tensor_view<const T> v{qkv.data() + 2 * D, B, L, H, E, 3 * D};
-    const tensor_view<T> out{context.data(), B, L, H, E};
+    // Q, K and V are slices of the fused (B * L, 3D) buffer: token stride 3D, and sample stride
+    // L * 3D (stated, not left to the default, which for a slice is one sample's span).
+    auto slice = [&](index offset) {
+      return tensor_view<const T>{.data = qkv.data() + offset,
+                                  .batch = B,
+                                  .length = L,
+                                  .heads = H,
+                                  .dim = E,
+                                  .token_stride = 3 * D,
+                                  .batch_stride = L * 3 * D};
+    };
+    const tensor_view<const T> q = slice(0), k = slice(D), v = slice(2 * D);
+    const tensor_view<T> out{.data = context.data(),
+                             .batch = B,
+                             .length = L,
+                             .heads = H,
+                             .dim = E,
+                             .token_stride = D,
+                             .batch_stride = L * D};
     multihead_options opt;
     opt.threads = threads_;
     if (!in.lengths.empty()) {
@@ -572,7 +673,13 @@ class encoder {
       opt.query_lengths = in.lengths;
     }
     const auto start = std::chrono::steady_clock::now();
-    multihead_attention(attention_, q, k, v, out, opt);
+    try {
+      multihead_attention(attention_, q, k, v, out, opt);
+    } catch (const invalid_argument& e) {
+      std::string why = e.what();
+      if (why.rfind("fastattn: ", 0) == 0) why.erase(0, 10);
+      fail("encoder", where + "'s attention: " + why);
+    }
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   }
 };
@@ -594,16 +701,20 @@ void save_model(const std::string& dir, const config& c, const weights<T>& w) {
                       {"layer_norm_eps", c.layer_norm_eps},
                       {"hidden_act", c.hidden_act == activation::gelu_erf ? "gelu" : "gelu_new"},
                       {"norm", c.norm == norm_placement::pre ? "pre" : "post"}};
-  std::ofstream(p / "config.json") << j.dump(2) << "\n";
-  std::vector<examples::st_write_tensor> out;
+  {
+    io::output_file config_file((p / "config.json").string());
+    config_file.write(j.dump(2) + "\n");
+    config_file.close();
+  }
+  std::vector<io::st_write_tensor> out;
   auto put = [&](const std::string& name, const auto& m) {
     if (m.size() == 0) return;
     std::vector<float> data(static_cast<std::size_t>(m.size()));
     for (index i = 0; i < m.size(); ++i)
-      data[static_cast<std::size_t>(i)] = static_cast<float>(m.data()[i]);
+      data[static_cast<std::size_t>(i)] = io::detail::narrow<float>(m.data()[i]);
     std::vector<index> shape = {m.rows(), m.cols()};
     if (m.rows() == 1) shape = {m.cols()};  // row vectors are 1-d tensors
-    out.push_back(examples::st_write_tensor::make(name, shape, data));
+    out.push_back(io::st_write_tensor::make(name, shape, data));
   };
   auto put_linear = [&](const std::string& base, const linear<T>& l) {
     put(base + ".weight", l.weight);
@@ -639,7 +750,7 @@ void save_model(const std::string& dir, const config& c, const weights<T>& w) {
   }
   put("cls.predictions.decoder.weight", w.decoder);
   put("cls.predictions.bias", w.decoder_bias);
-  examples::write_safetensors((p / "model.safetensors").string(), out);
+  io::write_safetensors((p / "model.safetensors").string(), out);
 }
 
 /// A model folder: config.json + model.safetensors.
@@ -649,11 +760,17 @@ struct model {
   std::shared_ptr<const weights<T>> w;
 
   static model load(const std::string& dir) {
-    const std::filesystem::path p(dir);
+    namespace fs = std::filesystem;
+    const fs::path p(dir);
     std::error_code ec;
-    if (!std::filesystem::is_directory(p, ec))
-      throw invalid_argument("fastattn: " + dir +
-                             ": not a directory (expected config.json + model.safetensors)");
+    const fs::file_type type = fs::status(p, ec).type();
+    if (type == fs::file_type::not_found)
+      fail(dir, "no such directory (expected a directory with config.json + model.safetensors)");
+    if (ec) fail(dir, "cannot access: " + ec.message());
+    if (type != fs::file_type::directory)
+      fail(dir,
+           std::string("is ") + io::detail::file_type_name(type) +
+               ", not a directory (expected a directory with config.json + model.safetensors)");
     model m;
     m.cfg = config::load((p / "config.json").string());
     const safetensors_file f((p / "model.safetensors").string());
@@ -662,4 +779,4 @@ struct model {
   }
 };
 
-}  // namespace fastattn::bert
+}  // namespace bert

@@ -5,10 +5,13 @@
 //
 // DIR holds config.json + model.safetensors (Hugging Face BertForMaskedLM names, see README.md).
 // The batch holds input_ids and labels (int32 or int64, [B, L], label -100 = ignore) and optional
-// attention_mask ([B, L], right padding: 1...1 0...0) and token_type_ids. Prints the mean
-// cross-entropy and accuracy over the labelled positions and the time; `--kernel all` runs dense
-// and every approximate kernel at a few settings and prints one table with each one's loss change
-// against dense: swapping a pretrained model's attention without retraining.
+// attention_mask ([B, L], values 0 or 1, right padding: 1...1 0...0, at least one 1 per row; a
+// label on a padded position is refused) and token_type_ids. Prints the mean cross-entropy and
+// accuracy over the labelled positions and the time; `--kernel all` runs dense and every
+// approximate kernel at a few settings and prints one table with each one's loss change against
+// dense: swapping a pretrained model's attention without retraining. Non-finite weights are
+// refused when the model loads, and a non-finite logit or loss is an error (exit status 1), never
+// a printed "nan".
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -17,12 +20,14 @@
 #include <string>
 #include <vector>
 
+#include <fastattn/io/safetensors.hpp>
+
 #include "../kernels.hpp"
 #include "bert.hpp"
 
 namespace fa = fastattn;
+namespace fio = fastattn::io;
 namespace fx = fastattn::examples;
-namespace fb = fastattn::bert;
 using idx = fastattn::index;
 
 namespace {
@@ -32,9 +37,10 @@ const char* const usage_text =
     "                    [--threads N] [--repeat N]\n"
     "\n"
     "Masked-LM evaluation of a BERT-style model (DIR: config.json + model.safetensors) on a batch\n"
-    "(input_ids and labels, int32/int64 [B, L], label -100 = ignore; optional attention_mask with\n"
-    "right padding and token_type_ids). Prints mean cross-entropy, accuracy on the labelled\n"
-    "positions, the forward time and the share of it spent in attention.\n"
+    "(input_ids and labels, int32/int64 [B, L], label -100 = ignore; optional attention_mask of\n"
+    "0/1 with right padding, no label on a padded position, and token_type_ids). Prints mean\n"
+    "cross-entropy, accuracy on the labelled positions, the forward time and the share of it\n"
+    "spent in attention; a non-finite loss is an error (exit status 1).\n"
     "  --kernel all   dense, then every approximate kernel at a few settings, one table with each\n"
     "                 one's loss change against dense (knob flags are not allowed with all)\n"
     "  --threads N    OpenMP threads for the multi-head driver (0 = default)\n"
@@ -43,16 +49,17 @@ const char* const usage_text =
     "Kernels and their knobs (flag, default, meaning):\n";
 
 struct labelled_batch {
-  fb::batch input;
+  bert::batch input;
   std::vector<std::int64_t> labels;
 };
 
-labelled_batch load_batch(const std::string& path) {
-  const fx::safetensors_file f(path);
+/// Reads and validates the batch: `classes` is the model's number of output classes.
+labelled_batch load_batch(const std::string& path, idx classes) {
+  const fio::safetensors_file f(path);
   labelled_batch out;
   const auto& ids = f.info("input_ids");
   if (ids.shape.size() != 2 || ids.shape[0] < 1 || ids.shape[1] < 1)
-    f.fail("input_ids must be [B, L] with B, L >= 1, got " + fx::shape_to_string(ids.shape));
+    f.fail("input_ids must be [B, L] with B, L >= 1, got " + fio::shape_to_string(ids.shape));
   const idx B = ids.shape[0], L = ids.shape[1];
   out.input.size = B;
   out.input.length = L;
@@ -60,61 +67,85 @@ labelled_batch load_batch(const std::string& path) {
   out.labels = f.read<std::int64_t>("labels", {B, L});
   if (f.contains("token_type_ids"))
     out.input.token_type_ids = f.read<std::int64_t>("token_type_ids", {B, L});
+  auto at = [&](idx b, idx t) { return static_cast<std::size_t>(b * L + t); };
+  auto position = [](idx b, idx t) {
+    return "sample " + std::to_string(b) + ", position " + std::to_string(t);
+  };
   if (f.contains("attention_mask")) {
     const auto mask = f.read<std::int64_t>("attention_mask", {B, L});
     for (idx b = 0; b < B; ++b) {
+      for (idx t = 0; t < L; ++t)
+        if (mask[at(b, t)] != 0 && mask[at(b, t)] != 1)
+          f.fail("attention_mask at " + position(b, t) + " is " + std::to_string(mask[at(b, t)]) +
+                 "; values must be 0 (padding) or 1");
       idx n = 0;
-      while (n < L && mask[static_cast<std::size_t>(b * L + n)] != 0) ++n;
+      while (n < L && mask[at(b, n)] == 1) ++n;
+      if (n == 0)
+        f.fail("attention_mask of sample " + std::to_string(b) + " is all 0 (at " + position(b, 0) +
+               "): a sample needs at least one unpadded position");
       for (idx t = n; t < L; ++t)
-        if (mask[static_cast<std::size_t>(b * L + t)] != 0)
-          f.fail("attention_mask row " + std::to_string(b) +
-                 " is not right-padded (1...1 0...0); fastattn's masks are key/query lengths");
+        if (mask[at(b, t)] != 0)
+          f.fail("attention_mask of sample " + std::to_string(b) +
+                 " is not right-padded (1...1 0...0): 1 at " + position(b, t) + " after 0 at " +
+                 position(b, n) + "; fastattn's masks are key/query lengths");
       out.input.lengths.push_back(n);
     }
   }
+  idx labelled = 0;
+  for (idx b = 0; b < B; ++b)
+    for (idx t = 0; t < L; ++t) {
+      const auto label = out.labels[at(b, t)];
+      if (label == -100) continue;
+      if (label < 0 || label >= classes)
+        f.fail("labels at " + position(b, t) + " is " + std::to_string(label) +
+               ", neither -100 (ignore) nor a class in [0, " + std::to_string(classes) + ")");
+      if (!out.input.lengths.empty() && t >= out.input.lengths[static_cast<std::size_t>(b)])
+        f.fail("labels at " + position(b, t) + " is " + std::to_string(label) +
+               " but attention_mask is 0 there (padding, whose logits mean nothing); set the "
+               "label to -100");
+      ++labelled;
+    }
+  if (labelled == 0) f.fail("labels has no labelled position (all -100)");
   return out;
 }
 
 struct evaluation {
   double loss = 0, accuracy = 0;
   idx labelled = 0;
-  fb::timing time;  ///< best of the repeats
+  bert::timing time;  ///< best of the repeats
 };
 
 template <class Policy>
-evaluation evaluate(const fb::model<float>& m, const labelled_batch& data, const Policy& policy,
+evaluation evaluate(const bert::model<float>& m, const labelled_batch& data, const Policy& policy,
                     int threads, int repeat) {
-  const fb::encoder<Policy> enc(m.cfg, m.w, policy, threads);
+  const bert::encoder<Policy> enc(m.cfg, m.w, policy, threads);
   evaluation ev;
   fa::matrix<float> hidden;
   for (int r = 0; r < repeat; ++r) {
-    fb::timing t;
+    bert::timing t;
     hidden = enc.forward(data.input, &t);
     if (r == 0 || t.total < ev.time.total) ev.time = t;
   }
-  const idx classes = enc.w().classes();
-  std::vector<idx> rows;
-  for (std::size_t i = 0; i < data.labels.size(); ++i) {
-    const auto label = data.labels[i];
-    if (label == -100) continue;
-    if (label < 0 || label >= classes)
-      throw fa::invalid_argument("fastattn: labels: " + std::to_string(label) +
-                                 " is neither -100 nor a class in [0, " + std::to_string(classes) +
-                                 ")");
-    rows.push_back(static_cast<idx>(i));
-  }
+  std::vector<idx> rows;  // labels were validated by load_batch
+  for (std::size_t i = 0; i < data.labels.size(); ++i)
+    if (data.labels[i] != -100) rows.push_back(static_cast<idx>(i));
   ev.labelled = static_cast<idx>(rows.size());
-  if (rows.empty()) throw fa::invalid_argument("fastattn: labels: no labelled position (all -100)");
   fa::matrix<float> selected(ev.labelled, hidden.cols());
   for (idx i = 0; i < ev.labelled; ++i)
     selected.row(i) = hidden.row(rows[static_cast<std::size_t>(i)]);
   const fa::matrix<float> logits = enc.mlm_logits(selected);
   double loss = 0;
   idx correct = 0;
+  const idx L = data.input.length;
   for (idx i = 0; i < ev.labelled; ++i) {
     const auto row = logits.row(i);
-    const auto label =
-        static_cast<idx>(data.labels[static_cast<std::size_t>(rows[static_cast<std::size_t>(i)])]);
+    const idx r = rows[static_cast<std::size_t>(i)];
+    if (!row.allFinite())
+      bert::fail("fastattn_mlm", std::string("the masked-LM logits at sample ") +
+                                     std::to_string(r / L) + ", position " + std::to_string(r % L) +
+                                     " are not finite with kernel " + std::string(Policy::name) +
+                                     ": the model's output overflows float");
+    const auto label = static_cast<idx>(data.labels[static_cast<std::size_t>(r)]);
     idx best = 0;
     const float max = row.maxCoeff(&best);
     double sum = 0;
@@ -124,6 +155,9 @@ evaluation evaluate(const fb::model<float>& m, const labelled_batch& data, const
   }
   ev.loss = loss / static_cast<double>(ev.labelled);
   ev.accuracy = static_cast<double>(correct) / static_cast<double>(ev.labelled);
+  if (!std::isfinite(ev.loss))
+    bert::fail("fastattn_mlm", "the loss is not finite (" + fio::detail::value_text(ev.loss) +
+                                   ") with kernel " + std::string(Policy::name));
   return ev;
 }
 
@@ -151,12 +185,12 @@ int mlm_main(int argc, const char* const* argv) {
       args.values.count("repeat") ? fx::parse_value<int>("repeat", args.values.at("repeat")) : 1;
   if (repeat < 1) fx::usage_error("--repeat must be >= 1");
 
-  const auto m = fb::model<float>::load(need("model"));
-  const labelled_batch data = load_batch(need("data"));
+  const auto m = bert::model<float>::load(need("model"));
+  const labelled_batch data = load_batch(need("data"), m.w->classes());
   std::printf("model: %s (%ld layers, hidden %ld, %ld heads, %s-norm), batch %ld x %ld\n",
               args.values.at("model").c_str(), static_cast<long>(m.cfg.num_hidden_layers),
               static_cast<long>(m.cfg.hidden_size), static_cast<long>(m.cfg.num_attention_heads),
-              m.cfg.norm == fb::norm_placement::pre ? "pre" : "post",
+              m.cfg.norm == bert::norm_placement::pre ? "pre" : "post",
               static_cast<long>(data.input.size), static_cast<long>(data.input.length));
 
   if (kernel != "all") {

@@ -7,20 +7,24 @@
 // (embeddings + layers; not the MLM head) on random tokens with dense and with every
 // approximate kernel at its sweep settings, and prints the best-of-repeat time and the share
 // spent inside multihead_attention.
+#include <cstdint>
 #include <cstdio>
 #include <filesystem>
+#include <limits>
 #include <iostream>
 #include <random>
 #include <sstream>
 #include <string>
 #include <vector>
 
+#include <fastattn/io/safetensors.hpp>
+
 #include "../kernels.hpp"
 #include "bert.hpp"
 
 namespace fa = fastattn;
+namespace fio = fastattn::io;
 namespace fx = fastattn::examples;
-namespace fb = fastattn::bert;
 using idx = fastattn::index;
 
 namespace {
@@ -47,7 +51,7 @@ int profile_main(int argc, const char* const* argv) {
   auto get = [&](const char* flag, idx fallback) {
     return args.values.count(flag) ? fx::parse_value<idx>(flag, args.values.at(flag)) : fallback;
   };
-  fb::config c;
+  bert::config c;
   c.hidden_size = get("hidden", 256);
   c.num_attention_heads = get("heads", 4);
   c.num_hidden_layers = get("layers", 2);
@@ -70,12 +74,16 @@ int profile_main(int argc, const char* const* argv) {
   const int repeat = static_cast<int>(get("repeat", 3));
   const int threads = static_cast<int>(get("threads", 0));
   if (B < 1 || repeat < 1) fx::usage_error("--batch and --repeat must be >= 1");
-  const auto w = std::make_shared<const fb::weights<float>>(fb::random_weights<float>(c, 1));
+  if (!fio::detail::checked_mul(static_cast<std::uint64_t>(B), static_cast<std::uint64_t>(longest),
+                                static_cast<std::uint64_t>(std::numeric_limits<idx>::max())))
+    fx::usage_error("--batch " + std::to_string(B) + " x --lengths " + std::to_string(longest) +
+                    " tokens are too many");
+  const auto w = std::make_shared<const bert::weights<float>>(bert::random_weights<float>(c, 1));
 
   if (args.values.count("save")) {
     const std::string dir = args.values.at("save");
     std::filesystem::create_directories(dir);
-    fb::save_model(dir, c, *w);
+    bert::save_model(dir, c, *w);
     const idx L = lengths.front();
     std::mt19937_64 gen(7);
     std::vector<std::int64_t> ids, labels;
@@ -84,9 +92,9 @@ int profile_main(int argc, const char* const* argv) {
       labels.push_back(std::uniform_real_distribution<double>(0, 1)(gen) < 0.15 ? ids.back()
                                                                                 : -100);
     }
-    fx::write_safetensors(dir + "/batch.safetensors",
-                          {fx::st_write_tensor::make("input_ids", {B, L}, ids),
-                           fx::st_write_tensor::make("labels", {B, L}, labels)});
+    fio::write_safetensors(dir + "/batch.safetensors",
+                           {fio::st_write_tensor::make("input_ids", {B, L}, ids),
+                            fio::st_write_tensor::make("labels", {B, L}, labels)});
     std::printf("wrote %s/config.json, model.safetensors, batch.safetensors (%ld x %ld)\n",
                 dir.c_str(), static_cast<long>(B), static_cast<long>(L));
     return 0;
@@ -100,7 +108,7 @@ int profile_main(int argc, const char* const* argv) {
   std::printf("%6s  %-20s %-66s %10s %10s %7s\n", "L", "kernel", "settings", "forward_ms",
               "attn_ms", "attn%");
   for (const idx L : lengths) {
-    fb::batch in;
+    bert::batch in;
     in.size = B;
     in.length = L;
     std::mt19937_64 gen(static_cast<std::uint64_t>(L));
@@ -108,11 +116,11 @@ int profile_main(int argc, const char* const* argv) {
       in.input_ids.push_back(std::uniform_int_distribution<std::int64_t>(0, c.vocab_size - 1)(gen));
     auto run = [&](const auto& policy) {
       using P = std::decay_t<decltype(policy)>;
-      const fb::encoder<P> enc(c, w, policy, threads);
+      const bert::encoder<P> enc(c, w, policy, threads);
       (void)enc.forward(in);  // warm-up: threads, scratch memory
-      fb::timing best;
+      bert::timing best;
       for (int r = 0; r < repeat; ++r) {
-        fb::timing t;
+        bert::timing t;
         (void)enc.forward(in, &t);
         if (r == 0 || t.total < best.total) best = t;
       }

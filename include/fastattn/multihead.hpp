@@ -1,6 +1,7 @@
 // Batched multi-head driver: any attention policy over (batch, length, heads, dim) buffers.
 #pragma once
 
+#include <algorithm>
 #include <exception>
 #include <optional>
 #include <span>
@@ -18,7 +19,9 @@ namespace fastattn {
 /// A (batch, length, heads, dim) tensor in any strided layout: token t of sample b, head h,
 /// feature e is at data[b * batch_stride + t * token_stride + h * head_stride + e].
 /// The strides default to a packed (B, L, H, E) buffer, the layout a model's projections produce:
-/// head_stride = dim, token_stride = heads * head_stride, batch_stride = one sample's span. A
+/// head_stride = dim, token_stride = heads * head_stride, batch_stride = the larger of
+/// length * token_stride (token-major layouts, fused projections included) and
+/// heads * head_stride (head-major layouts). A
 /// larger `token_stride` views one slice of a fused projection (e.g. the Q part of a
 /// (B, L, 3 * H * E) QKV buffer, with data offset to it); `head_stride = length * dim` with
 /// `token_stride = dim` views a (B, H, L, E) buffer, such as (H, L, E) arrays with B = 1.
@@ -36,9 +39,7 @@ struct tensor_view {
   index head_step() const noexcept { return head_stride ? head_stride : dim; }
   index row_stride() const noexcept { return token_stride ? token_stride : heads * head_step(); }
   index sample_stride() const noexcept {
-    if (batch_stride) return batch_stride;
-    const index span = (length - 1) * row_stride() + (heads - 1) * head_step() + dim;
-    return span > 0 ? span : 0;
+    return batch_stride ? batch_stride : std::max(length * row_stride(), heads * head_step());
   }
   /// Where head (b, h) starts. An empty tensor (length or dim 0) may have null data, and its
   /// heads are never read, so it gets `data` itself: no offset from a null pointer.
@@ -89,11 +90,14 @@ void check_tensor(const char* name, const tensor_view<T>& t, bool writable) {
   const index ts = t.token_stride ? t.token_stride : *packed_row;
   const auto heads_span = checked_mul(t.heads - 1, t.head_step());
   const auto rows_span = checked_mul(t.length - 1, ts);
+  const auto packed_sample = checked_mul(t.length, ts);
   index sample_span = 0;  // one sample's extent
-  if (!heads_span || !rows_span || __builtin_add_overflow(*heads_span, *rows_span, &sample_span) ||
+  if (!heads_span || !rows_span || !packed_sample ||
+      __builtin_add_overflow(*heads_span, *rows_span, &sample_span) ||
       __builtin_add_overflow(sample_span, t.dim, &sample_span))
     overflow();
-  const auto samples_span = checked_mul(t.batch - 1, t.batch_stride ? t.batch_stride : sample_span);
+  const index bs = t.batch_stride ? t.batch_stride : std::max(*packed_sample, *packed_row);
+  const auto samples_span = checked_mul(t.batch - 1, bs);
   index last = 0;
   if (!samples_span || __builtin_add_overflow(*samples_span, sample_span, &last)) overflow();
   if (!writable) return;

@@ -266,15 +266,18 @@ inline npy_header npy_read_header(const std::string& path, std::ifstream& in,
   // than the file is ever allocated.
   const std::uint64_t available = file_size - h.data_offset;
   const std::uint64_t item = npy_item_size(h.dtype);
+  auto truncated = [&] {
+    const auto all = checked_count(h.shape);
+    const auto needs = all ? checked_mul(*all, item) : std::nullopt;
+    return "truncated data: shape (" + join_extents(h.shape) + ") needs " +
+           (needs ? std::to_string(*needs) : std::string("more than 2^64")) +
+           " bytes, more than the " + std::to_string(available) + " data bytes the file holds";
+  };
   const auto count = checked_count(h.shape, available / item);
-  if (!count)
-    npy_fail(path, "truncated data: shape (" + join_extents(h.shape) + ") needs more than the " +
-                       std::to_string(available) + " data bytes the file holds");
+  if (!count) npy_fail(path, truncated());
   h.count = *count;
   const auto bytes = checked_mul(*count, item, available);
-  if (!bytes)
-    npy_fail(path, "truncated data: shape (" + join_extents(h.shape) + ") needs more than the " +
-                       std::to_string(available) + " data bytes the file holds");
+  if (!bytes) npy_fail(path, truncated());
   if (*bytes < available)
     npy_fail(path, "file has " + std::to_string(available - *bytes) +
                        " unexpected bytes after the data (shape and file size disagree)");

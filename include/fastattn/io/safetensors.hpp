@@ -155,7 +155,7 @@ inline std::string value_text(double x) {
 
 /// Streaming parser of a safetensors header (an nlohmann SAX handler): builds the tensor table
 /// and nothing else, checks the schema as it goes, bounds the nesting depth, and throws
-/// invalid_argument (via `fail_`) at the first problem.
+/// invalid_argument (via `fail`) at the first problem.
 class st_header_parser {
  public:
   struct entry {
