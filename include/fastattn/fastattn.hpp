@@ -4,6 +4,7 @@
 
 #include "attention.hpp"
 #include "banded.hpp"
+#include "guarded.hpp"
 #include "merge.hpp"
 #include "multihead.hpp"
 #include "policy.hpp"
