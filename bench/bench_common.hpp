@@ -1,36 +1,38 @@
-// The benchmark harness shared by every kernel's benchmark file.
+// The benchmark harness shared by fastattn_bench's files.
 //
-// Contract (DESIGN.md): benchmarks are named `<kernel>/N:<N>`, one head, E = M = 64, float, one
-// thread, inputs drawn around 16 centres (peaked attention), a fixed seed, and carry the counters
-// `flops` (the work the kernel does, as a rate) and, for N <= 4096, `rel_err` against a float64
-// reference computed outside the timed region.
+// Contract (other tools read these names and counters; keep them stable): benchmarks are named
+// `<kernel>/N:<N>` for every kernel of `fastattn::kernels` (policy defaults), one head,
+// E = M = 64, float, one thread, inputs drawn around 16 centres (peaked attention), a fixed seed,
+// and carry the counters `flops` (the work the kernel does, as a rate; work.hpp) and, for
+// N <= 4096, `rel_err` against a float64 reference computed outside the timed region. Beside
+// them: the baselines `gemm_bound/N:<N>`, `dense_naive/N:<N>` and `fma_peak`
+// (bench_baselines.cpp), the thread-scaling pairs `multihead/<kernel>/threads:<1|2>`, and the knob
+// sweeps `sweep/<kernel>/<setting>/N:4096` (bench_sweeps.cpp). scripts/bench.sh and
+// scripts/report.sh derive the kernels from these names, so a kernel added to
+// `fastattn::kernels` is benchmarked and reported without edits.
 //
-// A kernel file registers itself at static-initialisation time:
-//
-//   static const bool registered = fastattn::bench::register_kernel(
-//       "clustered", fastattn::clustered{}, [](fastattn::index n) { return flops...; });
+// bench_main.cpp registers everything, in this order: fma_peak, the kernels, the other
+// baselines, multihead, sweeps.
 #pragma once
 
 #include <benchmark/benchmark.h>
 
-#include <fastattn/attention.hpp>
-#include <fastattn/multihead.hpp>
+#include <fastattn/fastattn.hpp>
 
 #include <array>
 #include <chrono>
-#include <vector>
-
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "reference.hpp"
+#include "work.hpp"
 
 namespace fastattn::bench {
 
-inline constexpr index head_dim = 64;  // E = M
 inline constexpr std::uint64_t input_seed = 2024;
 inline constexpr index min_n = 256;
 inline constexpr index max_n = 32768;
@@ -135,38 +137,53 @@ void run_multihead(benchmark::State& state, const Policy& policy, int threads) {
   state.counters["threads"] = threads;
 }
 
-/// Registers `<name>/N:<n>` for n = min_n, 2 min_n, ..., up to `largest`, and the thread-scaling
-/// pair `multihead/<name>/threads:<1|2>`.
+/// Registers `<name>/N:<n>` for n = min_n, 2 min_n, ..., max_n.
 template <attention_policy Policy, class FlopFn>
-bool register_kernel(std::string_view name, Policy policy, FlopFn flops, index largest = max_n) {
-  for (index n = min_n; n <= largest; n *= 2) {
+void register_series(std::string_view name, Policy policy, FlopFn flops) {
+  for (index n = min_n; n <= max_n; n *= 2) {
     const std::string full = std::string(name) + "/N:" + std::to_string(n);
     benchmark::RegisterBenchmark(full.c_str(), [policy, flops, n](benchmark::State& state) {
       run_kernel(state, policy, n, flops);
     })->Unit(benchmark::kMillisecond);
   }
+}
+
+/// Registers the thread-scaling pair `multihead/<name>/threads:<1|2>`.
+template <attention_policy Policy, class FlopFn>
+void register_multihead(std::string_view name, Policy policy, FlopFn flops) {
   for (int threads : {1, 2}) {
     const std::string full =
         "multihead/" + std::string(name) + "/threads:" + std::to_string(threads);
     benchmark::RegisterBenchmark(
         full.c_str(),
-        [policy, threads](benchmark::State& state) { run_multihead(state, policy, threads); })
+        [policy, flops, threads](benchmark::State& state) {
+          run_multihead(state, policy, threads);
+          state.counters["flops"] = benchmark::Counter(
+              static_cast<double>(scaling_heads) * static_cast<double>(flops(scaling_n)),
+              benchmark::Counter::kIsIterationInvariantRate);
+        })
         ->Unit(benchmark::kMillisecond)
         ->UseRealTime();
   }
-  return true;
 }
 
 /// Registers one point of a knob sweep, `sweep/<name>/<setting>/N:<n>` (for error_vs_time).
-template <attention_policy Policy, class FlopFn>
-bool register_sweep(std::string_view name, std::string_view setting, Policy policy, FlopFn flops,
+template <attention_policy Policy>
+void register_sweep(std::string_view name, std::string_view setting, Policy policy,
                     index n = max_n_with_error) {
   const std::string full =
       "sweep/" + std::string(name) + "/" + std::string(setting) + "/N:" + std::to_string(n);
-  benchmark::RegisterBenchmark(full.c_str(), [policy, flops, n](benchmark::State& state) {
-    run_kernel(state, policy, n, flops);
+  benchmark::RegisterBenchmark(full.c_str(), [policy, n](benchmark::State& state) {
+    run_kernel(state, policy, n, [&policy](index size) { return work_of(policy, size); });
   })->Unit(benchmark::kMillisecond);
-  return true;
 }
+
+/// Defined by bench_baselines.cpp, bench_kernels.cpp and bench_sweeps.cpp; called by main in
+/// this order.
+void register_fma_peak();
+void register_kernels();
+void register_baselines();
+void register_kernels_multihead();
+void register_sweeps();
 
 }  // namespace fastattn::bench

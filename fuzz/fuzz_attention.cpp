@@ -1,32 +1,71 @@
-// libFuzzer target: the front door (fastattn::attention) and the multi-head driver with a random
-// kernel, random shapes (<= 64), options, lengths and knobs (valid and invalid), and scalar values
-// including NaN, infinities, denormals and 1e30.
+// libFuzzer target: the front door (fastattn::attention) and the multi-head driver with any kernel
+// of `fastattn::kernels`, chosen by its index in the list (a kernel added to the list is fuzzed
+// without edits; one inserted before others shifts which kernel a stored input selects), its knobs
+// set through `for_each_knob` (in range, at and one past the range's ends, and the type's
+// extremes), random shapes (<= 64), options and lengths, and scalar values including NaN,
+// infinities, denormals, 1e30 and the type's largest.
+//
+// After the usual inputs, one more choice selects extra stress (an input that ends before it gets
+// none, so the seeds kept from before it existed still exercise what they did):
+// - extreme values: q and k scaled so that the score bound |scale| max|q| max|k| E lands near the
+//   front door's overflow limit (max/4) or far below it, v near its limit max / (4 max(S, 1024))
+//   or far below, scales from below the smallest denormal to the type's largest, entries up to the
+//   type's largest; v's first column constant, so that a NaN or zero row cannot hide in the convex
+//   bounds;
+// - aliasing: q, k, v and out live in one buffer with any strides and layouts ((B, L, H, E),
+//   padded tokens, or (B, H, L, E) through head_stride), out placed over or near an input, and
+//   inputs possibly sharing memory with each other (which is allowed).
 //
 // Properties checked on every input:
-// - the only exception ever thrown is fastattn::invalid_argument;
-// - it is thrown exactly when the arguments are invalid (shapes, lengths, scale, causal, knobs,
-//   or, with check_finite, a non-finite value in a valid row) -- this harness recomputes the rule;
-// - on success with bounded inputs the output is finite, padded rows are zero and every valid row
-//   lies in the range of the valid values (all kernels take convex combinations); dense, and the
-//   approximate kernels with knobs that make them exact, match the float64 oracle.
+// - the only exception ever thrown is fastattn::invalid_argument, and it leaves every buffer as it
+//   was (the checks come before any work), with no allocation over 1 MiB before it (a huge knob
+//   is refused, never allocated first);
+// - it is thrown exactly when the arguments are invalid (shapes, lengths, scale, causal, knobs
+//   outside [min, max] or refused by the policy's validate(), threads, or, with check_finite, a
+//   non-finite value in a valid row or values past the overflow bounds documented on
+//   options::check_finite), as this harness recomputes the rules; fastattn::validate agrees with
+//   the knobs' ranges and its error names a knob;
+// - out sharing an element with q, k or v always throws (a refusal without a shared element is
+//   allowed only where the library documents its check as conservative: row strides that differ,
+//   and then it names "out"), and a call that does not throw writes nothing outside out;
+// - on success, padded rows are zero; when the valid inputs are finite and inside the bounds
+//   (always so with check_finite), every valid row is finite and lies in the range of the values
+//   of the keys it sees (every kernel takes convex combinations; `local` sees its window only, and
+//   outputs zeros when that holds no valid key); exact kernels, and the approximate ones with knobs
+//   that make them exact, match the float64 oracle;
+// - no single allocation of a call exceeds 32 MiB (the problems are at most 64 x 64 per head).
+//
+// Replaying an input: FUZZ_ATTENTION_VERBOSE=1 prints what it ran (kernel, shapes, knobs, outcome);
+// FUZZ_ATTENTION_DUMP=DIR writes a head that violates a property to DIR/{q,k,v,out}.npy.
+#include <algorithm>
+#include <atomic>
+#include <bit>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <optional>
+#include <string>
+#include <string_view>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <fuzzer/FuzzedDataProvider.h>
 
-#include <fastattn/clustered.hpp>
-#include <fastattn/dense.hpp>
-#include <fastattn/improved_clustered.hpp>
-#include <fastattn/multihead.hpp>
-#include <fastattn/smyrf.hpp>
+#include <fastattn/fastattn.hpp>
+#include <fastattn/io/npy.hpp>
 
 #include "reference.hpp"
+
+#if defined(__has_include)
+#if __has_include(<sanitizer/allocator_interface.h>)
+#include <sanitizer/allocator_interface.h>
+#define FUZZ_ATTENTION_MALLOC_HOOKS 1
+#endif
+#endif
 
 namespace fa = fastattn;
 
@@ -34,10 +73,69 @@ namespace {
 
 using fa::index;  // inside the namespace: ::index from <strings.h> would clash
 
+// FUZZ_ATTENTION_VERBOSE=1 prints one line per input: what was run and what happened.
+bool verbose() {
+  static const bool on = std::getenv("FUZZ_ATTENTION_VERBOSE") != nullptr;
+  return on;
+}
+
 [[noreturn]] void violation(const char* what) {
   std::fprintf(stderr, "fuzz_attention: property violated: %s\n", what);
   std::abort();
 }
+
+// FUZZ_ATTENTION_DUMP=DIR: a head whose output violates a property is written to DIR/{q,k,v,
+// out}.npy before the abort (replay the reproducer with it set; `fastattn --q DIR/q.npy ...`).
+template <class T>
+void dump_head(const fa::matrix<T>& q, const fa::matrix<T>& k, const fa::matrix<T>& v,
+               const fa::matrix<T>& out) {
+  const char* dir = std::getenv("FUZZ_ATTENTION_DUMP");
+  if (!dir) return;
+  const std::string base(dir);
+  fa::io::write_npy(base + "/q.npy", q);
+  fa::io::write_npy(base + "/k.npy", k);
+  fa::io::write_npy(base + "/v.npy", v);
+  fa::io::write_npy(base + "/out.npy", out);
+  std::fprintf(stderr, "fuzz_attention: head written to %s/{q,k,v,out}.npy\n", dir);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Allocations made during a library call (sanitizer malloc hooks; every thread).
+
+struct allocation_stats {
+  std::atomic<bool> on{false};
+  std::atomic<std::size_t> largest{0};
+};
+allocation_stats allocations;
+
+#if defined(FUZZ_ATTENTION_MALLOC_HOOKS)
+void malloc_hook(const volatile void* /*ptr*/, std::size_t size) {
+  if (!allocations.on.load(std::memory_order_relaxed)) return;
+  std::size_t seen = allocations.largest.load(std::memory_order_relaxed);
+  while (size > seen && !allocations.largest.compare_exchange_weak(seen, size)) {
+  }
+}
+void free_hook(const volatile void* /*ptr*/) {}
+[[maybe_unused]] const int hooks_installed =
+    __sanitizer_install_malloc_and_free_hooks(malloc_hook, free_hook);
+#endif
+
+constexpr std::size_t largest_allocation_before_error = std::size_t{1} << 20;
+constexpr std::size_t largest_allocation = std::size_t{32} << 20;
+
+class tracking_scope {
+ public:
+  tracking_scope() {
+    allocations.largest = 0;
+    allocations.on = true;
+  }
+  ~tracking_scope() { allocations.on = false; }
+  tracking_scope(const tracking_scope&) = delete;
+  tracking_scope& operator=(const tracking_scope&) = delete;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Values.
 
 template <class T>
 T special_value(FuzzedDataProvider& in) {
@@ -82,25 +180,29 @@ T special_value(FuzzedDataProvider& in) {
   }
 }
 
-// Fills `data` from a small palette, a seeded Gaussian, or raw bytes, then pokes a few values.
-template <class T>
-void fill(FuzzedDataProvider& in, std::vector<T>& data) {
-  const int mode = in.ConsumeIntegralInRange<int>(0, 2);
-  std::uint64_t state = in.ConsumeIntegral<std::uint64_t>() | 1;
-  auto next = [&state] {  // xorshift64
+struct xorshift {
+  std::uint64_t state;
+  std::uint64_t operator()() {
     state ^= state << 13;
     state ^= state >> 7;
     state ^= state << 17;
     return state;
-  };
+  }
+  double symmetric() { return static_cast<double>((*this)() % 20001) / 10000.0 - 1.0; }  // [-1, 1]
+};
+
+// Fills `data` from a small palette, a seeded uniform draw, or raw bytes, then pokes a few values.
+template <class T>
+void fill(FuzzedDataProvider& in, std::vector<T>& data) {
+  const int mode = in.ConsumeIntegralInRange<int>(0, 2);
+  xorshift next{in.ConsumeIntegral<std::uint64_t>() | 1};
   if (mode == 0) {
     T palette[4];
     for (T& p : palette) p = special_value<T>(in);
     for (T& x : data) x = palette[next() % 4];
   } else if (mode == 1) {
     const double sigma = in.ConsumeFloatingPointInRange<double>(0.0, 10.0);
-    for (T& x : data)
-      x = static_cast<T>(sigma * (static_cast<double>(next() % 20001) / 10000.0 - 1.0));
+    for (T& x : data) x = static_cast<T>(sigma * next.symmetric());
   } else {
     for (T& x : data) x = in.remaining_bytes() ? special_value<T>(in) : T(0);
   }
@@ -109,171 +211,282 @@ void fill(FuzzedDataProvider& in, std::vector<T>& data) {
     data[in.ConsumeIntegralInRange<std::size_t>(0, data.size() - 1)] = special_value<T>(in);
 }
 
-index knob_index(FuzzedDataProvider& in, index lo, index hi) {
-  switch (in.ConsumeIntegralInRange<int>(0, 7)) {
-    case 0:
-      return -1;
-    case 1:
-      return 0;
-    case 2:
-      return std::numeric_limits<index>::min();
-    case 3:
-      return index{0xFFFFFFFF};  // largest accepted clusters
-    case 4:
-      return index{0x100000000};  // first rejected clusters
-    default:
-      return in.ConsumeIntegralInRange<index>(lo, hi);
+// ---------------------------------------------------------------------------------------------
+// Knobs, generically from their descriptions.
+
+// In-range values are drawn from [min, min + 69] (further bounded so that a run stays fast); the
+// range's ends, one past them and the type's extremes are drawn too.
+constexpr index fast_span = 69;
+
+template <class Knob>
+auto knob_value(FuzzedDataProvider& in, const Knob& knob) {
+  using V = typename Knob::value_type;
+  using lim = std::numeric_limits<V>;
+  if constexpr (std::is_same_v<V, bool>) {
+    return in.ConsumeBool();
+  } else if constexpr (std::is_integral_v<V>) {
+    if (knob.min == lim::min() && knob.max == lim::max()) return in.ConsumeIntegral<V>();  // a seed
+    switch (in.ConsumeIntegralInRange<int>(0, 7)) {
+      case 0:
+        return knob.min > lim::min() ? static_cast<V>(knob.min - 1) : lim::max();
+      case 1:
+        return V(0);
+      case 2:
+        return lim::min();
+      case 3:
+        return knob.max;  // a huge but valid knob: it must be clamped or cheap, never allocated
+      case 4:
+        return knob.max < lim::max() ? static_cast<V>(knob.max + 1) : lim::max();
+      default: {
+        const auto span = static_cast<V>(fast_span);
+        const V hi = knob.min <= lim::max() - span && static_cast<V>(knob.min + span) < knob.max
+                         ? static_cast<V>(knob.min + span)
+                         : knob.max;
+        return in.ConsumeIntegralInRange<V>(knob.min, hi);
+      }
+    }
+  } else {
+    static_assert(std::is_floating_point_v<V>, "fuzz_attention: a knob of an unknown type");
+    if (in.ConsumeBool()) return special_value<V>(in);
+    const V lo = std::clamp<V>(knob.min, V(-1e3), V(1e3));
+    const V hi = std::clamp<V>(knob.max, lo, V(1e3));
+    return in.ConsumeFloatingPointInRange<V>(lo, hi);
   }
 }
 
-int knob_int(FuzzedDataProvider& in, int lo, int hi) {
-  switch (in.ConsumeIntegralInRange<int>(0, 5)) {
-    case 0:
-      return -1;
-    case 1:
-      return 0;
-    case 2:
-      return std::numeric_limits<int>::min();
-    default:
-      return in.ConsumeIntegralInRange<int>(lo, hi);
-  }
-}
-
-// What the harness needs from a kernel: the policy, whether its knobs are valid, whether it is
-// exact for these lengths.
-struct kernel_choice {
-  int id = 0;
-  fa::dense d;
-  fa::clustered c;
-  fa::improved_clustered ic;
-  fa::smyrf s;
-};
-
-kernel_choice choose_kernel(FuzzedDataProvider& in) {
-  kernel_choice k;
-  k.id = in.ConsumeIntegralInRange<int>(0, 3);
-  switch (k.id) {
-    case 0:
-      k.d.query_block = knob_index(in, 1, 70);
-      k.d.key_block = knob_index(in, 1, 70);
-      break;
-    case 1:
-      k.c.clusters = knob_index(in, 1, 70);
-      k.c.bits = knob_int(in, 1, 66);
-      k.c.iterations = knob_int(in, 1, 12);
-      k.c.hash_bias = in.ConsumeBool();
-      k.c.seed = in.ConsumeIntegral<std::uint64_t>();
-      break;
-    case 2:
-      k.ic.clusters = knob_index(in, 1, 70);
-      k.ic.bits = knob_int(in, 1, 66);
-      k.ic.iterations = knob_int(in, 1, 12);
-      k.ic.hash_bias = in.ConsumeBool();
-      k.ic.seed = in.ConsumeIntegral<std::uint64_t>();
-      k.ic.topk = knob_index(in, 1, 70);
-      break;
-    default: {
-      // hashes is bounded (its cost is linear in it); everything else may be anything.
-      const index h = knob_index(in, 1, 6);
-      k.s.hashes = h > 8 ? 8 : h;
-      k.s.cluster_size = knob_index(in, 1, 70);
-      k.s.r = in.ConsumeBool() ? special_value<double>(in)
-                               : in.ConsumeFloatingPointInRange<double>(0.01, 10.0);
-      k.s.seed = in.ConsumeIntegral<std::uint64_t>();
-      break;
+// Whether the policy's knobs are in their ranges and pass its own validate().
+template <class Policy>
+bool knobs_valid(const Policy& policy) {
+  bool ok = true;
+  fa::for_each_knob<Policy>([&](const auto& knob) {
+    if (!knob.valid(knob.get(policy))) ok = false;
+  });
+  if constexpr (requires { policy.validate(); }) {
+    if (ok) {
+      try {
+        policy.validate();
+      } catch (const fa::invalid_argument&) {
+        ok = false;
+      }
     }
   }
-  return k;
+  return ok;
 }
 
-bool knobs_valid(const kernel_choice& k) {
-  auto clustering_ok = [](index clusters, int bits, int iterations) {
-    return clusters >= 1 && clusters <= index{0xFFFFFFFF} && bits >= 1 && bits <= 64 &&
-           iterations >= 1;
+template <class Policy>
+bool is_knob_name(std::string_view name) {
+  bool found = false;
+  fa::for_each_knob<Policy>([&](const auto& knob) { found = found || knob.name == name; });
+  return found;
+}
+
+// Whether `policy` computes exact attention for these lengths (the documented cases; a kernel
+// the harness does not know is exact when it says so).
+template <class Policy>
+bool exact_for(const Policy& policy, index Lv, index Sv) {
+  if constexpr (Policy::is_exact)
+    return true;
+  else if constexpr (std::is_same_v<Policy, fa::clustered>)
+    return Lv <= 1;
+  else if constexpr (std::is_same_v<Policy, fa::improved_clustered>)
+    return policy.topk >= Sv || Lv <= 1;
+  else if constexpr (std::is_same_v<Policy, fa::smyrf>)
+    return policy.cluster_size >= Lv;
+  else if constexpr (std::is_same_v<Policy, fa::local>)
+    return policy.window >= std::max(Lv, Sv);
+  else
+    return false;
+}
+
+// The keys [first, last) query i may take values from: the visible ones (all valid keys, or
+// j <= i with causal), within local's window. A kernel's output row is a convex combination of
+// (some of) their values, and zero when there is none (local: no valid key in the window).
+template <class Policy>
+std::pair<index, index> keys_seen(const Policy& policy, index i, index Sv, bool causal) {
+  index first = 0, last = causal ? std::min(Sv, i + 1) : Sv;
+  if constexpr (std::is_same_v<Policy, fa::local>) {
+    const fa::band b = Policy::visible(policy.window, causal);  // lower <= j - i <= upper
+    first = std::max(first, i + b.lower);
+    last = std::min(last, i + b.upper + 1);
+  }
+  return {first, std::max(first, last)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensors: (B, rows, H, dim) with explicit strides, in their own buffers or in one shared pool.
+
+template <class T>
+struct tensor {
+  T* data = nullptr;
+  index batch = 0, length = 0, heads = 0, dim = 0;
+  index token_stride = 0, head_stride = 0, batch_stride = 0;
+
+  bool empty() const { return batch == 0 || length == 0 || heads == 0 || dim == 0; }
+  index offset(index b, index t, index h, index e) const {
+    return b * batch_stride + t * token_stride + h * head_stride + e;
+  }
+  // Elements from data to one past the last one addressed.
+  index extent() const {
+    return empty() ? 0 : offset(batch - 1, length - 1, heads - 1, dim - 1) + 1;
+  }
+  T& at(index b, index t, index h, index e) const { return data[offset(b, t, h, e)]; }
+  fa::matrix<T> head_matrix(index b, index h) const {
+    fa::matrix<T> m(length, dim);
+    for (index t = 0; t < length; ++t)
+      for (index e = 0; e < dim; ++e) m(t, e) = at(b, t, h, e);
+    return m;
+  }
+  template <class U>
+  fa::tensor_view<U> view() const {
+    return {.data = data,
+            .batch = batch,
+            .length = length,
+            .heads = heads,
+            .dim = dim,
+            .token_stride = token_stride,
+            .batch_stride = batch_stride,
+            .head_stride = head_stride};
+  }
+};
+
+// Strides of a packed (B, rows, H, dim) tensor (layout 0), one with padded tokens (1), or a
+// (B, H, rows, dim) one (2); `pad` extra elements per token in layouts 1 and 2.
+template <class T>
+tensor<T> make_tensor(index B, index rows, index H, index dim, int layout, index pad) {
+  tensor<T> t{nullptr, B, rows, H, dim, 0, 0, 0};
+  if (layout == 2) {
+    t.token_stride = dim + pad;
+    t.head_stride = rows * t.token_stride;
+    t.batch_stride = H * t.head_stride;
+  } else {
+    t.head_stride = dim;
+    t.token_stride = H * dim + (layout == 1 ? pad : 0);
+    t.batch_stride = rows * t.token_stride;
+  }
+  return t;
+}
+
+// Whether an element of `a` is an element of `b` (both in the same pool), and whether the two
+// are only conservatively distinct: some pair of their heads has intersecting address ranges and
+// different row strides, where the library's check may refuse without a shared element.
+template <class T>
+void overlap(const T* base, const tensor<T>& a, const tensor<T>& b, std::vector<char>& mark,
+             bool& shared, bool& conservative) {
+  if (a.empty() || b.empty()) return;
+  std::fill(mark.begin(), mark.end(), 0);
+  for (index i = 0; i < a.batch; ++i)
+    for (index t = 0; t < a.length; ++t)
+      for (index h = 0; h < a.heads; ++h)
+        for (index e = 0; e < a.dim; ++e)
+          mark[static_cast<std::size_t>(&a.at(i, t, h, e) - base)] = 1;
+  for (index i = 0; i < b.batch; ++i)
+    for (index t = 0; t < b.length; ++t)
+      for (index h = 0; h < b.heads; ++h)
+        for (index e = 0; e < b.dim; ++e)
+          if (mark[static_cast<std::size_t>(&b.at(i, t, h, e) - base)]) shared = true;
+  if (a.token_stride == b.token_stride) return;
+  for (index i = 0; i < a.batch; ++i)
+    for (index h = 0; h < a.heads; ++h)
+      for (index j = 0; j < b.batch; ++j)
+        for (index g = 0; g < b.heads; ++g) {
+          const T* a0 = &a.at(i, 0, h, 0);
+          const T* a1 = &a.at(i, a.length - 1, h, a.dim - 1) + 1;
+          const T* b0 = &b.at(j, 0, g, 0);
+          const T* b1 = &b.at(j, b.length - 1, g, b.dim - 1) + 1;
+          if (a0 < b1 && b0 < a1) conservative = true;
+        }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The front door's value rule, recomputed (options::check_finite).
+
+enum class values { ok, non_finite, overflow };
+
+template <class T>
+values value_rule(const fa::matrix<T>& q, const fa::matrix<T>& k, const fa::matrix<T>& v,
+                  const fa::context& ctx) {
+  auto max_abs = [](const fa::matrix<T>& m, index rows, bool& finite) {
+    double most = 0;
+    for (index r = 0; r < rows; ++r)
+      for (index c = 0; c < m.cols(); ++c) {
+        const double x = static_cast<double>(m(r, c));
+        if (!std::isfinite(x)) finite = false;
+        most = std::max(most, std::abs(x));
+      }
+    return most;
   };
-  switch (k.id) {
-    case 0:
-      return k.d.query_block >= 1 && k.d.key_block >= 1;
-    case 1:
-      return clustering_ok(k.c.clusters, k.c.bits, k.c.iterations);
-    case 2:
-      return clustering_ok(k.ic.clusters, k.ic.bits, k.ic.iterations) && k.ic.topk >= 1;
-    default:
-      return k.s.hashes >= 1 && k.s.cluster_size >= 1 && std::isfinite(k.s.r) && k.s.r > 0;
-  }
+  bool finite = true;
+  const double mq = max_abs(q, ctx.query_length, finite);
+  const double mk = max_abs(k, ctx.key_length, finite);
+  const double mv = max_abs(v, ctx.key_length, finite);
+  if (!finite) return values::non_finite;
+  const double limit = static_cast<double>(std::numeric_limits<T>::max()) / 4;
+  const double scale = std::abs(ctx.scale);
+  const double scores = scale * mq * mk * static_cast<double>(q.cols());
+  if (scale * mq > limit || scores > limit) return values::overflow;
+  if (mv * static_cast<double>(std::max<index>(ctx.key_length, 1024)) > limit)
+    return values::overflow;
+  return values::ok;
 }
 
-bool exact_for(const kernel_choice& k, index Lv, index Sv) {
-  switch (k.id) {
-    case 0:
-      return true;
-    case 1:
-      return Lv <= 1;
-    case 2:
-      return k.ic.topk >= Sv || Lv <= 1;
-    default:
-      return k.s.cluster_size >= Lv;
-  }
-}
-
-template <class F>
-void dispatch(const kernel_choice& k, F&& f) {
-  switch (k.id) {
-    case 0:
-      f(k.d);
-      break;
-    case 1:
-      f(k.c);
-      break;
-    case 2:
-      f(k.ic);
-      break;
-    default:
-      f(k.s);
-      break;
-  }
-}
-
-// Checks one head's output. qh, kh, vh, oh are L x E, S x E, S x M, L x M maps.
-template <class T, class Q, class K, class V, class O>
-void check_head(const kernel_choice& kc, const Q& qh, const K& kh, const V& vh, const O& oh,
-                const fa::context& ctx, bool check_finite) {
+// Checks one head's output (L x M) against its inputs.
+template <class Policy, class T>
+void check_head(const Policy& policy, const fa::matrix<T>& qh, const fa::matrix<T>& kh,
+                const fa::matrix<T>& vh, const fa::matrix<T>& oh, const fa::context& ctx) {
   const index Lv = ctx.query_length, Sv = ctx.key_length, M = vh.cols();
+  auto violation = [&](const char* what) {
+    std::fprintf(stderr, "fuzz_attention: %s, scale %.17g, query_length %td, key_length %td,%s\n",
+                 std::string(Policy::name).c_str(), ctx.scale, Lv, Sv,
+                 ctx.causal ? " causal," : "");
+    fa::for_each_knob<Policy>([&](const auto& knob) {
+      std::fprintf(stderr, "  --%s %s\n", knob.flag().c_str(),
+                   fa::detail::to_text(knob.get(policy)).c_str());
+    });
+    dump_head(qh, kh, vh, oh);
+    ::violation(what);
+  };
   for (index i = Lv; i < oh.rows(); ++i)
     for (index m = 0; m < M; ++m)
       if (oh(i, m) != T(0)) violation("a padded output row is not zero");
-  // Bounded inputs: every |value| <= 1e4 in valid rows, |scale| <= 1e3 -> scores far from
-  // overflow in float; the output must then be finite and convex.
-  // 0 for an empty block (M = 0 or no valid row); +inf when the block holds a NaN or an infinity
-  // (maxCoeff would skip a NaN, and with check_finite off a NaN input must not count as bounded).
-  auto max_abs_of = [](const auto& block) {
-    if (!block.size()) return 0.0;
-    if (!block.allFinite()) return std::numeric_limits<double>::infinity();
-    return block.template cast<double>().cwiseAbs().maxCoeff();
-  };
-  const double qa = max_abs_of(qh.topRows(Lv)), ka = max_abs_of(kh.topRows(Sv));
-  const double va = max_abs_of(vh.topRows(Sv));
-  (void)check_finite;
-  if (!(qa <= 1e4 && ka <= 1e4 && va <= 1e4 && std::abs(ctx.scale) <= 1e3)) return;
+  // Finite inputs inside the overflow bounds: every kernel's output is finite and convex.
+  if (value_rule(qh, kh, vh, ctx) != values::ok) return;
+  double va = 0;
+  for (index j = 0; j < Sv; ++j)
+    for (index m = 0; m < M; ++m) va = std::max(va, std::abs(static_cast<double>(vh(j, m))));
   const double eps = std::is_same_v<T, float> ? 1e-4 : 1e-10;
+  // Rounding of a convex combination is relative to max|v|; denormal values add absolute error.
+  const double tiny = 256 * static_cast<double>(std::numeric_limits<T>::denorm_min());
+  const double slack = 10 * eps * va + tiny;
   for (index i = 0; i < Lv; ++i)
     for (index m = 0; m < M; ++m) {
       const double x = static_cast<double>(oh(i, m));
-      if (!std::isfinite(x)) violation("non-finite output for bounded finite inputs");
-      if (Sv == 0) {
-        if (x != 0) violation("output not zero with no valid key");
+      if (!std::isfinite(x)) violation("non-finite output for finite inputs inside the bounds");
+      const auto [first, last] = keys_seen(policy, i, Sv, ctx.causal);
+      if (first == last) {
+        if (x != 0) violation("output not zero for a query that sees no valid key");
         continue;
       }
-      const index visible = ctx.causal ? std::min(Sv, i + 1) : Sv;
-      const double lo = vh.col(m).head(visible).template cast<double>().minCoeff();
-      const double hi = vh.col(m).head(visible).template cast<double>().maxCoeff();
-      const double slack = eps * std::max(1.0, va) * 10;
-      if (x < lo - slack || x > hi + slack) violation("output outside the values' range");
+      const auto seen = vh.col(m).segment(first, last - first).template cast<double>();
+      const double lo = seen.minCoeff(), hi = seen.maxCoeff();
+      if (x < lo - slack || x > hi + slack) {
+        std::fprintf(
+            stderr,
+            "fuzz_attention: row %td of %td, column %td: %g outside [%g, %g] (keys %td..%td "
+            "of %td; scale %g, max|v| %g)\n",
+            i, Lv, m, x, lo, hi, first, last, Sv, ctx.scale, va);
+        violation("output outside the values' range (a zero or wrong row)");
+      }
     }
   // Oracle comparison where the kernel is exact and the scores are small enough for float.
-  if (!exact_for(kc, Lv, Sv) || Lv == 0 || Sv == 0) return;
-  const double score_bound = std::abs(ctx.scale) * qa * ka * static_cast<double>(qh.cols());
-  if (score_bound > 30) return;
+  if (!exact_for(policy, Lv, Sv) || Lv == 0 || Sv == 0) return;
+  double qa = 0, ka = 0;
+  for (index i = 0; i < Lv; ++i)
+    for (index e = 0; e < qh.cols(); ++e)
+      qa = std::max(qa, std::abs(static_cast<double>(qh(i, e))));
+  for (index j = 0; j < Sv; ++j)
+    for (index e = 0; e < kh.cols(); ++e)
+      ka = std::max(ka, std::abs(static_cast<double>(kh(j, e))));
+  if (std::abs(ctx.scale) * qa * ka * static_cast<double>(qh.cols()) > 30) return;
   fa::options o;
   o.scale = ctx.scale;
   o.query_length = Lv;
@@ -282,13 +495,83 @@ void check_head(const kernel_choice& kc, const Q& qh, const K& kh, const V& vh, 
   const auto ref = fa::testing::reference_attention(qh, kh, vh, o);
   for (index i = 0; i < Lv; ++i)
     for (index m = 0; m < M; ++m)
-      if (std::abs(static_cast<double>(oh(i, m)) - ref(i, m)) > 1e-3 * std::max(va, 1e-30) + 1e-30)
+      if (std::abs(static_cast<double>(oh(i, m)) - ref(i, m)) > 1e-3 * va + tiny)
         violation("an exact configuration differs from the float64 oracle");
 }
 
+// ---------------------------------------------------------------------------------------------
+// Extreme values: q, k and v rescaled around the front door's overflow bounds.
+
+// Entries of magnitude at most `magnitude` (entry (0, 0) of every head exactly), uniform in sign.
 template <class T>
-void run(FuzzedDataProvider& in) {
-  const kernel_choice kc = choose_kernel(in);
+void fill_magnitude(tensor<T>& t, double magnitude, xorshift& next) {
+  for (index b = 0; b < t.batch; ++b)
+    for (index h = 0; h < t.heads; ++h)
+      for (index r = 0; r < t.length; ++r)
+        for (index e = 0; e < t.dim; ++e)
+          t.at(b, r, h, e) =
+              static_cast<T>(r == 0 && e == 0 ? magnitude : magnitude * next.symmetric());
+}
+
+template <class T>
+void make_extreme(FuzzedDataProvider& in, tensor<T>& q, tensor<T>& k, tensor<T>& v,
+                  fa::options& opt) {
+  using lim = std::numeric_limits<T>;
+  const double log2_max = std::log2(static_cast<double>(lim::max()));
+  const double log2_tiny = std::log2(static_cast<double>(lim::denorm_min()));
+  const double log2_limit = log2_max - 2;  // max / 4
+  // The scale: from below the smallest denormal to the type's largest, either sign.
+  if (in.ConsumeBool()) {
+    const double s = std::exp2(in.ConsumeFloatingPointInRange<double>(log2_tiny - 8, log2_max));
+    opt.scale = std::min(s, static_cast<double>(lim::max())) * (in.ConsumeBool() ? -1 : 1);
+  }
+  const double scale =
+      std::abs(opt.scale.value_or(q.dim >= 1 ? 1.0 / std::sqrt(static_cast<double>(q.dim)) : 1.0));
+  // Score bound at 2^j of the limit: near it, or anywhere down to the denormals.
+  const int near = in.ConsumeIntegralInRange<int>(-8, 2);
+  const double j =
+      in.ConsumeBool() ? near : in.ConsumeFloatingPointInRange<double>(2 * log2_tiny, 2.0);
+  const double log2_product = scale > 0
+                                  ? log2_limit + j - std::log2(scale) -
+                                        std::log2(static_cast<double>(std::max<index>(1, q.dim)))
+                                  : 2 * log2_max;
+  const double share = in.ConsumeProbability<double>();  // of the product that goes to q
+  auto magnitude = [&](double log2_m) {
+    return std::min(std::exp2(std::clamp(log2_m, log2_tiny - 1, log2_max)),
+                    static_cast<double>(lim::max()));
+  };
+  xorshift next{in.ConsumeIntegral<std::uint64_t>() | 1};
+  fill_magnitude(q, magnitude(share * log2_product), next);
+  fill_magnitude(k, magnitude((1 - share) * log2_product), next);
+  // v near max / (4 max(S, 1024)), or far below; its first column constant and positive.
+  const double jv = in.ConsumeBool() ? in.ConsumeIntegralInRange<int>(-6, 1)
+                                     : in.ConsumeFloatingPointInRange<double>(log2_tiny, 1.0);
+  const double mv =
+      magnitude(log2_limit - std::log2(static_cast<double>(std::max<index>(v.length, 1024))) + jv);
+  fill_magnitude(v, mv, next);
+  for (index b = 0; b < v.batch; ++b)
+    for (index h = 0; h < v.heads; ++h)
+      for (index r = 0; r < v.length; ++r)
+        if (v.dim > 0) v.at(b, r, h, 0) = static_cast<T>(mv);
+}
+
+// ---------------------------------------------------------------------------------------------
+// One input.
+
+template <class T, class Policy>
+void run_kernel(FuzzedDataProvider& in) {
+  Policy policy{};
+  fa::for_each_knob<Policy>([&](const auto& knob) { knob.get(policy) = knob_value(in, knob); });
+  const bool knobs_ok = knobs_valid(policy);
+  try {
+    fa::validate(policy);
+    if (!knobs_ok) violation("fastattn::validate accepted a knob outside its range");
+  } catch (const fa::invalid_argument& e) {
+    if (knobs_ok) violation("fastattn::validate refused valid knobs");
+    if (fa::has_knobs<Policy> && !is_knob_name<Policy>(e.argument()))
+      violation("fastattn::validate's error does not name a knob");
+  }
+
   const bool multihead = in.ConsumeBool();
   const index B = multihead ? in.ConsumeIntegralInRange<index>(0, 3) : 1;
   const index H = multihead ? in.ConsumeIntegralInRange<index>(1, 3) : 1;
@@ -319,34 +602,96 @@ void run(FuzzedDataProvider& in) {
     for (index b = 0; b < B; ++b) klens.push_back(in.ConsumeIntegralInRange<index>(-1, 65));
   const int threads = in.ConsumeIntegralInRange<int>(-1, 2);
 
-  // Buffers: (B, rows, H, dim) packed.
-  std::vector<T> q(static_cast<std::size_t>(B * L * H * E)),
-      k(static_cast<std::size_t>(B * S * H * Ek)), v(static_cast<std::size_t>(B * Sv_rows * H * M));
-  fill(in, q);
-  fill(in, k);
-  fill(in, v);
-  std::vector<T> out(static_cast<std::size_t>(B * L * H * M), std::numeric_limits<T>::quiet_NaN());
+  // Packed (B, rows, H, dim) buffers of their own: out of bounds reads are ASan findings.
+  std::vector<T> qbuf(static_cast<std::size_t>(B * L * H * E)),
+      kbuf(static_cast<std::size_t>(B * S * H * Ek)),
+      vbuf(static_cast<std::size_t>(B * Sv_rows * H * M));
+  fill(in, qbuf);
+  fill(in, kbuf);
+  fill(in, vbuf);
+  std::vector<T> obuf(static_cast<std::size_t>(B * L * H * M), std::numeric_limits<T>::quiet_NaN());
+  tensor<T> q = make_tensor<T>(B, L, H, E, 0, 0), k = make_tensor<T>(B, S, H, Ek, 0, 0),
+            v = make_tensor<T>(B, Sv_rows, H, M, 0, 0), out = make_tensor<T>(B, L, H, M, 0, 0);
+  q.data = qbuf.data();
+  k.data = kbuf.data();
+  v.data = vbuf.data();
+  out.data = obuf.data();
+
+  // Extra stress, chosen last (0, none, when the input has ended).
+  const int stress = in.ConsumeIntegralInRange<int>(0, 3);
+  if (stress & 1) make_extreme(in, q, k, v, opt);
+  const bool aliasing = (stress & 2) != 0;
+  std::vector<T> pool;
+  bool shared = false, conservative = false;
+  if (aliasing) {
+    // Layouts: multi-head tensors packed, token-padded or (B, H, L, E); one head, padded rows.
+    auto layout = [&](index rows, index dim) {
+      const int kind = multihead ? in.ConsumeIntegralInRange<int>(0, 2) : 1;
+      return make_tensor<T>(B, rows, H, dim, kind, in.ConsumeIntegralInRange<index>(0, 3));
+    };
+    tensor<T> qa = layout(L, E), ka = layout(S, Ek), va = layout(Sv_rows, M), oa = layout(L, M);
+    const index o_extent = oa.extent();
+    // Offsets of q, k, v: one after the other with small gaps, or k and v over an earlier input
+    // (inputs may share memory).
+    index cursor = o_extent + 3;
+    std::vector<index> starts;
+    for (tensor<T>* t : {&qa, &ka, &va}) {
+      index start = cursor + in.ConsumeIntegralInRange<index>(0, 3);
+      if (!starts.empty() && in.ConsumeIntegralInRange<int>(0, 3) == 0)
+        start = starts[in.ConsumeIntegralInRange<std::size_t>(0, starts.size() - 1)];
+      starts.push_back(start);
+      cursor = std::max(cursor, start + t->extent());
+    }
+    pool.assign(static_cast<std::size_t>(cursor + o_extent + 3), T(7));  // 7: untouched
+    for (std::size_t i = 0; i < 3; ++i) {
+      tensor<T>& from = i == 0 ? q : i == 1 ? k : v;
+      tensor<T>& to = i == 0 ? qa : i == 1 ? ka : va;
+      to.data = pool.data() + starts[i];
+      for (index b = 0; b < B; ++b)
+        for (index t = 0; t < from.length; ++t)
+          for (index h = 0; h < H; ++h)
+            for (index e = 0; e < from.dim; ++e) to.at(b, t, h, e) = from.at(b, t, h, e);
+    }
+    // out over (or near) one of the inputs.
+    const std::size_t target = in.ConsumeIntegralInRange<std::size_t>(0, 2);
+    const index delta = in.ConsumeIntegralInRange<index>(-o_extent, (target == 0   ? qa
+                                                                     : target == 1 ? ka
+                                                                                   : va)
+                                                                        .extent());
+    const index o_start =
+        std::clamp<index>(starts[target] + delta, 0, static_cast<index>(pool.size()) - o_extent);
+    oa.data = pool.data() + o_start;
+    std::vector<char> mark(pool.size());
+    for (const tensor<T>* t : {&qa, &ka, &va})
+      overlap<T>(pool.data(), oa, *t, mark, shared, conservative);
+    q = qa;
+    k = ka;
+    v = va;
+    out = oa;
+  }
 
   // The expected validity, per the documented rules.
-  bool valid = knobs_valid(kc) && E == Ek && S == Sv_rows && E >= 1;
-  const bool kernel_causal = kc.id == 0;
-  if (opt.causal && !kernel_causal) valid = false;
-  const double scale = opt.scale.value_or(E >= 1 ? 1.0 / std::sqrt(static_cast<double>(E)) : 1.0);
-  if (!std::isfinite(scale)) valid = false;
+  bool valid = knobs_ok && S == Sv_rows;
+  auto context_ok = [&] {
+    const double scale = opt.scale.value_or(E >= 1 ? 1.0 / std::sqrt(static_cast<double>(E)) : 1.0);
+    return E == Ek && E >= 1 && std::isfinite(scale) &&
+           std::abs(scale) <= static_cast<double>(std::numeric_limits<T>::max()) &&
+           !(opt.causal && !Policy::supports_causal);
+  };
   if (multihead) {
     if (!qlens.empty() && static_cast<index>(qlens.size()) != B) valid = false;
     if (!klens.empty() && static_cast<index>(klens.size()) != B) valid = false;
-    if (threads < 0) valid = false;
+    if (threads < 0 || threads > fa::multihead_options::max_threads) valid = false;
+    if (B > 0 && !context_ok()) valid = false;  // checked per sample: with no sample, never
+  } else if (!context_ok()) {
+    valid = false;
   }
   std::vector<fa::context> contexts(static_cast<std::size_t>(B));
-  bool any_task = false;
   for (index b = 0; b < B && valid; ++b) {
-    const index Lv = (!qlens.empty() && static_cast<index>(qlens.size()) == B)
-                         ? qlens[static_cast<std::size_t>(b)]
-                         : opt.query_length.value_or(L);
-    const index Sv = (!klens.empty() && static_cast<index>(klens.size()) == B)
-                         ? klens[static_cast<std::size_t>(b)]
-                         : opt.key_length.value_or(S);
+    const index Lv =
+        !qlens.empty() ? qlens[static_cast<std::size_t>(b)] : opt.query_length.value_or(L);
+    const index Sv =
+        !klens.empty() ? klens[static_cast<std::size_t>(b)] : opt.key_length.value_or(S);
     if (Lv < 0 || Lv > L || Sv < 0 || Sv > S) {
       valid = false;
       break;
@@ -354,77 +699,118 @@ void run(FuzzedDataProvider& in) {
     fa::context& c = contexts[static_cast<std::size_t>(b)];
     c.query_length = Lv;
     c.key_length = Sv;
-    c.scale = scale;
+    c.scale = opt.scale.value_or(1.0 / std::sqrt(static_cast<double>(E)));
     c.causal = opt.causal;
-    any_task = true;
   }
-  // With no sample the driver validates only the tensors (k and v lengths), the per-sample
-  // spans and the thread count: shapes of heads, scale, causal and knobs are checked per sample
-  // (scale, causal, E) or inside compute (knobs), and there is none.
-  if (multihead && B == 0) valid = S == Sv_rows && threads >= 0 && qlens.empty() && klens.empty();
-  (void)any_task;
-  bool finite_ok = true;
+  // Each head's inputs as they are before the call.
+  std::vector<fa::matrix<T>> qh, kh, vh;
+  for (index b = 0; b < B; ++b)
+    for (index h = 0; h < H; ++h) {
+      qh.push_back(q.head_matrix(b, h));
+      kh.push_back(k.head_matrix(b, h));
+      vh.push_back(v.head_matrix(b, h));
+    }
+  bool values_ok = true;
   if (valid && opt.check_finite)
     for (index b = 0; b < B; ++b)
       for (index h = 0; h < H; ++h) {
-        const fa::context& c = contexts[static_cast<std::size_t>(b)];
-        auto scan = [&](const std::vector<T>& data, index rows, index len, index dim) {
-          for (index t = 0; t < len; ++t)
-            for (index e = 0; e < dim; ++e)
-              if (!std::isfinite(static_cast<double>(
-                      data[static_cast<std::size_t>(((b * rows + t) * H + h) * dim + e)])))
-                finite_ok = false;
-        };
-        scan(q, L, c.query_length, E);
-        scan(k, S, c.key_length, E);
-        scan(v, S, c.key_length, M);
+        const auto i = static_cast<std::size_t>(b * H + h);
+        if (value_rule(qh[i], kh[i], vh[i], contexts[static_cast<std::size_t>(b)]) != values::ok)
+          values_ok = false;
       }
-  const bool expect_ok = valid && finite_ok;
+  const bool expect_ok = valid && values_ok && !shared;
 
+  const std::vector<T> pool_before = pool;
   bool threw = false;
+  std::size_t largest = 0;
+  std::string error;
   try {
-    dispatch(kc, [&](const auto& policy) {
-      if (multihead) {
-        fa::multihead_options mo;
-        mo.common = opt;
-        mo.query_lengths = qlens;
-        mo.key_lengths = klens;
-        mo.threads = threads;
-        fa::multihead_attention(policy, fa::tensor_view<const T>{q.data(), B, L, H, E},
-                                fa::tensor_view<const T>{k.data(), B, S, H, Ek},
-                                fa::tensor_view<const T>{v.data(), B, Sv_rows, H, M},
-                                fa::tensor_view<T>{out.data(), B, L, H, M}, mo);
-      } else {
-        using map = Eigen::Map<const fa::matrix<T>>;
-        const map qm(q.data(), L, E), km(k.data(), S, Ek), vm(v.data(), Sv_rows, M);
-        fa::attention(policy, qm, km, vm, fa::view<T>(Eigen::Map<fa::matrix<T>>(out.data(), L, M)),
-                      opt);
-      }
-    });
-  } catch (const fa::invalid_argument&) {
+    const tracking_scope tracking;
+    if (multihead) {
+      fa::multihead_options mo;
+      mo.common = opt;
+      mo.query_lengths = qlens;
+      mo.key_lengths = klens;
+      mo.threads = threads;
+      fa::multihead_attention(policy, q.template view<const T>(), k.template view<const T>(),
+                              v.template view<const T>(), out.template view<T>(), mo);
+    } else {
+      using cmap = Eigen::Map<const fa::matrix<T>, 0, Eigen::OuterStride<>>;
+      using map = Eigen::Map<fa::matrix<T>, 0, Eigen::OuterStride<>>;
+      // (An empty tensor's data may be null: its stride is then 0 in the packed layout, so that
+      // no view of it offsets the null pointer.)
+      auto stride = [](const tensor<T>& t) { return Eigen::OuterStride<>(t.token_stride); };
+      const cmap qm(q.data, L, E, stride(q)), km(k.data, S, Ek, stride(k)),
+          vm(v.data, Sv_rows, M, stride(v));
+      fa::attention(policy, qm, km, vm, fa::view<T>(map(out.data, L, M, stride(out))), opt);
+    }
+    largest = allocations.largest;
+  } catch (const fa::invalid_argument& e) {
     threw = true;
+    largest = allocations.largest;
+    if (expect_ok && conservative && e.argument() != "out")
+      violation("valid arguments refused, and not by the (conservative) aliasing check");
+    error = e.argument();
   }
-  if (threw && expect_ok) violation("invalid_argument thrown for valid arguments");
+  if (verbose()) {
+    std::fprintf(stderr,
+                 "fuzz_attention: %s %s %s B=%td H=%td L=%td S=%td E=%td M=%td check_finite=%d "
+                 "stress=%d knobs_ok=%d valid=%d values_ok=%d shared=%d conservative=%d largest "
+                 "allocation %zu -> %s%s\n",
+                 std::string(Policy::name).c_str(), std::is_same_v<T, float> ? "float" : "double",
+                 multihead ? "multihead" : "attention", B, H, L, S, E, M, opt.check_finite ? 1 : 0,
+                 stress, knobs_ok ? 1 : 0, valid ? 1 : 0, values_ok ? 1 : 0, shared ? 1 : 0,
+                 conservative ? 1 : 0, largest, threw ? "threw " : "ok", error.c_str());
+    fa::for_each_knob<Policy>([&](const auto& knob) {
+      std::fprintf(stderr, "  --%s %s\n", knob.flag().c_str(),
+                   fa::detail::to_text(knob.get(policy)).c_str());
+    });
+  }
+  if (threw && expect_ok && !conservative) violation("invalid_argument thrown for valid arguments");
   if (!threw && !valid) violation("invalid arguments accepted");
-  if (!threw && !finite_ok) violation("a non-finite input was accepted with check_finite");
-  if (threw || B == 0) return;
+  if (!threw && !values_ok) violation("non-finite or overflowing values accepted (check_finite)");
+  if (!threw && shared) violation("out sharing memory with an input was accepted");
+  if (threw && largest > largest_allocation_before_error)
+    violation("a large allocation before an invalid_argument (a knob allocated, then refused?)");
+  if (largest > largest_allocation) violation("an allocation over 32 MiB for a tiny problem");
 
+  if (threw) {  // nothing written
+    if (aliasing) {
+      if (std::memcmp(pool.data(), pool_before.data(), pool.size() * sizeof(T)) != 0)
+        violation("a refused call modified its buffers");
+    } else {
+      for (const T x : obuf)
+        if (!std::isnan(x)) violation("a refused call wrote to out");
+    }
+    return;
+  }
+  if (aliasing) {  // nothing written outside out
+    std::vector<char> in_out(pool.size());
+    for (index b = 0; b < B; ++b)
+      for (index t = 0; t < L; ++t)
+        for (index h = 0; h < H; ++h)
+          for (index m = 0; m < M; ++m)
+            in_out[static_cast<std::size_t>(&out.at(b, t, h, m) - pool.data())] = 1;
+    for (std::size_t i = 0; i < pool.size(); ++i)
+      if (!in_out[i] && std::memcmp(&pool[i], &pool_before[i], sizeof(T)) != 0)
+        violation("a call wrote outside out");
+  }
   for (index b = 0; b < B; ++b)
     for (index h = 0; h < H; ++h) {
-      using cmap = Eigen::Map<const fa::matrix<T>, 0, Eigen::OuterStride<>>;
-      const index off_q = b * L * H * E + h * E, off_k = b * S * H * E + h * E;
-      const index off_v = b * S * H * M + h * M, off_o = b * L * H * M + h * M;
-      // An empty buffer's data() may be null: never offset it (its maps have no coefficient).
-      auto at = [](const std::vector<T>& x, index off) {
-        return x.empty() ? x.data() : x.data() + off;
-      };
-      const cmap qh(at(q, off_q), L, E, Eigen::OuterStride<>(H * E));
-      const cmap kh(at(k, off_k), S, E, Eigen::OuterStride<>(H * E));
-      const cmap vh(at(v, off_v), S, M, Eigen::OuterStride<>(H * M));
-      const cmap oh(at(out, off_o), L, M, Eigen::OuterStride<>(H * M));
-      check_head<T>(kc, fa::matrix<T>(qh), fa::matrix<T>(kh), fa::matrix<T>(vh), fa::matrix<T>(oh),
-                    contexts[static_cast<std::size_t>(b)], opt.check_finite);
+      const auto i = static_cast<std::size_t>(b * H + h);
+      check_head(policy, qh[i], kh[i], vh[i], out.head_matrix(b, h),
+                 contexts[static_cast<std::size_t>(b)]);
     }
+}
+
+// Chooses the kernel by its index in fastattn::kernels.
+template <class T>
+void run(FuzzedDataProvider& in) {
+  const auto id = in.ConsumeIntegralInRange<std::size_t>(0, fa::kernels::size - 1);
+  std::size_t i = 0;
+  fa::kernels::for_each([&](auto type) {
+    if (i++ == id) run_kernel<T, typename decltype(type)::type>(in);
+  });
 }
 
 }  // namespace

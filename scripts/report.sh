@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Turns fastattn_bench's JSON files into the report: a table, slopes, crossovers and plots.
 #   scripts/report.sh DIR     (DIR/json/*.json in; DIR/report.md, DIR/*.tsv, DIR/*.png|svg out)
-# Plain tools only: jq, awk, gnuplot.
+# Plain tools only: jq, awk, gnuplot. The kernels are read from the benchmark names
+# (`<kernel>/N:<N>`, the baselines gemm_bound and dense_naive aside), so a kernel added to the
+# library is reported without edits here.
 set -euo pipefail
 dir=$1
 json=("$dir"/json/*.json)
@@ -19,18 +21,28 @@ jq -r '
   awk -F'\t' '{ if ($5 == "aggregate" || !($1 in seen)) row[$1] = $1 "\t" $2 "\t" $3 "\t" $4; seen[$1] = 1 }
               END { for (k in row) print row[k] }' | sort > "$dir/results.tsv"
 
-kernels="dense clustered improved_clustered smyrf"
-approx="clustered improved_clustered smyrf"
+# The size series `<name>/N:<N>` are the kernels and the two baselines. `kernels` lists dense
+# first (the exact kernel the others are compared with), then `approx`: every other kernel, by
+# name.
+baselines="gemm_bound dense_naive"
+series=$(awk -F'\t' '$1 ~ /^[^\/]+\/N:[0-9]+$/ { sub(/\/N:.*/, "", $1); print $1 }' "$dir/results.tsv" | sort -u)
+approx=""
+for k in $series; do
+  case " dense $baselines " in *" $k "*) ;; *) approx="$approx $k" ;; esac
+done
+approx=${approx# }
+kernels=$approx
+if grep -qx dense <<<"$series"; then kernels="dense${approx:+ $approx}"; fi
 
-awk -F'\t' -v approx="$approx" -v out="$dir" '
+awk -F'\t' -v approx="$approx" -v kernels="$kernels" -v out="$dir" '
   function fmt_ms(x) { return x == "" ? "-" : (x >= 100 ? sprintf("%.0f", x) : (x >= 10 ? sprintf("%.1f", x) : sprintf("%.2f", x))) }
   {
     name = $1
     if (name == "fma_peak") { peak = $3; next }
     if (name ~ /^multihead\//) { split(name, p, "/"); sub(/threads:/, "", p[3]); mt[p[2], p[3]] = $2; mk[p[2]] = 1; next }
     if (name ~ /^sweep\//) { print name "\t" $2 "\t" $4 > (out "/sweep.tsv"); next }
-    if (split(name, p, "/N:") != 2) next
-    k = p[1]; n = p[2] + 0
+    if (name !~ /^[^\/]+\/N:[0-9]+$/) next  # variants (/causal, /window:W, ...) are not tabled
+    split(name, p, "/N:"); k = p[1]; n = p[2] + 0
     t[k, n] = $2; e[k, n] = $4; fl[k, n] = $3; has[k] = 1; ns[n] = 1
   }
   END {
@@ -89,21 +101,103 @@ awk -F'\t' -v approx="$approx" -v out="$dir" '
     # thread scaling
     print "| kernel (B = 1, H = 8, N = 4096) | 1 thread ms | 2 threads ms | speed-up |" > (out "/threads.md")
     print "|---|---|---|---|" > (out "/threads.md")
-    for (k in mk) if (mt[k, 1] != "" && mt[k, 2] != "")
+    nk = split(kernels, K, " ")
+    for (a = 1; a <= nk; a++) { k = K[a]; done[k] = 1
+      if (mt[k, 1] != "" && mt[k, 2] != "")
+        printf "| %s | %s | %s | %.2fx |\n", k, fmt_ms(mt[k, 1]), fmt_ms(mt[k, 2]), mt[k, 1] / mt[k, 2] > (out "/threads.md") }
+    for (k in mk) if (!(k in done) && mt[k, 1] != "" && mt[k, 2] != "")
       printf "| %s | %s | %s | %.2fx |\n", k, fmt_ms(mt[k, 1]), fmt_ms(mt[k, 2]), mt[k, 1] / mt[k, 2] > (out "/threads.md")
     if (peak != "") printf "fma_peak: %.1f GFLOP/s (one core, fp32)\n", peak / 1e9 > (out "/peak.txt")
   }' "$dir/results.tsv"
 
-# error_vs_time: one point per knob setting at fixed N (sweep/<kernel>/<setting>/N:<n>)
+# error_vs_time: one point per knob setting at fixed N (sweep/<kernel>/<setting>/N:<n>), kernels
+# by name, settings in natural order (clusters:25 before clusters:100)
 if [ -s "$dir/sweep.tsv" ]; then
-  sort "$dir/sweep.tsv" | awk -F'\t' '{ split($1, p, "/"); print p[2] "\t" p[3] "\t" $2 "\t" $3 }' > "$dir/error_vs_time.tsv"
+  awk -F'\t' '{ split($1, p, "/"); print p[2] "\t" p[3] "\t" $2 "\t" $3 }' "$dir/sweep.tsv" |
+    sort -t$'\t' -k1,1 -k2,2V > "$dir/error_vs_time.tsv"
 fi
+
+# Plots. Every series is built from the data that is there: a column or a point without a
+# positive value (a kernel that did not run at some N, a rel_err that is missing, or zero on a
+# log axis) is left out instead of handed to gnuplot as an empty series. Each kernel has one
+# colour in both plots; the error plot names its points in a legend (one entry per setting)
+# rather than with labels next to points that sit too close to read.
+# dense and dense_naive keep their colours; the other kernels take the palette in order.
+declare -A colour=([dense]="#9400d3" [dense_naive]="#009e73")
+palette=("#e69f00" "#0072b2" "#e51e10" "#000000" "#cc79a7" "#56b4e9" "#8c8c00" "#8b4513")
+if [ -s "$dir/time_vs_n.tsv" ]; then
+  c=0
+  for k in $(head -1 "$dir/time_vs_n.tsv" | cut -f2-); do
+    [ -n "${colour[$k]:-}" ] || [ "$k" = gemm_bound ] && continue
+    colour[$k]=${palette[$((c % ${#palette[@]}))]}
+    c=$((c + 1))
+  done
+fi
+gp_quote() { printf '"%s"' "$(printf '%s' "$1" | sed 's/\\/\\\\/g; s/"/\\"/g')"; }
+
+# time_vs_n: one line per column of time_vs_n.tsv with at least one time; gemm_bound dashed.
+time_plot=()
+if [ -s "$dir/time_vs_n.tsv" ]; then
+  col=1
+  pt=4
+  file=$(gp_quote "$dir/time_vs_n.tsv")
+  for k in $(head -1 "$dir/time_vs_n.tsv" | cut -f2-); do
+    col=$((col + 1))
+    awk -F'\t' -v c="$col" 'NR > 1 && $c != "NaN" && $c + 0 > 0 { found = 1 } END { exit !found }' \
+      "$dir/time_vs_n.tsv" || continue
+    if [ "$k" = gemm_bound ]; then
+      time_plot+=("$file using 1:$col with lines lw 2 dt 2 lc rgb \"gray40\" title \"gemm_bound (floor of dense)\"")
+    else
+      time_plot+=("$file using 1:$col with linespoints lw 2 pt $pt ps 1.2 lc rgb \"${colour[$k]:-black}\" title $(gp_quote "$k")")
+      pt=$((pt + 2))
+    fi
+  done
+fi
+
+# error_vs_time: one legend entry per (kernel, setting): the kernel's colour, a marker per setting.
+error_plot=()
+error_n=4096
+if [ -s "$dir/error_vs_time.tsv" ]; then
+  error_n=$(awk -F'\t' '{ n = $1; sub(/.*\/N:/, "", n); print n; exit }' "$dir/sweep.tsv")
+  line=-1
+  prev=""
+  markers=(7 5 9 11 13 15 6 4 8 10 12 14)
+  file=$(gp_quote "$dir/error_vs_time.tsv")
+  while IFS=$'\t' read -r k setting ms err; do
+    line=$((line + 1))
+    [ "$k" = "$prev" ] || { m=0; prev=$k; }
+    awk -v t="$ms" -v e="$err" 'BEGIN { exit !(t + 0 > 0 && e + 0 > 0) }' || continue
+    error_plot+=("$file every ::$line::$line using 3:4 with points pt ${markers[$((m % ${#markers[@]}))]} ps 1.6 lc rgb \"${colour[$k]:-black}\" title $(gp_quote "$k  $setting")")
+    m=$((m + 1))
+  done < "$dir/error_vs_time.tsv"
+  # Tics at 1, 2, 5 x 10^d; axes a little wider than the points (gnuplot would round a log axis
+  # out to whole decades).
+  error_range=$(awk -F'\t' '$3 + 0 > 0 && $4 + 0 > 0 {
+      if (n++ == 0) { x0 = x1 = $3; y0 = y1 = $4 }
+      if ($3 < x0) x0 = $3; if ($3 > x1) x1 = $3; if ($4 < y0) y0 = $4; if ($4 > y1) y1 = $4 }
+    END { if (n) printf "set xrange [%g:%g]\nset yrange [%g:%g]\n", x0 / 1.25, x1 * 1.25, y0 / 1.4, y1 * 1.4 }' \
+    "$dir/error_vs_time.tsv")
+  tics_125=$(awk 'BEGIN { split("1 2 5", m, " ")
+    for (d = -6; d <= 6; d++) for (i = 1; i <= 3; i++) s = s (s == "" ? "" : ", ") m[i] * 10 ^ d
+    print "(" s ")" }')
+fi
+
+join_plot() {
+  local first=1 clause
+  for clause in "$@"; do
+    [ "$first" = 1 ] || printf ', \\\n     '
+    printf '%s' "$clause"
+    first=0
+  done
+}
 
 if command -v gnuplot >/dev/null 2>&1; then
   for term in pngcairo svg; do
     ext=$([ "$term" = svg ] && echo svg || echo png)
-    gnuplot <<GP
-set terminal $term size 900,600 noenhanced $([ "$term" = pngcairo ] && echo "font ',11'")
+    font=$([ "$term" = pngcairo ] && echo "font ',11'" || echo "font 'sans,11'")
+    if [ ${#time_plot[@]} -gt 0 ]; then
+      gnuplot <<GP
+set terminal $term size 900,600 noenhanced $font
 set output "$dir/time_vs_n.$ext"
 set title "fastattn: time per head vs sequence length (E = M = 64, float, one thread)"
 set logscale xy 2
@@ -112,21 +206,25 @@ set ylabel "median CPU time per call (ms)"
 set key top left
 set grid
 set datafile missing "NaN"
-plot for [c=2:7] "$dir/time_vs_n.tsv" using 1:(c == 4 ? NaN : column(c)) with linespoints lw 2 title columnheader(c), \
-     "$dir/time_vs_n.tsv" using 1:4 with lines lw 2 dt 2 lc rgb "gray40" title "gemm_bound (floor of dense)"
+plot $(join_plot "${time_plot[@]}")
 GP
-    if [ -s "$dir/error_vs_time.tsv" ]; then
+    fi
+    if [ ${#error_plot[@]} -gt 0 ]; then
       gnuplot <<GP
-set terminal $term size 900,600 noenhanced $([ "$term" = pngcairo ] && echo "font ',11'")
+set terminal $term size 1100,620 noenhanced $font
 set output "$dir/error_vs_time.$ext"
-set title "fastattn: relative error vs time at N = 4096, one point per knob setting"
+set title "fastattn: relative error vs time at N = $error_n, one point per knob setting (others at defaults)"
 set logscale xy
-set xlabel "median time per call (ms)"
+$error_range
+set xtics $tics_125
+set ytics $tics_125
+set format x "%g"
+set format y "%g"
+set xlabel "median CPU time per call (ms)"
 set ylabel "relative Frobenius error vs exact"
 set grid
-set key top right
-plot for [k in "clustered improved_clustered smyrf"] "< grep '^".k."\t' $dir/error_vs_time.tsv" using 3:4 with points pt 7 ps 1.4 title k, \
-     for [k in "clustered improved_clustered smyrf"] "< grep '^".k."\t' $dir/error_vs_time.tsv" using 3:4:2 with labels offset 0,1 font ",9" notitle
+set key outside right top vertical Left reverse spacing 1.15 samplen 1 box
+plot $(join_plot "${error_plot[@]}")
 GP
     fi
   done

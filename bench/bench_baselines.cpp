@@ -1,7 +1,10 @@
-// dense, its baselines and its floors: dense_naive (what a user would write: softmax over an
-// L x S matrix), gemm_bound (the two products dense contains, same shapes and tiling, no softmax)
-// and fma_peak (this core's fp32 fused multiply-add limit).
-#include <fastattn/dense.hpp>
+// dense's baselines and floors: dense_naive (what a user would write: softmax over an L x S
+// matrix), gemm_bound (the two products dense contains, same shapes and tiling, no softmax) and
+// fma_peak (this core's fp32 fused multiply-add limit). dense itself is registered with every
+// other kernel (bench_kernels.cpp).
+#include <algorithm>
+#include <cmath>
+#include <string>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -11,13 +14,6 @@
 
 namespace fastattn::bench {
 namespace {
-
-// Q K^T and P V: 2 L S E + 2 L S M flops.
-double dense_flops(index n) {
-  return 4.0 * static_cast<double>(n) * static_cast<double>(n) * head_dim;
-}
-
-const bool dense_registered = register_kernel("dense", dense{}, dense_flops);
 
 void dense_naive(benchmark::State& state, index n) {
   problem& p = get_problem(n);
@@ -33,7 +29,7 @@ void dense_naive(benchmark::State& state, index n) {
     out.array().colwise() /= row_sum.array();
     benchmark::DoNotOptimize(out.data());
   }
-  report(state, n, dense_flops(n), &out);
+  report(state, n, exact_work(n), &out);
 }
 
 // Exactly dense's loop structure and products (same query and key blocks, same expressions),
@@ -59,7 +55,7 @@ void gemm_bound(benchmark::State& state, index n) {
     }
     benchmark::DoNotOptimize(out.data());
   }
-  report(state, n, dense_flops(n), nullptr);
+  report(state, n, exact_work(n), nullptr);
 }
 
 // A register-only loop of independent fused multiply-adds: this core's fp32 peak.
@@ -100,19 +96,21 @@ void fma_peak(benchmark::State& state) {
                                                benchmark::Counter::kIsIterationInvariantRate);
 }
 
-const bool baselines_registered = [] {
-  for (index n = min_n; n <= max_n; n *= 2) {
-    if (n <= 8192)
-      benchmark::RegisterBenchmark(("dense_naive/N:" + std::to_string(n)).c_str(),
-                                   [n](benchmark::State& s) { dense_naive(s, n); })
-          ->Unit(benchmark::kMillisecond);
+}  // namespace
+
+void register_fma_peak() {
+  benchmark::RegisterBenchmark("fma_peak", fma_peak)->Unit(benchmark::kMillisecond);
+}
+
+void register_baselines() {
+  for (index n = min_n; n <= max_n; n *= 2)
     benchmark::RegisterBenchmark(("gemm_bound/N:" + std::to_string(n)).c_str(),
                                  [n](benchmark::State& s) { gemm_bound(s, n); })
         ->Unit(benchmark::kMillisecond);
-  }
-  benchmark::RegisterBenchmark("fma_peak", fma_peak)->Unit(benchmark::kMillisecond);
-  return true;
-}();
+  for (index n = min_n; n <= 8192; n *= 2)
+    benchmark::RegisterBenchmark(("dense_naive/N:" + std::to_string(n)).c_str(),
+                                 [n](benchmark::State& s) { dense_naive(s, n); })
+        ->Unit(benchmark::kMillisecond);
+}
 
-}  // namespace
 }  // namespace fastattn::bench

@@ -1,0 +1,86 @@
+// The floating-point work of one kernel call on an N x N problem (one head, E = M = head_dim), the
+// numerator of every benchmark's `flops` counter.
+//
+// `work_of(policy, n)` takes, in order:
+// 1. the policy's own model, when it has one: `policy.flops(L, S, E, M)`;
+// 2. the models below, for the built-in kernels;
+// 3. otherwise the work of exact attention at the same shapes (`exact_work`): a kernel added to
+//    `fastattn::kernels` is benchmarked without edits here, and its `flops` then reads as the
+//    rate of exact attention it delivers until it gets a model of its own.
+#pragma once
+
+#include <fastattn/fastattn.hpp>
+
+#include <algorithm>
+
+namespace fastattn::bench {
+
+inline constexpr index head_dim = 64;  // E = M
+
+/// Q K^T and P V of exact attention: 2 N N E + 2 N N M flops.
+inline double exact_work(index n) {
+  return 4.0 * static_cast<double>(n) * static_cast<double>(n) * head_dim;
+}
+
+inline double work(const dense& /*policy*/, index n) { return exact_work(n); }
+
+/// clustered: the (N x E)(E x B) hash projections, the centroid means (N E adds), and the centroid
+/// attention, C x N scores plus C x N by N x M values. K-means is integer work (popcounts), not
+/// counted.
+inline double clustered_work(index n, index clusters, int bits) {
+  const auto N = static_cast<double>(n), E = static_cast<double>(head_dim);
+  const auto C = static_cast<double>(std::min(clusters, n));
+  return 2.0 * N * E * bits + N * E + 2.0 * C * N * (E + E);
+}
+
+inline double work(const clustered& policy, index n) {
+  return clustered_work(n, policy.clusters, policy.bits);
+}
+
+/// improved_clustered adds, per query, exact attention on its cluster's k keys: 2 N k (E + M).
+/// (Its centroid scores and residual rows cost the same as clustered's centroid attention.)
+inline double work(const improved_clustered& policy, index n) {
+  const auto k = static_cast<double>(std::min(policy.topk, n));
+  return clustered_work(n, policy.clusters, policy.bits) +
+         2.0 * static_cast<double>(n) * k * 2.0 * head_dim;
+}
+
+/// smyrf: per round, the (N x E)(E x hashes) projections of queries and keys, then for every
+/// (query cluster, key group) pair the two products Q_c K_g^T and P V_g: 2 |Q_c| |K_g| (E + M)
+/// flops, summed exactly over the cluster plan.
+inline double work(const smyrf& policy, index n) {
+  const auto plan = detail::cluster_plan::make(n, n, policy.cluster_size);
+  double pairs = 0;
+  for (index c = 0; c < plan.clusters(); ++c)
+    pairs += static_cast<double>(plan.queries.size(c)) *
+             static_cast<double>(plan.keys.size(plan.key_group_of(c)));
+  const auto h = static_cast<double>(policy.hashes);
+  return h * (2.0 * pairs * 2.0 * head_dim + 2.0 * 2.0 * static_cast<double>(n) * head_dim);
+}
+
+/// local: each block of 64 queries against the keys its window reaches (the band's tiles; keys
+/// outside [i0 - window, i0 + 64 + window) are never touched): 2 rows keys (E + M) per block.
+inline double work(const local& policy, index n) {
+  constexpr index block = 64;
+  double pairs = 0;
+  for (index i0 = 0; i0 < n; i0 += block) {
+    const index rows = std::min(block, n - i0);
+    const index first = std::max<index>(0, i0 - policy.window);
+    const index last = std::min(n, i0 + rows + policy.window);
+    pairs += static_cast<double>(rows) * static_cast<double>(last - first);
+  }
+  return 2.0 * pairs * 2.0 * head_dim;
+}
+
+/// The work of one call of `policy` on problem N (see the top of this file).
+template <attention_policy Policy>
+double work_of(const Policy& policy, index n) {
+  if constexpr (requires { policy.flops(n, n, head_dim, head_dim); })
+    return static_cast<double>(policy.flops(n, n, head_dim, head_dim));
+  else if constexpr (requires { work(policy, n); })
+    return work(policy, n);
+  else
+    return exact_work(n);
+}
+
+}  // namespace fastattn::bench
