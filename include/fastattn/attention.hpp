@@ -105,6 +105,9 @@ context make_context(std::string_view name, bool supports_causal, index L, index
       std::abs(ctx.scale) > static_cast<double>(std::numeric_limits<T>::max()))
     fail("scale", "scale must be finite and representable in ", sizeof(T) == 4 ? "float" : "double",
          " (|scale| <= ", std::numeric_limits<T>::max(), "): ", ctx.scale, " overflows it");
+  if (ctx.scale != 0 && std::abs(ctx.scale) < static_cast<double>(std::numeric_limits<T>::min()))
+    fail("scale", "scale must be 0 or a normal ", sizeof(T) == 4 ? "float" : "double",
+         " (|scale| >= ", std::numeric_limits<T>::min(), "): ", ctx.scale, " underflows it");
   if (opt.causal && !supports_causal)
     fail("causal", "causal = true is not supported by the '", name,
          "' kernel (its supports_causal is false and it returns no log-sum-exp)");
@@ -226,10 +229,13 @@ template <class Policy, class T>
 void run_head(const Policy& policy, const const_view<T>& q, const const_view<T>& k,
               const const_view<T>& v, view<T> out, const context& ctx, std::span<T> lse = {}) {
   constexpr T minus_inf = -std::numeric_limits<T>::infinity();
-  out.bottomRows(out.rows() - ctx.query_length).setZero();
+  // (An output with no columns may have null data: no row offset is taken from it.)
+  if (out.cols() > 0 && ctx.query_length < out.rows())
+    out.bottomRows(out.rows() - ctx.query_length).setZero();
   if (!lse.empty())
     std::fill(lse.begin() + ctx.query_length, lse.end(), minus_inf);
   if (ctx.query_length == 0) return;
+  if (out.cols() == 0) return;  // nothing to compute (lse needs M >= 1: checked by the callers)
   if (ctx.key_length == 0) {  // no visible key: zero rows
     out.topRows(ctx.query_length).setZero();
     if (!lse.empty()) std::fill(lse.begin(), lse.begin() + ctx.query_length, minus_inf);
@@ -287,6 +293,8 @@ void attention(const Policy& policy, const Eigen::MatrixBase<DQ>& q, const Eigen
     if (static_cast<index>(lse.size()) != q.rows())
       detail::fail("lse", "lse must have one entry per query row (L = ", q.rows(), "), got ",
                    lse.size());
+    if (v.cols() == 0)
+      detail::fail("v", "v must have at least one column (M >= 1) when a log-sum-exp is asked for");
   }
   const const_view<Scalar> qv(q.derived()), kv(k.derived()), vv(v.derived());
   detail::check_no_alias(qv, kv, vv, out);

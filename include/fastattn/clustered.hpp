@@ -100,10 +100,15 @@ struct clustered {
     groups.broadcast(rows.leftCols(M), out);
     const T scale = static_cast<T>(ctx.scale);
     const T tiny = 16 * std::numeric_limits<T>::epsilon();
-    auto& work = detail::workspace<matrix<T>>();  // row 0: a correction [sum p v | sum p k]
-    work.resize(2, M + E);                         // row 1: the member's gradient
+    // Rows of `work`: 0, a correction [sum p v | sum p k]; 1, the member's gradient; 2, the scaled
+    // centroid; 3, the member's scaled offset from it (scaled before any dot product, so that no
+    // unscaled q.k can overflow where the scores do not).
+    auto& work = detail::workspace<matrix<T>>();
+    work.resize(4, M + E);
     for (index j = 0; j < C; ++j) {
       const auto c = groups.centroids().row(j);
+      auto scaled_c = work.row(2).head(E);
+      scaled_c = c * scale;
       for (index r = groups.begin(j); r < groups.end(j); ++r) {
         const index i = groups.member(r);
         auto o = out.row(i);
@@ -121,7 +126,7 @@ struct clustered {
             correction.setZero();
             T removed = 0;
             for (index key = first; key < last; ++key) {
-              const T p = std::exp(scale * c.dot(k.row(key)) - row_lse[j]);
+              const T p = std::exp(scaled_c.dot(k.row(key)) - row_lse[j]);
               removed += p;
               correction.leftCols(M) += p * v.row(key);
               correction.rightCols(E) += p * k.row(key);
@@ -136,8 +141,9 @@ struct clustered {
             grad = (grad - correction.rightCols(E)) / kept;
           }
         }
-        lse[static_cast<std::size_t>(i)] =
-            row_lse[j] + std::log(kept) + scale * (q.row(i) - c).dot(grad);
+        auto offset = work.row(3).head(E);
+        offset = q.row(i) * scale - scaled_c;
+        lse[static_cast<std::size_t>(i)] = row_lse[j] + std::log(kept) + offset.dot(grad);
       }
     }
   }

@@ -95,6 +95,7 @@ struct improved_clustered {
     const index cb = std::min(C, centroid_block);
     const index bm = std::min(groups.largest(), member_block);
     auto probabilities = detail::scratch_matrix<T>(cb, Sv);
+    auto scaled_centroids = detail::scratch_matrix<T>(cb, E);
     index* const selected = detail::arena::local().take<index>(static_cast<std::size_t>(cb * top));
     T* const mass = detail::arena::local().take<T>(static_cast<std::size_t>(cb));
     auto residual = detail::scratch_matrix<T>(cb, M);
@@ -116,8 +117,10 @@ struct improved_clustered {
     for (index c0 = 0; c0 < C; c0 += cb) {
       const index n = std::min(cb, C - c0);
       // Centroid scores (n x Sv), their top-k, then probabilities with the top-k zeroed.
-      probabilities.topRows(n).noalias() =
-          (groups.centroids().middleRows(c0, n) * scale) * keys.transpose();
+      // Scale the centroids first: Eigen folds a scalar factor out of a product, and C K^T
+      // unscaled could overflow where the scaled scores do not.
+      scaled_centroids.topRows(n) = groups.centroids().middleRows(c0, n) * scale;
+      probabilities.topRows(n).noalias() = scaled_centroids.topRows(n) * keys.transpose();
       for (index j = 0; j < n; ++j) {
         auto row = probabilities.row(j);
         index* chosen = selected + j * top;

@@ -224,6 +224,8 @@ void multihead_attention(const Policy& policy, tensor_view<const T> q, tensor_vi
     if (!entries || static_cast<index>(lse.size()) != *entries)
       detail::fail("lse", "lse must have B H L = ", q.batch, " * ", q.heads, " * ", q.length,
                    " entries, got ", lse.size());
+    if (v.dim == 0)
+      detail::fail("v", "v must have at least one column (M >= 1) when a log-sum-exp is asked for");
   }
   detail::check_tensor_no_alias("q", q, out);
   detail::check_tensor_no_alias("k", k, out);
