@@ -41,7 +41,8 @@ inline constexpr index max_n_with_error = 4096;  // rel_err is computed up to th
 /// One benchmark problem: q, k, v of N tokens, and the exact output when N is small enough.
 struct problem {
   matrix<float> q, k, v;
-  std::unique_ptr<testing::matd> exact;  // float64 reference, computed once on first use
+  std::unique_ptr<testing::matd> exact;         // float64 reference, computed once on first use
+  std::unique_ptr<testing::matd> exact_causal;  // the same with causal masking
 };
 
 /// The cached problem of size N (same inputs for every kernel).
@@ -61,40 +62,44 @@ inline problem& get_problem(index n) {
   return *slot;
 }
 
-/// The float64 exact output of problem N (computed on first call, never inside a timed region).
-inline const testing::matd& exact_output(index n) {
+/// The float64 exact output of problem N, causal or not (computed on first call, never inside a
+/// timed region).
+inline const testing::matd& exact_output(index n, bool causal = false) {
   problem& p = get_problem(n);
-  if (!p.exact)
-    p.exact = std::make_unique<testing::matd>(testing::reference_attention(p.q, p.k, p.v));
-  return *p.exact;
+  auto& slot = causal ? p.exact_causal : p.exact;
+  if (!slot)
+    slot = std::make_unique<testing::matd>(
+        testing::reference_attention(p.q, p.k, p.v, {.causal = causal}));
+  return *slot;
 }
 
 /// Sets the `flops` rate counter and, for small N, `rel_err` of `out` against the reference.
 inline void report(benchmark::State& state, index n, double flops_per_call,
-                   const matrix<float>* out) {
+                   const matrix<float>* out, bool causal = false) {
   state.counters["flops"] =
       benchmark::Counter(flops_per_call, benchmark::Counter::kIsIterationInvariantRate);
   if (out && n <= max_n_with_error)
-    state.counters["rel_err"] = testing::relative_error(*out, exact_output(n));
+    state.counters["rel_err"] = testing::relative_error(*out, exact_output(n, causal));
   state.counters["N"] = static_cast<double>(n);
 }
 
 /// Times policy.compute on problem N (the front door's checks included, as a user would call it).
 template <attention_policy Policy, class FlopFn>
-void run_kernel(benchmark::State& state, const Policy& policy, index n, FlopFn flops) {
+void run_kernel(benchmark::State& state, const Policy& policy, index n, FlopFn flops,
+                const options& opt = {}) {
   problem& p = get_problem(n);
-  if (n <= max_n_with_error) (void)exact_output(n);
+  if (n <= max_n_with_error) (void)exact_output(n, opt.causal);
   matrix<float> out(n, head_dim);
   // Warm up (caches, page faults of first-touch scratch, clock ramp) for at least 0.1 s.
   const auto warm_until = std::chrono::steady_clock::now() + std::chrono::milliseconds(100);
-  do attention(policy, p.q, p.k, p.v, view<float>(out));
+  do attention(policy, p.q, p.k, p.v, view<float>(out), opt);
   while (std::chrono::steady_clock::now() < warm_until);
   for (auto _ : state) {
-    attention(policy, p.q, p.k, p.v, view<float>(out));
+    attention(policy, p.q, p.k, p.v, view<float>(out), opt);
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
   }
-  report(state, n, static_cast<double>(flops(n)), &out);
+  report(state, n, static_cast<double>(flops(n)), &out, opt.causal);
 }
 
 inline constexpr index scaling_n = 4096;   // thread-scaling problem: B = 1, L = S = 4096,
@@ -148,6 +153,20 @@ void register_series(std::string_view name, Policy policy, FlopFn flops) {
   }
 }
 
+/// Registers the variant series `<name>/N:<n>/<suffix>` for n = min_n, ..., max_n (DESIGN.md:
+/// `/causal`, `/window:<W>`, `/estimate`), with the options `opt`.
+template <attention_policy Policy, class FlopFn>
+void register_variant(std::string_view name, std::string_view suffix, Policy policy, FlopFn flops,
+                      options opt = {}) {
+  for (index n = min_n; n <= max_n; n *= 2) {
+    const std::string full =
+        std::string(name) + "/N:" + std::to_string(n) + "/" + std::string(suffix);
+    benchmark::RegisterBenchmark(full.c_str(), [policy, flops, n, opt](benchmark::State& state) {
+      run_kernel(state, policy, n, flops, opt);
+    })->Unit(benchmark::kMillisecond);
+  }
+}
+
 /// Registers the thread-scaling pair `multihead/<name>/threads:<1|2>`.
 template <attention_policy Policy, class FlopFn>
 void register_multihead(std::string_view name, Policy policy, FlopFn flops) {
@@ -185,5 +204,6 @@ void register_kernels();
 void register_baselines();
 void register_kernels_multihead();
 void register_sweeps();
+void register_variants();
 
 }  // namespace fastattn::bench

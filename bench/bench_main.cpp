@@ -18,6 +18,7 @@ int main(int argc, char** argv) {
   namespace bench = fastattn::bench;
   bench::register_fma_peak();
   bench::register_kernels();
+  bench::register_variants();
   bench::register_baselines();
   bench::register_kernels_multihead();
   bench::register_sweeps();

@@ -72,6 +72,22 @@ inline double work(const local& policy, index n) {
   return 2.0 * pairs * 2.0 * head_dim;
 }
 
+/// The work of one causal call: exact causal attention (half of exact_work) for dense and local's
+/// own band; for a kernel made causal by the recursive decomposition (detail/causal.hpp), the
+/// exact diagonal leaves of at most 128 rows plus the kernel's work on each off-diagonal block of
+/// side n / 2 at every level.
+template <class Policy, class Work>
+double causal_work(const Policy& policy, index n, Work&& work_at) {
+  if constexpr (Policy::is_exact) {
+    return exact_work(n) / 2;
+  } else {
+    if (n <= detail::causal_leaf) return exact_work(n) / 2;
+    const index half = n / 2;
+    return causal_work(policy, half, work_at) + causal_work(policy, n - half, work_at) +
+           work_at(half);
+  }
+}
+
 /// The work of one call of `policy` on problem N (see the top of this file).
 template <attention_policy Policy>
 double work_of(const Policy& policy, index n) {

@@ -77,6 +77,8 @@ scripts/report.sh "$out"
   echo
   cat "$out/slopes.md"
   echo
+  cat "$out/variants.md" 2>/dev/null || true
+  echo
   echo "Thread scaling through the multi-head driver:"
   echo
   cat "$out/threads.md"

@@ -110,6 +110,58 @@ awk -F'\t' -v approx="$approx" -v kernels="$kernels" -v out="$dir" '
     if (peak != "") printf "fma_peak: %.1f GFLOP/s (one core, fp32)\n", peak / 1e9 > (out "/peak.txt")
   }' "$dir/results.tsv"
 
+# Variants (DESIGN.md): `<kernel>/N:<N>/causal`, `/window:<W>`, `/estimate`, each beside the
+# plain series: times, ratios, rel_err, and the causal series' log-log slopes.
+awk -F'\t' -v out="$dir" '
+  function fmt_ms(x) { return x == "" ? "-" : (x >= 100 ? sprintf("%.0f", x) : (x >= 10 ? sprintf("%.1f", x) : sprintf("%.2f", x))) }
+  function ratio(a, b) { return (a == "" || b == "" || b == 0) ? "-" : sprintf("%.2f", a / b) }
+  function err(x) { return x == "" ? "-" : sprintf("%.3g", x) }
+  {
+    if ($1 ~ /^[^\/]+\/N:[0-9]+$/) { split($1, p, "/N:"); t[p[1], p[2] + 0] = $2; e[p[1], p[2] + 0] = $4; next }
+    if ($1 !~ /^[^\/]+\/N:[0-9]+\/[^\/]+$/) next
+    split($1, p, "/"); k = p[1]; n = substr(p[2], 3) + 0; v = p[3]
+    vt[k, n, v] = $2; ve[k, n, v] = $4; kinds[v] = 1; ks[k] = 1; ns[n] = 1
+  }
+  END {
+    nn = 0; for (n in ns) list[++nn] = n + 0
+    for (i = 1; i <= nn; i++) for (j = i + 1; j <= nn; j++) if (list[j] < list[i]) { x = list[i]; list[i] = list[j]; list[j] = x }
+    nk = 0; for (k in ks) kl[++nk] = k
+    for (i = 1; i <= nk; i++) for (j = i + 1; j <= nk; j++) if (kl[j] < kl[i]) { x = kl[i]; kl[i] = kl[j]; kl[j] = x }
+    f = out "/variants.md"
+    if ("causal" in kinds) {
+      print "Causal attention (`<kernel>/N:<N>/causal`; rel_err against exact causal attention):\n" > f
+      print "| kernel | N | causal ms | non-causal ms | causal / non-causal | speed-up over causal dense | rel_err causal | rel_err non-causal |" > f
+      print "|---|---|---|---|---|---|---|---|" > f
+      for (a = 1; a <= nk; a++) for (i = 1; i <= nn; i++) { k = kl[a]; n = list[i]
+        if (vt[k, n, "causal"] == "") continue
+        print "| " k " | " n " | " fmt_ms(vt[k, n, "causal"]) " | " fmt_ms(t[k, n]) " | " ratio(vt[k, n, "causal"], t[k, n]) " | " \
+              (k == "dense" ? "-" : ratio(vt["dense", n, "causal"], vt[k, n, "causal"])) " | " err(ve[k, n, "causal"]) " | " err(e[k, n]) " |" > f }
+      print "\n| kernel | causal log-log slope (N range) |\n|---|---|" > f
+      for (a = 1; a <= nk; a++) { k = kl[a]; sx = sy = sxx = sxy = m = 0; lo = hi = ""
+        for (i = 1; i <= nn; i++) { n = list[i]; if (vt[k, n, "causal"] == "" || (n < 4096 && list[nn] >= 8192)) continue
+          x = log(n); y = log(vt[k, n, "causal"]); sx += x; sy += y; sxx += x * x; sxy += x * y; m++; if (lo == "") lo = n; hi = n }
+        if (m >= 2) printf "| %s | %.2f (%d-%d) |\n", k, (m * sxy - sx * sy) / (m * sxx - sx * sx), lo, hi > f }
+      print "" > f
+    }
+    for (v in kinds) if (v ~ /^window:/) {
+      print "Exact local band (`<kernel>/N:<N>/" v "`):\n" > f
+      print "| kernel | N | with band ms | without ms | ratio | rel_err with band | rel_err without |" > f
+      print "|---|---|---|---|---|---|---|" > f
+      for (a = 1; a <= nk; a++) for (i = 1; i <= nn; i++) { k = kl[a]; n = list[i]
+        if (vt[k, n, v] == "") continue
+        print "| " k " | " n " | " fmt_ms(vt[k, n, v]) " | " fmt_ms(t[k, n]) " | " ratio(vt[k, n, v], t[k, n]) " | " err(ve[k, n, v]) " | " err(e[k, n]) " |" > f }
+      print "" > f
+    }
+    if ("estimate" in kinds) {
+      print "Run-time error estimate (`<kernel>/N:<N>/estimate`, 32 sampled rows):\n" > f
+      print "| kernel | N | with estimate ms | without ms | estimate cost |" > f
+      print "|---|---|---|---|---|" > f
+      for (a = 1; a <= nk; a++) for (i = 1; i <= nn; i++) { k = kl[a]; n = list[i]
+        if (vt[k, n, "estimate"] == "" || t[k, n] == "") continue
+        printf "| %s | %d | %s | %s | %.1f%% |\n", k, n, fmt_ms(vt[k, n, "estimate"]), fmt_ms(t[k, n]), 100 * (vt[k, n, "estimate"] / t[k, n] - 1) > f }
+    }
+  }' "$dir/results.tsv"
+
 # error_vs_time: one point per knob setting at fixed N (sweep/<kernel>/<setting>/N:<n>), kernels
 # by name, settings in natural order (clusters:25 before clusters:100)
 if [ -s "$dir/sweep.tsv" ]; then

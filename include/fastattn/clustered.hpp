@@ -46,6 +46,8 @@ struct clustered {
   static constexpr bool is_exact = false;
   static constexpr bool supports_causal = true;
   static constexpr bool supports_exclusion = true;  ///< honours context::exclude (see banded)
+  /// Below this many queries (and keys) exact attention is faster (the benchmark's crossover).
+  static constexpr index dense_crossover = 256;
 
   /// Number of clusters C, in [1, 2^32 - 1]. More clusters: lower error, cost linear in C. When C exceeds the
   /// valid queries Lv, Lv clusters are used (each query can then be its own cluster).
@@ -105,6 +107,10 @@ struct clustered {
     // unscaled q.k can overflow where the scores do not).
     auto& work = detail::workspace<matrix<T>>();
     work.resize(4, M + E);
+    // The centroid's weights on one member's excluded keys (at most the band's width of them).
+    const index widest =
+        ctx.exclude ? std::min<index>(Sv, ctx.exclude->upper - ctx.exclude->lower + 1) : 0;
+    auto weights = detail::scratch_vector<T>(std::max<index>(widest, 1));
     for (index j = 0; j < C; ++j) {
       const auto c = groups.centroids().row(j);
       auto scaled_c = work.row(2).head(E);
@@ -122,15 +128,14 @@ struct clustered {
           const index first = std::clamp<index>(pos + ctx.exclude->lower, 0, Sv);
           const index last = std::clamp<index>(pos + ctx.exclude->upper + 1, first, Sv);
           if (first < last) {
+            const index n = last - first;
             auto correction = work.row(0);
-            correction.setZero();
-            T removed = 0;
-            for (index key = first; key < last; ++key) {
-              const T p = std::exp(scaled_c.dot(k.row(key)) - row_lse[j]);
-              removed += p;
-              correction.leftCols(M) += p * v.row(key);
-              correction.rightCols(E) += p * k.row(key);
-            }
+            auto p = weights.head(n);
+            p.noalias() = k.middleRows(first, n) * scaled_c.transpose();
+            p = (p.array() - row_lse[j]).exp();
+            const T removed = p.sum();
+            correction.leftCols(M).noalias() = p.transpose() * v.middleRows(first, n);
+            correction.rightCols(E).noalias() = p.transpose() * k.middleRows(first, n);
             kept = T(1) - std::min(removed, T(1));
             if (kept <= tiny) {  // the member sees nothing but excluded keys
               o.setZero();

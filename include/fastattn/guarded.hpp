@@ -43,23 +43,6 @@ struct error_estimate {
   bool fell_back = false;  ///< the head's output is dense attention's, not the kernel's
 };
 
-/// The valid query count below which `guarded<P>` computes dense attention directly instead of
-/// running P: the crossover measured by the project's benchmark (README, "Crossovers with dense":
-/// clustered and smyrf are level with dense at N = 256, improved_clustered only from N = 1024).
-/// 0 for every other kernel; specialise it for a kernel of your own.
-template <class P>
-inline constexpr index dense_crossover = 0;
-
-struct clustered;
-struct improved_clustered;
-struct smyrf;
-template <>
-inline constexpr index dense_crossover<clustered> = 256;
-template <>
-inline constexpr index dense_crossover<smyrf> = 256;
-template <>
-inline constexpr index dense_crossover<improved_clustered> = 1024;
-
 namespace detail {
 
 /// Upper 97.5% point of Student's t with `df` >= 2 (possibly fractional) degrees of freedom:

@@ -46,6 +46,8 @@ struct improved_clustered {
   static constexpr bool is_exact = false;
   static constexpr bool supports_causal = true;
   static constexpr bool supports_exclusion = true;  ///< honours context::exclude (see banded)
+  /// Below this many queries (and keys) exact attention is faster (the benchmark's crossover).
+  static constexpr index dense_crossover = 1024;
 
   /// Number of clusters C, in [1, 2^32 - 1]; clamped to the valid queries Lv (see clustered::clusters).
   index clusters = 100;

@@ -15,10 +15,10 @@ namespace fastattn {
 /// |i - j| <= window (with causal: i - window <= j <= i), and to no other key. It equals exact
 /// attention when window >= max(L, S), and is what positional heads (previous token, next token)
 /// compute. It shares the band machinery of dense (detail/exact_attention.hpp): query blocks of
-/// 64 rows, each streaming only its 64 + 2 window keys.
+/// b = clamp(2 window, 16, 64) rows, each streaming only its b + 2 window keys.
 ///
-/// Cost: 2 Lv (64 + 2 window) (E + M) flops at most, i.e. O(N window d); extra memory
-/// O(64 (64 + 2 window + E + M)). Keys at and beyond key_length are never seen; a query whose
+/// Cost: 2 Lv (b + 2 window) (E + M) flops at most, i.e. O(N window d); extra memory
+/// O(b (b + 2 window + E + M)). Keys at and beyond key_length are never seen; a query whose
 /// window holds no valid key outputs zeros (lse -inf).
 struct local {
   static constexpr std::string_view name = "local";
@@ -45,7 +45,9 @@ struct local {
                const context& ctx, std::span<T> lse = {}) const {
     const band b = visible(window, ctx.causal);
     const index shift = ctx.query_offset - ctx.key_offset;  // rows and keys at other positions
-    const index bq = 64;
+    // Query blocks of about twice the window (16 to 64 rows): a block then streams about
+    // 2 window + block keys, close to the 2 window + 1 each query needs.
+    const index bq = std::clamp<index>(2 * window, 16, 64);
     detail::exact_attention<T>(q, k, v, out, ctx.query_length, ctx.key_length, ctx.scale,
                                band{b.lower + shift, b.upper + shift},
                                {bq, std::min<index>(bq + 2 * window, 8192)},

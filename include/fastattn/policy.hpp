@@ -120,6 +120,19 @@ concept provides_lse = attention_policy<P> &&
 template <class P>
 concept supports_exclusion = requires { requires P::supports_exclusion; };
 
+/// The problem size (valid queries, with as many keys) below which exact attention is faster
+/// than P: P's `static constexpr index dense_crossover` when it states one (the built-in
+/// approximate kernels state the crossover measured by the project's benchmark: README,
+/// "Crossovers with dense"), else 0. `guarded` runs dense below it, and the causal decomposition
+/// computes off-diagonal blocks smaller than it exactly.
+template <class P>
+inline constexpr index dense_crossover = [] {
+  if constexpr (requires { P::dense_crossover; })
+    return index{P::dense_crossover};
+  else
+    return index{0};
+}();
+
 /// Whether a causal request can be honoured: natively (`supports_causal`) or, for a policy with
 /// log-sum-exp, by the front door's recursive decomposition.
 template <class P>

@@ -81,6 +81,8 @@ struct smyrf {
   static constexpr bool is_exact = false;
   static constexpr bool supports_causal = true;
   static constexpr bool supports_exclusion = true;  ///< honours context::exclude (see banded)
+  /// Below this many queries (and keys) exact attention is faster (the benchmark's crossover).
+  static constexpr index dense_crossover = 256;
 
   index hashes = 2;         ///< hashing rounds, in [1, 1024]
   index cluster_size = 64;  ///< queries per cluster at most, in [1, 2^31]

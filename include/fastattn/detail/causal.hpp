@@ -29,30 +29,12 @@ inline std::uint64_t block_stream(std::uint64_t head_stream, std::uint64_t node)
   return splitmix64(state);
 }
 
-/// The diagonal leaf rows and keys [a, a + n): exact causal attention, without the keys of
-/// ctx.exclude (then at most two bands of visible keys, merged by log-sum-exp).
-template <class T>
-void causal_leaf_block(const const_view<T>& q, const const_view<T>& k, const const_view<T>& v,
-                       view<T>& out, T* lse, const context& ctx, index a, index n) {
-  const auto qa = q.middleRows(a, n), ka = k.middleRows(a, n), va = v.middleRows(a, n);
-  if (!ctx.exclude) {
-    exact_attention<T>(qa, ka, va, out.middleRows(a, n), n, n, ctx.scale, band::causal(), {n, n},
-                       lse + a);
-    return;
-  }
-  // Visible: j <= i and not i + lower <= j <= i + upper (positions: ctx.query_offset equals
-  // ctx.key_offset on the diagonal).
-  const band& x = *ctx.exclude;
-  exact_attention<T>(qa, ka, va, out.middleRows(a, n), n, n, ctx.scale,
-                     band{-band::unbounded, std::min<index>(0, x.lower - 1)}, {n, n}, lse + a);
-  if (x.upper + 1 <= 0) {
-    const arena::scope scratch;
-    auto part = scratch_matrix<T>(n, v.cols());
-    T* const part_lse = arena::local().take<T>(static_cast<std::size_t>(n));
-    exact_attention<T>(qa, ka, va, view<T>(part), n, n, ctx.scale,
-                       band{std::max<index>(x.upper + 1, x.lower), 0}, {n, n}, part_lse);
-    for (index r = 0; r < n; ++r) merge_row(out.row(a + r), lse[a + r], part.row(r), part_lse[r]);
-  }
+/// The band ctx.exclude (in positions) in the indices of a block whose rows start at position
+/// query_pos and keys at key_pos.
+inline std::optional<band> excluded_in(const context& ctx, index query_pos, index key_pos) {
+  if (!ctx.exclude) return std::nullopt;
+  const index shift = query_pos - key_pos;
+  return band{ctx.exclude->lower + shift, ctx.exclude->upper + shift};
 }
 
 template <class Policy, class T>
@@ -60,16 +42,33 @@ void causal_diagonal(const Policy& policy, const const_view<T>& q, const const_v
                      const const_view<T>& v, view<T>& out, T* lse, const context& ctx, index a,
                      index b, std::uint64_t node) {
   const index n = b - a;
-  if (n <= causal_leaf) {
-    causal_leaf_block(q, k, v, out, lse, ctx, a, n);
+  if (n <= causal_leaf) {  // exact, causal, without the excluded keys
+    exact_attention_excluding<T>(q.middleRows(a, n), k.middleRows(a, n), v.middleRows(a, n),
+                                 out.middleRows(a, n), n, n, ctx.scale, band::causal(),
+                                 excluded_in(ctx, ctx.query_offset + a, ctx.key_offset + a),
+                                 {n, n}, lse + a);
     return;
   }
   const index m = a + n / 2;
   causal_diagonal(policy, q, k, v, out, lse, ctx, a, m, 2 * node);
   causal_diagonal(policy, q, k, v, out, lse, ctx, m, b, 2 * node + 1);
-  // Rows [m, b) see every key of [a, m): the kernel's (non-causal) approximation of that block.
+  // Rows [m, b) see every key of [a, m): the kernel's (non-causal) approximation of that block,
+  // or exact attention when the block is below the kernel's crossover with dense (faster there,
+  // and exact).
   const arena::scope scratch;
   const index rows = b - m, keys = m - a;
+  if (rows < dense_crossover<Policy>) {
+    auto part = scratch_matrix<T>(rows, v.cols());
+    T* const part_lse = arena::local().take<T>(static_cast<std::size_t>(rows));
+    exact_attention_excluding<T>(q.middleRows(m, rows), k.middleRows(a, keys),
+                                 v.middleRows(a, keys), view<T>(part), rows, keys, ctx.scale,
+                                 std::nullopt,
+                                 excluded_in(ctx, ctx.query_offset + m, ctx.key_offset + a),
+                                 {128, 512}, part_lse);
+    for (index r = 0; r < rows; ++r)
+      merge_row(out.row(m + r), lse[m + r], part.row(r), part_lse[r]);
+    return;
+  }
   auto part = scratch_matrix<T>(rows, v.cols());
   T* const part_lse = arena::local().take<T>(static_cast<std::size_t>(rows));
   context block = ctx;
@@ -91,7 +90,9 @@ void causal_diagonal(const Policy& policy, const const_view<T>& q, const const_v
 /// `topk` of that block's keys; `cluster_size`): a block is a smaller problem of the same kind, so
 /// its error is at most the kernel's error on a problem of that size, and the cost is the
 /// kernel's cost summed over log2(N / 128) levels of blocks that together hold N / 2 queries:
-/// O(N log N) for a kernel linear in N. Diagonal leaves of at most 128 rows are exact. Rows
+/// O(N log N) for a kernel linear in N. Diagonal leaves of at most 128 rows are exact, and so
+/// are off-diagonal blocks below the kernel's `dense_crossover` (where exact attention is
+/// faster). Rows
 /// at and beyond the key count (L > S) see every key: one non-causal call of the kernel.
 /// `lse`, when not empty, receives each valid row's log-sum-exp.
 template <class Policy, class T>

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <optional>
 
+#include "../merge.hpp"
 #include "../policy.hpp"
 #include "online_softmax.hpp"
 #include "scratch.hpp"
@@ -51,6 +52,26 @@ void exact_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> 
     }
     softmax.finish(out.middleRows(i0, n), lse ? lse + i0 : nullptr);
   }
+}
+
+/// As exact_attention, and without the keys of `exclude` (query i gives no weight to key j when
+/// i + exclude->lower <= j <= i + exclude->upper, indices of this call): the visible keys are then
+/// at most two bands, computed separately and merged by log-sum-exp. `lse` must not be null.
+template <class T>
+void exact_attention_excluding(const_view<T> q, const_view<T> k, const_view<T> v, view<T> out,
+                               index rows, index keys, double scale, std::optional<band> visible,
+                               std::optional<band> exclude, tiles t, T* lse) {
+  const band all = visible.value_or(band{});
+  if (!exclude) return exact_attention<T>(q, k, v, out, rows, keys, scale, visible, t, lse);
+  const band below{all.lower, std::min(all.upper, exclude->lower - 1)};
+  const band above{std::max(all.lower, exclude->upper + 1), all.upper};
+  exact_attention<T>(q, k, v, out, rows, keys, scale, below, t, lse);
+  if (above.lower > above.upper) return;
+  const arena::scope scratch;
+  auto part = scratch_matrix<T>(rows, v.cols());
+  T* const part_lse = arena::local().take<T>(static_cast<std::size_t>(rows));
+  exact_attention<T>(q, k, v, view<T>(part), rows, keys, scale, above, t, part_lse);
+  for (index r = 0; r < rows; ++r) merge_row(out.row(r), lse[r], part.row(r), part_lse[r]);
 }
 
 }  // namespace fastattn::detail
