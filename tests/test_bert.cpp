@@ -4,6 +4,7 @@
 // both GELU variants and every optional-tensor rule; broken files are refused with a clear message.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <cmath>
@@ -16,6 +17,7 @@
 #include <limits>
 #include <map>
 #include <random>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -29,12 +31,10 @@
 #include <fastattn/io/safetensors.hpp>
 
 #include "bert.hpp"
-#include "kernels.hpp"
 
 namespace fa = fastattn;
 namespace fb = bert;
 namespace fio = fastattn::io;
-namespace fx = fastattn::examples;
 namespace fs = std::filesystem;
 using idx = fa::index;
 using matd = fa::matrix<double>;
@@ -347,8 +347,8 @@ TEST_F(Bert, AnyPolicyRunsTheSameModel) {
   const auto m = fb::model<float>::load((dir_ / "m").string());
   const fb::batch in = make_batch(2, 16, {16, 10}, true, 3);
   const auto exact = fb::encoder<fa::dense>(m.cfg, m.w).forward(in);
-  fx::for_each_kernel([&](const auto& tag) {
-    using P = std::decay_t<decltype(tag)>;
+  fa::kernels::for_each([&](auto tag) {
+    using P = typename decltype(tag)::type;
     const fb::encoder<P> enc(m.cfg, m.w, P{});
     fb::timing time;
     const auto hidden = enc.forward(in, &time);
@@ -743,8 +743,8 @@ TEST_F(Bert, MlmToolReportsLossAndTable) {
   status = std::system((base + " --kernel all >" + out + " 2>" + err).c_str());
   ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << read_raw(err);
   const std::string table = read_raw(out);
-  fx::for_each_kernel([&](const auto& tag) {
-    using P = std::decay_t<decltype(tag)>;
+  fa::kernels::for_each([&](auto tag) {
+    using P = typename decltype(tag)::type;
     EXPECT_NE(table.find(std::string(P::name) + " "), std::string::npos) << table;
   });
   // Mistakes give one line and status 1.
@@ -877,6 +877,198 @@ TEST_F(Bert, MlmToolRefusesLabelsOnPaddingAndBadMasks) {
   expect_refused_batch(
       "--model " + (dir_ / "m").string() + " --data " + dir_.string() + " --kernel dense",
       dir_.string() + ": is a directory, not a regular file");
+}
+
+// ---- fastattn_mlm's wrappers: --window, --estimate-error, --max-error ----
+
+/// The model of MlmToolReportsLossAndTable (2 layers, 2 heads) and its batch (B = 2, L = 12,
+/// sample 1 with 8 valid tokens); returns "--model DIR --data FILE" and the batch as the tool
+/// reads it.
+std::string write_mlm_inputs(const fs::path& dir, fb::batch& in) {
+  const variant v{};
+  write_model(dir / "m", v, make_tensors(v, 11));
+  const idx B = 2, L = 12;
+  in = make_batch(B, L, {L, 8}, false, 4);
+  std::vector<std::int64_t> labels(static_cast<std::size_t>(B * L), -100),
+      mask(static_cast<std::size_t>(B * L), 1);
+  for (idx i = 0; i < B * L; i += 3)
+    labels[static_cast<std::size_t>(i)] = in.input_ids[static_cast<std::size_t>(i)];
+  for (idx i = 8; i < L; ++i) {
+    mask[static_cast<std::size_t>(L + i)] = 0;
+    labels[static_cast<std::size_t>(L + i)] = -100;
+  }
+  fio::write_safetensors((dir / "batch.safetensors").string(),
+                         {fio::st_write_tensor::make("input_ids", {B, L}, in.input_ids),
+                          fio::st_write_tensor::make("labels", {B, L}, labels),
+                          fio::st_write_tensor::make("attention_mask", {B, L}, mask)});
+  return "--model " + (dir / "m").string() + " --data " + (dir / "batch.safetensors").string();
+}
+
+/// The line of `text` that starts with `prefix` ("" when none).
+std::string line_starting(const std::string& text, const std::string& prefix) {
+  std::istringstream lines(text);
+  for (std::string line; std::getline(lines, line);)
+    if (line.rfind(prefix, 0) == 0) return line;
+  return {};
+}
+
+/// The whitespace-separated fields of a line.
+std::vector<std::string> fields(const std::string& line) {
+  std::istringstream in(line);
+  std::vector<std::string> out;
+  for (std::string f; in >> f;) out.push_back(f);
+  return out;
+}
+
+TEST_F(Bert, MlmToolWindowAddsAnExactBand) {
+  fb::batch in;
+  const std::string base = write_mlm_inputs(dir_, in);
+  const tool_run dense = run_mlm(dir_, base + " --kernel dense");
+  ASSERT_EQ(dense.status, 0) << dense.err;
+  const double dense_loss = std::stod(line_starting(dense.out, "loss: ").substr(6));
+  // Two clusters for 12 queries: the loss moves; a band over the whole sequence makes it exact.
+  const tool_run coarse = run_mlm(dir_, base + " --kernel clustered --clusters 2");
+  ASSERT_EQ(coarse.status, 0) << coarse.err;
+  EXPECT_GT(std::abs(std::stod(line_starting(coarse.out, "loss: ").substr(6)) - dense_loss), 1e-4)
+      << coarse.out;
+  for (const char* kernel : {"clustered --clusters 2", "improved_clustered --clusters 2 --topk 1",
+                             "smyrf --cluster-size 2"}) {
+    SCOPED_TRACE(kernel);
+    const tool_run r = run_mlm(dir_, base + " --kernel " + kernel + " --window 12");
+    ASSERT_EQ(r.status, 0) << r.err;
+    EXPECT_NE(line_starting(r.out, "kernel: ").find("window=12"), std::string::npos) << r.out;
+    EXPECT_NEAR(std::stod(line_starting(r.out, "loss: ").substr(6)), dense_loss,
+                1e-5 * std::abs(dense_loss))
+        << r.out;
+  }
+  // local takes it as its own window; dense refuses it.
+  const tool_run local = run_mlm(dir_, base + " --kernel local --window 1");
+  ASSERT_EQ(local.status, 0) << local.err;
+  EXPECT_EQ(line_starting(local.out, "kernel: "), "kernel: local (window=1)") << local.out;
+  const tool_run refused = run_mlm(dir_, base + " --kernel dense --window 2");
+  EXPECT_EQ(refused.status, 1);
+  EXPECT_NE(refused.err.find("--window 2: kernel 'dense' is exact already"), std::string::npos)
+      << refused.err;
+  EXPECT_EQ(std::count(refused.err.begin(), refused.err.end(), '\n'), 1) << refused.err;
+  // With --kernel all, every approximate row gets the band (or local's window): all exact.
+  const tool_run all = run_mlm(dir_, base + " --kernel all --window 12");
+  ASSERT_EQ(all.status, 0) << all.err;
+  int rows = 0;
+  std::istringstream table(all.out);
+  for (std::string line; std::getline(table, line);) {
+    const auto f = fields(line);
+    if (f.size() < 6 || f[0] == "kernel" || f[0] == "model:") continue;
+    ++rows;
+    EXPECT_LT(std::abs(std::stod(f[f.size() - 4])), 1e-4) << line;  // d_loss
+    if (f[0] != "dense") {
+      EXPECT_NE(line.find("window=12"), std::string::npos) << line;
+    }
+  }
+  EXPECT_GE(rows, 5) << all.out;
+  // Knob flags other than --window are refused with all.
+  const tool_run knob = run_mlm(dir_, base + " --kernel all --clusters 3");
+  EXPECT_EQ(knob.status, 1);
+  EXPECT_NE(knob.err.find("--clusters: knob flags cannot be combined with --kernel all"),
+            std::string::npos)
+      << knob.err;
+}
+
+TEST_F(Bert, MlmToolEstimatesEachLayersHeads) {
+  fb::batch in;
+  const std::string base = write_mlm_inputs(dir_, in);
+  const tool_run r = run_mlm(dir_, base + " --kernel clustered --clusters 2 --estimate-error");
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(r.out.find("fell back:"), std::string::npos) << r.out;  // only with --max-error
+  // The same estimates in-process: each layer's own report (32 samples >= 12 rows: the true
+  // errors), each cell the samples' estimates weighted by their tokens (12 and 8).
+  const auto m = fb::model<float>::load((dir_ / "m").string());
+  using guarded = fa::guarded<fa::clustered>;
+  fb::encoder<guarded> enc(m.cfg, m.w);
+  std::vector<std::vector<fa::error_estimate>> reports(static_cast<std::size_t>(layers),
+                                                       std::vector<fa::error_estimate>(2 * H));
+  std::vector<guarded> per_layer;
+  for (auto& report : reports)
+    per_layer.push_back(guarded{.inner = {.clusters = 2}, .min_length = 0, .report = report});
+  enc.set_layer_attention(per_layer);
+  (void)enc.forward(in);
+
+  std::istringstream lines(r.out);
+  std::string line;
+  while (std::getline(lines, line) && line.rfind("estimated error per layer and head", 0) != 0) {
+  }
+  ASSERT_FALSE(lines.eof()) << r.out;
+  std::getline(lines, line);
+  EXPECT_EQ(fields(line), (std::vector<std::string>{"layer", "head", "0", "head", "1"})) << line;
+  for (idx l = 0; l < layers; ++l) {
+    ASSERT_TRUE(std::getline(lines, line)) << r.out;
+    const auto f = fields(line);
+    ASSERT_EQ(f.size(), static_cast<std::size_t>(1 + H)) << line;
+    EXPECT_EQ(f[0], std::to_string(l));
+    for (idx h = 0; h < H; ++h) {
+      const auto& e0 = reports[static_cast<std::size_t>(l)][static_cast<std::size_t>(h)];
+      const auto& e1 = reports[static_cast<std::size_t>(l)][static_cast<std::size_t>(H + h)];
+      EXPECT_EQ(e0.samples, 12);
+      EXPECT_EQ(e1.samples, 8);
+      const double want = std::sqrt((12 * e0.error * e0.error + 8 * e1.error * e1.error) / 20);
+      EXPECT_GT(want, 1e-3);
+      EXPECT_NEAR(std::stod(f[static_cast<std::size_t>(1 + h)]), want, 1e-3 * want) << line;
+    }
+  }
+}
+
+TEST_F(Bert, MlmToolMaxErrorCountsTheHeadsThatFellBack) {
+  fb::batch in;
+  const std::string base = write_mlm_inputs(dir_, in);
+  const tool_run dense = run_mlm(dir_, base + " --kernel dense");
+  const tool_run plain = run_mlm(dir_, base + " --kernel clustered --clusters 2");
+  ASSERT_EQ(dense.status, 0) << dense.err;
+  ASSERT_EQ(plain.status, 0) << plain.err;
+  // 0: every head of every sample of every layer (2 x 2 x 2) falls back, and the model computes
+  // exactly dense's loss.
+  tool_run r = run_mlm(dir_, base + " --kernel clustered --clusters 2 --max-error 0");
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(line_starting(r.out, "fell back: ").rfind("fell back: 8 of 8 heads", 0), 0u) << r.out;
+  EXPECT_EQ(line_starting(r.out, "loss: "), line_starting(dense.out, "loss: ")) << r.out;
+  EXPECT_NE(line_starting(r.out, "attention time saved against dense: "), "") << r.out;
+  const auto table_at = r.out.find("estimated error per layer and head");
+  ASSERT_NE(table_at, std::string::npos) << r.out;
+  const std::string cells = r.out.substr(r.out.find('\n', table_at));
+  EXPECT_EQ(std::count(cells.begin(), cells.end(), '*'), layers * H) << r.out;  // every cell
+  // A huge tolerance: none falls back, and the loss is the kernel's own.
+  r = run_mlm(dir_, base + " --kernel clustered --clusters 2 --max-error 1e30");
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(line_starting(r.out, "fell back: ").rfind("fell back: 0 of 8 heads", 0), 0u) << r.out;
+  EXPECT_EQ(line_starting(r.out, "loss: "), line_starting(plain.out, "loss: ")) << r.out;
+  // --kernel all: every approximate row gets the columns, and with 0 every row is dense's (a
+  // head whose error is exactly 0 is dense's already: 32 samples cover the 12 rows).
+  r = run_mlm(dir_, base + " --kernel all --max-error 0");
+  ASSERT_EQ(r.status, 0) << r.err;
+  const auto header = fields(line_starting(r.out, "kernel "));
+  ASSERT_GE(header.size(), 2u) << r.out;
+  EXPECT_EQ(header[header.size() - 2], "est_err");
+  EXPECT_EQ(header.back(), "fell_back");
+  int rows = 0;
+  std::istringstream table(r.out);
+  for (std::string line; std::getline(table, line);) {
+    const auto f = fields(line);
+    if (f.size() < 8 || f[0] == "kernel" || f[0] == "model:") continue;
+    ++rows;
+    EXPECT_EQ(std::stod(f[f.size() - 6]), 0.0) << line;  // d_loss
+    if (f[0] == "dense") {
+      EXPECT_EQ(f.back(), "-") << line;
+    } else {
+      EXPECT_EQ(f.back().substr(f.back().find('/')), "/8") << line;
+    }
+  }
+  EXPECT_GE(rows, 5) << r.out;
+  // Bad values name the flag, on one line.
+  for (const char* bad : {"--max-error -1", "--max-error x", "--error-samples 0"}) {
+    r = run_mlm(dir_, base + " --kernel clustered " + bad);
+    EXPECT_EQ(r.status, 1) << bad;
+    EXPECT_NE(r.err.find(std::string(bad).substr(0, std::string(bad).find(' '))), std::string::npos)
+        << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  }
 }
 #endif
 

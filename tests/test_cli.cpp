@@ -13,9 +13,11 @@
 
 #include <algorithm>
 #include <charconv>
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <random>
 #include <sstream>
 #include <string>
@@ -73,6 +75,41 @@ fa::matrix<T> as_matrix(const fa::io::npy_array<T>& a) {
   fa::matrix<T> m(a.shape.at(0), a.shape.at(1));
   std::copy(a.data.begin(), a.data.end(), m.data());
   return m;
+}
+
+/// Whether --window puts P inside fastattn::banded (as the tool decides it): P is approximate,
+/// returns its log-sum-exp and has no `window` knob of its own.
+template <class P>
+constexpr bool takes_band() {
+  bool window = false;
+  fa::for_each_knob<P>([&](const auto& k) { window = window || k.name == "window"; });
+  return !P::is_exact && fa::provides_lse<P> && !window;
+}
+
+/// The number after `label` in the tool's output (e.g. "relative error:"); NaN when absent.
+double figure(const std::string& out, const std::string& label) {
+  const auto pos = out.find(label);
+  if (pos == std::string::npos) return std::numeric_limits<double>::quiet_NaN();
+  return std::stod(out.substr(pos + label.size()));
+}
+
+/// A head whose queries attend to their neighbours i - 1 and i + 1 (with scale 1): q_i = 200 (p_i
+/// + p_{i+2}), k_j = p_{j+1}, random unit p (as in test_composable.cpp). Every approximate kernel
+/// misses the neighbours (relative error above 0.3); an exact band of 2 keys is exact.
+struct neighbour_head {
+  fa::matrix<float> q, k, v;
+};
+neighbour_head make_neighbour_head(fa::index n, fa::index M, std::uint64_t seed) {
+  const fa::index E = 64;
+  fa::matrix<float> p = fa::testing::gaussian<float>(n + 2, E, seed);
+  for (fa::index i = 0; i < p.rows(); ++i) p.row(i).normalize();
+  neighbour_head h{fa::matrix<float>(n, E), fa::matrix<float>(n, E),
+                   fa::testing::gaussian<float>(n, M, seed + 1)};
+  for (fa::index i = 0; i < n; ++i) {
+    h.q.row(i) = 200.0f * (p.row(i) + p.row(i + 2));
+    h.k.row(i) = p.row(i + 1);
+  }
+  return h;
 }
 
 class Cli : public ::testing::Test {
@@ -185,6 +222,27 @@ class Cli : public ::testing::Test {
   }
   std::string qkv() const {
     return "--q " + path("q.npy") + " --k " + path("k.npy") + " --v " + path("v.npy");
+  }
+
+  /// Writes `heads` neighbour heads (seeds 8, 10, ...) as q.npy, k.npy, v.npy: 2-d for one head,
+  /// (H, L, E) otherwise.
+  void save_neighbour_heads(fa::index heads, fa::index n = 1024, fa::index M = 16) const {
+    std::vector<fa::matrix<float>> q, k, v;
+    for (fa::index h = 0; h < heads; ++h) {
+      const auto head = make_neighbour_head(n, M, 8 + 2 * static_cast<std::uint64_t>(h));
+      q.push_back(head.q);
+      k.push_back(head.k);
+      v.push_back(head.v);
+    }
+    if (heads == 1) {
+      save("q.npy", q[0]);
+      save("k.npy", k[0]);
+      save("v.npy", v[0]);
+    } else {
+      save3("q.npy", q);
+      save3("k.npy", k);
+      save3("v.npy", v);
+    }
   }
 
   fs::path dir_;
@@ -387,7 +445,8 @@ TEST_F(Cli, BadFlagsAndShapesGiveOneClearLine) {
   expect_clean_error("--kernel dense stray " + qkv() + out, "unexpected argument 'stray'");
   expect_clean_error("--kernel dense --causal=1 " + qkv() + out, "causal");
   expect_clean_error("--kernel dense --kernel dense " + qkv() + out, "--kernel");
-  // A knob flag of another kernel: the error names the chosen kernel's knobs.
+  // A knob flag of another kernel: the error names the chosen kernel's knobs (--window, the
+  // band's knob, has its own meaning for every kernel: see the wrapper tests below).
   fa::kernels::for_each([&](auto tag) {
     using P = typename decltype(tag)::type;
     std::string mine, other;
@@ -395,7 +454,8 @@ TEST_F(Cli, BadFlagsAndShapesGiveOneClearLine) {
     fa::kernels::for_each([&](auto other_tag) {
       using O = typename decltype(other_tag)::type;
       fa::for_each_knob<O>([&](const auto& k) {
-        if (other.empty() && mine.find("--" + k.flag()) == std::string::npos) other = k.flag();
+        if (other.empty() && k.name != "window" && mine.find("--" + k.flag()) == std::string::npos)
+          other = k.flag();
       });
     });
     if (other.empty()) return;
@@ -739,6 +799,161 @@ TEST_F(Cli, OutputFileErrorsGiveTheRealCauseAndThePath) {
   fs::create_directories(dir_ / "adir");
   expect_clean_error("--kernel dense " + qkv() + " --out " + path("adir"),
                      {path("adir") + ": ", "directory"});
+}
+
+// ---------------------------------------------------------------------------------------------
+// Wrappers: --window (fastattn::banded), --estimate-error and --max-error (fastattn::guarded).
+
+TEST_F(Cli, WindowMakesEveryApproximateKernelExactOnANeighbourHead) {
+  const auto head = make_neighbour_head(1024, 16, 8);
+  save_neighbour_heads(1);
+  const fa::options one{.scale = 1.0};
+  std::size_t approximate = 0;
+  fa::kernels::for_each([&](auto tag) {
+    using P = typename decltype(tag)::type;
+    if constexpr (takes_band<P>()) {
+      SCOPED_TRACE(std::string(P::name));
+      ++approximate;
+      const std::string kernel = "--kernel " + std::string(P::name) + " --scale 1 --reference ";
+      result r = run(kernel + qkv());
+      ASSERT_EQ(r.status, 0) << r.err;
+      EXPECT_GT(figure(r.out, "relative error:"), 0.3) << r.out;
+      r = run(kernel + "--window 2 " + qkv() + " --out " + path("o.npy"));
+      ASSERT_EQ(r.status, 0) << r.err;
+      EXPECT_LT(figure(r.out, "relative error:"), 1e-3) << r.out;
+      EXPECT_NE(r.out.find("window=2"), std::string::npos) << r.out;  // in the kernel: line
+      // The tool ran banded<P> (head 0 is attention()'s stream 0).
+      const fa::banded<P> banded{.window = 2};
+      EXPECT_EQ(as_matrix(load<float>(path("o.npy"))),
+                fa::matrix<float>(fa::attention(banded, head.q, head.k, head.v, one)));
+      // Causal too.
+      r = run(kernel + "--window 2 --causal " + qkv());
+      ASSERT_EQ(r.status, 0) << r.err;
+      EXPECT_LT(figure(r.out, "relative error:"), 1e-3) << r.out;
+    }
+  });
+  EXPECT_GE(approximate, 3u);
+  // --window is local's own knob: a window of 1 is exact on this head.
+  const result r =
+      run("--kernel local --window 1 --scale 1 --reference " + qkv() + " --out " + path("o.npy"));
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_LT(figure(r.out, "relative error:"), 1e-3) << r.out;
+  EXPECT_EQ(as_matrix(load<float>(path("o.npy"))),
+            fa::matrix<float>(fa::attention(fa::local{.window = 1}, head.q, head.k, head.v, one)));
+  // An exact kernel refuses it; a window out of range names the flag.
+  expect_clean_error("--kernel dense --window 2 " + qkv() + " --out " + path("o.npy"),
+                     {"--window 2: ", "'dense' is exact already"});
+  expect_clean_error("--kernel clustered --window -1 " + qkv() + " --out " + path("o.npy"),
+                     "--window");
+  expect_clean_error("--kernel smyrf --window 2000000000 " + qkv() + " --out " + path("o.npy"),
+                     {"--window 2000000000: ", "window must be in [0, 1073741824]"});
+  const result help = run("--help");
+  for (const char* flag : {"--window W", "--estimate-error", "--max-error X", "--error-samples N"})
+    EXPECT_NE(help.out.find(flag), std::string::npos) << flag;
+}
+
+TEST_F(Cli, EstimateErrorPrintsTheOutputsEstimateAndOnePerHead) {
+  // Two neighbour heads: every approximate kernel's error is O(1), and the estimate from 32 rows
+  // per head is close to the "relative error:" line's.
+  save_neighbour_heads(2);
+  fa::kernels::for_each([&](auto tag) {
+    using P = typename decltype(tag)::type;
+    if constexpr (takes_band<P>()) {
+      SCOPED_TRACE(std::string(P::name));
+      const result r = run("--kernel " + std::string(P::name) +
+                           " --scale 1 --reference --estimate-error " + qkv());
+      ASSERT_EQ(r.status, 0) << r.err;
+      const double actual = figure(r.out, "relative error:");
+      const double estimate = figure(r.out, "estimated error:");
+      ASSERT_GT(actual, 0.05) << r.out;
+      EXPECT_GT(estimate, actual / 2) << r.out;
+      EXPECT_LT(estimate, actual * 2) << r.out;
+      // The whole output's line comes after the reference's, then one line per head.
+      const auto all = lines(r.out);
+      std::size_t at = 0;
+      while (at < all.size() && all[at].rfind("estimated error: ", 0) != 0) ++at;
+      ASSERT_LT(at + 2, all.size()) << r.out;
+      EXPECT_LT(r.out.find("relative error:"), r.out.find("estimated error:"));
+      for (int h = 0; h < 2; ++h) {
+        const std::string& line = all[at + 1 + static_cast<std::size_t>(h)];
+        const std::string prefix = "head " + std::to_string(h) + ": estimated error ";
+        ASSERT_EQ(line.rfind(prefix, 0), 0u) << line;
+        const double e = std::stod(line.substr(prefix.size()));
+        EXPECT_GT(e, 0.1) << line;
+        EXPECT_NE(line.find(" ["), std::string::npos) << line;
+        EXPECT_EQ(line.find("fell back"), std::string::npos) << line;
+      }
+      EXPECT_EQ(r.out.find("fell back:"), std::string::npos) << r.out;  // only with --max-error
+    }
+  });
+  // A window makes the estimate small too (and --out is optional with --estimate-error).
+  const result r = run("--kernel clustered --scale 1 --window 2 --estimate-error " + qkv());
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_LT(figure(r.out, "estimated error:"), 1e-3) << r.out;
+  // More samples: every row of a short head is exact, and the estimate is the true error.
+  const auto in = fa::testing::make_peaked<float>(100, 100, 16, 8, 4);
+  save("q.npy", in.q);
+  save("k.npy", in.k);
+  save("v.npy", in.v);
+  const result all_rows =
+      run("--kernel smyrf --cluster-size 8 --reference --error-samples 100 " + qkv());
+  ASSERT_EQ(all_rows.status, 0) << all_rows.err;
+  EXPECT_NEAR(figure(all_rows.out, "estimated error:"), figure(all_rows.out, "relative error:"),
+              1e-3 * figure(all_rows.out, "relative error:") + 1e-6)
+      << all_rows.out;
+  expect_clean_error("--kernel smyrf --error-samples 0 " + qkv(), {"--error-samples", "[1, "});
+}
+
+TEST_F(Cli, MaxErrorRecomputesTheHeadsAboveItExactly) {
+  save_neighbour_heads(2);
+  ASSERT_EQ(run("--kernel dense --scale 1 " + qkv() + " --out " + path("dense.npy")).status, 0);
+  const auto dense = load<float>(path("dense.npy"));
+  fa::kernels::for_each([&](auto tag) {
+    using P = typename decltype(tag)::type;
+    if constexpr (takes_band<P>()) {
+      SCOPED_TRACE(std::string(P::name));
+      const std::string kernel = "--kernel " + std::string(P::name) + " --scale 1 ";
+      // 0: every head falls back, and the output is dense's, bit for bit.
+      result r = run(kernel + "--max-error 0 --reference " + qkv() + " --out " + path("o.npy"));
+      ASSERT_EQ(r.status, 0) << r.err;
+      EXPECT_NE(r.out.find("fell back: 2 of 2 heads"), std::string::npos) << r.out;
+      EXPECT_EQ(load<float>(path("o.npy")).data, dense.data);
+      // Dense's own float rounding at scores of ~200.
+      EXPECT_LT(figure(r.out, "relative error:"), 1e-4) << r.out;
+      EXPECT_EQ(figure(r.out, "estimated error:"), 0.0) << r.out;
+      for (const std::string& line : lines(r.out))
+        if (line.rfind("head ", 0) == 0) {
+          EXPECT_NE(line.find("fell back"), std::string::npos) << line;
+          EXPECT_GT(std::stod(line.substr(line.find("error ") + 6)), 0.1) << line;
+        }
+      // A huge tolerance: none falls back, and the output is the kernel's own.
+      ASSERT_EQ(run(kernel + qkv() + " --out " + path("plain.npy")).status, 0);
+      r = run(kernel + "--max-error 1e30 " + qkv() + " --out " + path("o.npy"));
+      ASSERT_EQ(r.status, 0) << r.err;
+      EXPECT_NE(r.out.find("fell back: 0 of 2 heads"), std::string::npos) << r.out;
+      EXPECT_EQ(load<float>(path("o.npy")).data, load<float>(path("plain.npy")).data);
+      EXPECT_GT(figure(r.out, "estimated error:"), 0.1) << r.out;
+    }
+  });
+  // A tolerance between the two heads' estimates (deterministic: the same seed draws the same
+  // rows): exactly the head above it falls back.
+  const result r = run("--kernel clustered --scale 1 --estimate-error " + qkv());
+  ASSERT_EQ(r.status, 0) << r.err;
+  const double e0 = figure(r.out, "head 0: estimated error "),
+               e1 = figure(r.out, "head 1: estimated error ");
+  ASSERT_GT(std::abs(e0 - e1), 2e-3 * std::max(e0, e1)) << r.out;  // apart at the printed digits
+  std::ostringstream middle;
+  middle.precision(17);
+  middle << (e0 + e1) / 2;
+  const result mixed =
+      run("--kernel clustered --scale 1 --max-error " + middle.str() + " " + qkv());
+  ASSERT_EQ(mixed.status, 0) << mixed.err;
+  EXPECT_NE(mixed.out.find("fell back: 1 of 2 heads"), std::string::npos) << mixed.out;
+  const std::string above = e0 > e1 ? "head 0: " : "head 1: ";
+  const auto line = mixed.out.substr(mixed.out.find(above));
+  EXPECT_NE(line.substr(0, line.find('\n')).find("fell back"), std::string::npos) << mixed.out;
+  expect_clean_error("--kernel clustered --max-error -1 " + qkv(), {"--max-error", "[0, "});
+  expect_clean_error("--kernel clustered --max-error nan " + qkv(), {"--max-error", "finite"});
 }
 
 }  // namespace

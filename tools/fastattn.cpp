@@ -13,6 +13,12 @@
 // A library error is data (fastattn::invalid_argument): its argument() is mapped to the flag or
 // the file the user gave for it, and its message is printed as the library wrote it.
 //
+// --window W adds an exact local band to an approximate kernel (fastattn::banded), and
+// --estimate-error / --max-error X run the kernel under fastattn::guarded (kernel_flags.hpp):
+// the tool then prints "estimated error: X [lower, upper]" for the whole output, on the measure
+// of its "relative error:" line, and one "head h: estimated error ..." line per head, and with
+// --max-error "fell back: N of M heads".
+//
 // Limits (stated in --help, `limits_help`): each input's data is read once; --out may not be an
 // input (compared by file identity); the output may take at most max(64 MiB, 16 x the input
 // files' bytes) and half the machine's memory; inputs holding no data cost O(1) whatever their
@@ -71,13 +77,26 @@ const char* const synopsis =
     "usage: fastattn --kernel NAME [kernel knobs] --q Q.npy --k K.npy --v V.npy [--out O.npy]\n"
     "                [--scale X] [--key-length N] [--query-length N] [--causal]\n"
     "                [--precision auto|float|double] [--threads N] [--no-check-finite]\n"
-    "                [--reference]\n"
+    "                [--reference] [--window W] [--estimate-error] [--max-error X]\n"
     "\n"
     "Runs one attention kernel on NumPy arrays (.npy, float32 or float64, little-endian, C "
     "order):\n"
     "  q (L, E), k (S, E), v (S, M)            -> out (L, M)      one head\n"
     "  q (H, L, E), k (H, S, E), v (H, S, M)   -> out (H, L, M)   H heads (head h draws from\n"
     "                                                             random stream h)\n";
+
+/// How the tool reports the estimate (after error_flags::help()).
+std::string estimate_help() {
+  return ft::wrap(
+      "The tool prints \"estimated error: X [lower, upper]\" for the whole output, on the measure "
+      "of --reference's \"relative error:\" line: the heads' estimates e_h combined as "
+      "sqrt(sum_h e_h^2 ||O_h||^2 / sum_h ||O_h||^2), O_h head h's output as written (a head that "
+      "fell back counts 0: its output is exact); then one line per head, \"head h: estimated "
+      "error X [lower, upper]\" (the kernel's estimate, followed by \"fell back\" when the head "
+      "was recomputed exactly), and with --max-error \"fell back: N of M heads\". --out is "
+      "optional with these flags.",
+      2);
+}
 
 const char* const limits_help =
     "Inputs, precision and limits:\n"
@@ -254,7 +273,9 @@ class tool {
         ->type_name("FILE");
     app_.add_option("--k", c_.k, "keys: (S, E), or (H, S, E)")->required()->type_name("FILE");
     app_.add_option("--v", c_.v, "values: (S, M), or (H, S, M)")->required()->type_name("FILE");
-    app_.add_option("--out", c_.out, "output: (L, M), or (H, L, M); required unless --reference")
+    app_.add_option("--out", c_.out,
+                    "output: (L, M), or (H, L, M); required unless --reference, "
+                    "--estimate-error or --max-error")
         ->type_name("FILE");
     value_flag("scale", ft::add_value_option(app_, "--scale", c_.scale,
                                              "multiplies q.k before the softmax (default "
@@ -296,7 +317,8 @@ class tool {
                   "attention in float64")
         ->disable_flag_override();
     app_.set_help_flag("-h,--help", "this text");
-    app_.footer(knobs_.help() + "\n" + limits_help);
+    errors_.add(app_);
+    app_.footer(knobs_.help() + "\n" + errors_.help() + estimate_help() + "\n" + limits_help);
   }
 
   /// Runs the tool; returns the exit status. Every error is reported here, as one line.
@@ -388,12 +410,14 @@ class tool {
     }
     if (const auto extras = app_.remaining(); !extras.empty()) {
       const std::string& first = extras.front();
-      if (first.rfind("-", 0) == 0)
+      if (first.rfind('-', 0) == 0)
         throw tool_error("unknown flag " + first.substr(0, first.find('=')) + " (see --help)");
       throw tool_error("unexpected argument '" + first + "' (flags start with --; see --help)");
     }
-    if (c_.out.empty() && !c_.reference)
-      throw tool_error("--out is required (or --reference to only measure the error)");
+    if (c_.out.empty() && !c_.reference && !errors_.requested())
+      throw tool_error(
+          "--out is required (or --reference, --estimate-error or --max-error to only measure "
+          "the error)");
     int status = 1;
     // The kernel and its knobs are resolved and checked before any file is touched.
     knobs_.with_kernel(c_.kernel, [&](const auto& policy) { status = run_kernel(policy); });
@@ -485,14 +509,69 @@ class tool {
     // element: one head is checked and run, so H costs nothing (H may be 2^62).
     const fa::index heads = p.L == 0 && p.S == 0 ? 1 : p.H;
     std::vector<T> out(static_cast<std::size_t>(*out_count));
+    // With an estimate, the kernel runs under fastattn::guarded: one report per head (B = 1).
+    std::vector<fa::error_estimate> reports(errors_.requested() ? static_cast<std::size_t>(heads)
+                                                                : 0);
+    auto attend = [&](const auto& kernel) {
+      fa::multihead_attention(kernel, heads_view(q, heads, p.L, p.E),
+                              heads_view(k, heads, p.S, p.E), heads_view(v, heads, p.S, p.M),
+                              heads_view(out.data(), heads, p.L, p.M), mo);
+    };
     const auto start = std::chrono::steady_clock::now();
-    fa::multihead_attention(policy, heads_view(q, heads, p.L, p.E), heads_view(k, heads, p.S, p.E),
-                            heads_view(v, heads, p.S, p.M), heads_view(out.data(), heads, p.L, p.M),
-                            mo);
+    if (errors_.requested())
+      attend(errors_.guard(policy, reports));
+    else
+      attend(policy);
     const double seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (!c_.out.empty()) fa::io::write_npy(c_.out, out_shape, out);
-    if (!c_.reference) return 0;
+    if (!c_.reference && !errors_.requested()) return 0;
+
+    std::string description(Policy::name);
+    if (const std::string knobs = ft::kernel_flags::describe(policy); !knobs.empty())
+      description += " (" + knobs + ")";
+    std::printf("kernel:          %s\n", description.c_str());
+    std::printf("shape:           H=%lld L=%lld S=%lld E=%lld M=%lld, %s\n",
+                static_cast<long long>(p.H), static_cast<long long>(p.L),
+                static_cast<long long>(p.S), static_cast<long long>(p.E),
+                static_cast<long long>(p.M), std::is_same_v<T, float> ? "float32" : "float64");
+    std::printf("time:            %.3f ms\n", seconds * 1e3);
+    double rel = 0;
+    if (c_.reference) rel = relative_error(q, k, v, out, in, heads, mo);
+    if (errors_.requested()) print_estimates(reports, out, heads);
+    return std::isfinite(rel) ? 0 : 1;
+  }
+
+  /// The estimate lines (see `estimate_help`): the whole output's, then one per head, then the
+  /// fallback count with --max-error.
+  template <class T>
+  void print_estimates(const std::vector<fa::error_estimate>& reports, const std::vector<T>& out,
+                       fa::index heads) const {
+    const auto per_head = out.size() / static_cast<std::size_t>(heads);
+    std::vector<double> weights(reports.size());
+    for (std::size_t h = 0; h < reports.size(); ++h)
+      for (std::size_t i = h * per_head; i < (h + 1) * per_head; ++i)
+        weights[h] += static_cast<double>(out[i]) * static_cast<double>(out[i]);
+    const ft::combined_estimate all = ft::error_flags::combine(reports, weights, true);
+    std::printf(
+        "estimated error: %.3e  [%.3e, %.3e]  (%d%% interval; %lld rows per head computed "
+        "exactly)\n",
+        all.error, all.lower, all.upper, static_cast<int>(fa::guarded<fa::dense>::confidence * 100),
+        static_cast<long long>(errors_.samples()));
+    for (std::size_t h = 0; h < reports.size(); ++h)
+      std::printf("%s\n", ft::error_flags::head_line(h, reports[h]).c_str());
+    if (const auto tolerance = errors_.max_error())
+      std::printf("fell back: %zu of %zu heads (estimated error above %s, recomputed exactly)\n",
+                  ft::error_flags::fell_back(reports), reports.size(),
+                  ft::format_value(*tolerance).c_str());
+  }
+
+  /// Prints the reference lines: ||O - O_exact||_F / ||O_exact||_F against dense attention in
+  /// float64, and its time. Returns the error.
+  template <class T>
+  double relative_error(const T* q, const T* k, const T* v, const std::vector<T>& out,
+                        input (&in)[3], fa::index heads, const fa::multihead_options& mo) const {
+    const problem& p = problem_;
 
     // Exact attention in float64 on the inputs as stored in the files (already in memory: no
     // file is read again; in double precision, the kernel's inputs themselves).
@@ -521,23 +600,15 @@ class tool {
       norm += exact[i] * exact[i];
     }
     const double rel = norm > 0 ? std::sqrt(diff / norm) : std::sqrt(diff);
-    std::string description(Policy::name);
-    if (const std::string knobs = ft::kernel_flags::describe(policy); !knobs.empty())
-      description += " (" + knobs + ")";
-    std::printf("kernel:          %s\n", description.c_str());
-    std::printf("shape:           H=%lld L=%lld S=%lld E=%lld M=%lld, %s\n",
-                static_cast<long long>(p.H), static_cast<long long>(p.L),
-                static_cast<long long>(p.S), static_cast<long long>(p.E),
-                static_cast<long long>(p.M), std::is_same_v<T, float> ? "float32" : "float64");
-    std::printf("time:            %.3f ms\n", seconds * 1e3);
     std::printf("relative error:  %.3e  (vs exact attention in float64, which took %.3f ms)\n", rel,
                 ref_seconds * 1e3);
-    return std::isfinite(rel) ? 0 : 1;
+    return rel;
   }
 
   CLI::App app_{"", "fastattn"};
   ft::kernel_flags knobs_{app_};  ///< the knob flags, registered first (listed per kernel in the
                                   ///< footer)
+  ft::error_flags errors_;        ///< --estimate-error, --max-error, --error-samples
   command_line c_;
   std::map<std::string, std::pair<CLI::Option*, bool>> argument_options_;  ///< library argument
                                                                            ///< -> (option, takes

@@ -465,6 +465,21 @@ class encoder {
   const Attention& attention() const { return attention_; }
   void set_attention(const Attention& a) { attention_ = a; }
 
+  /// One policy per layer: layer i runs `layers[i]` instead of attention() (for instance
+  /// fastattn::guarded with each layer's own report span). Empty: every layer runs attention().
+  /// Throws unless `layers` is empty or has one policy per layer.
+  void set_layer_attention(std::vector<Attention> layers) {
+    if (!layers.empty() && static_cast<index>(layers.size()) != config_.num_hidden_layers)
+      fail("encoder", "set_layer_attention needs one policy per layer (" +
+                          std::to_string(config_.num_hidden_layers) + "), got " +
+                          std::to_string(layers.size()));
+    layer_attention_ = std::move(layers);
+  }
+  /// The policy layer `i` runs.
+  const Attention& attention(index i) const {
+    return layer_attention_.empty() ? attention_ : layer_attention_[static_cast<std::size_t>(i)];
+  }
+
   /// Buffers of a forward pass. Reusing them across calls matters: fresh multi-megabyte
   /// buffers each call cost page faults that took ~100 ms of a 4096-token forward pass here.
   struct workspace {
@@ -518,9 +533,10 @@ class encoder {
       } else {
         layer.qkv.apply(x, qkv);
       }
-      const std::string where = "layer " + std::to_string(&layer - shared_->layers.data());
+      const index i = &layer - shared_->layers.data();
+      const std::string where = "layer " + std::to_string(i);
       require_finite(qkv, in, where + "'s query/key/value projection");
-      attention_seconds += attend(qkv, context, in, where);
+      attention_seconds += attend(attention(i), qkv, context, in, where);
       layer.attention_out.apply(context, projected);
       x += projected;
       if (!pre) layer.attention_norm.apply(x, eps);
@@ -573,6 +589,7 @@ class encoder {
   config config_;
   std::shared_ptr<const weights<T>> shared_;
   Attention attention_;
+  std::vector<Attention> layer_attention_;  ///< empty: every layer runs attention_
   int threads_ = 0;
 
   void check(const batch& in) const {
@@ -643,7 +660,7 @@ class encoder {
   }
 
   /// Multi-head attention straight from the fused (B*L, 3D) QKV buffer into (B*L, D).
-  double attend(const mat<T>& qkv, mat<T>& context, const batch& in,
+  double attend(const Attention& policy, const mat<T>& qkv, mat<T>& context, const batch& in,
                 const std::string& where) const {
     const index B = in.size, L = in.length, D = config_.hidden_size,
                 H = config_.num_attention_heads, E = config_.head_dim();
@@ -674,7 +691,7 @@ class encoder {
     }
     const auto start = std::chrono::steady_clock::now();
     try {
-      multihead_attention(attention_, q, k, v, out, opt);
+      multihead_attention(policy, q, k, v, out, opt);
     } catch (const invalid_argument& e) {
       std::string why = e.what();
       if (why.rfind("fastattn: ", 0) == 0) why.erase(0, 10);
