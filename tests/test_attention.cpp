@@ -1,44 +1,23 @@
-// The front door: the concept, option validation, error messages, and a user-written policy.
-#include <gtest/gtest.h>
+// The front door: the concept, a user-written policy, option validation and its messages, and
+// what attention() and multihead_attention() own for every kernel (typed over fastattn::kernels
+// and the fifth kernel): knobs validated before any work, padded rows zero whatever the output
+// held, Lv = 0 / Sv = 0 giving zeros without running the kernel, causal only where supported.
+#include "common.hpp"
 
-#include <fastattn/fastattn.hpp>
-
-#include "reference.hpp"
-
-namespace fa = fastattn;
-using fa::testing::gaussian;
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
 
 namespace {
 
 using fa::index;
-
-// A user-written policy: attention restricted to each query's own key position window of width
-// `radius` (a band), implemented naively. It knows nothing of fastattn's internals.
-struct band_attention {
-  static constexpr std::string_view name = "band";
-  static constexpr bool is_exact = false;
-  static constexpr bool supports_causal = false;
-  index radius = 2;
-
-  template <class T>
-  void compute(fa::const_view<T> q, fa::const_view<T> k, fa::const_view<T> v, fa::view<T> out,
-               const fa::context& ctx) const {
-    out.setZero();
-    for (index i = 0; i < ctx.query_length; ++i) {
-      const index lo = std::max<index>(0, i - radius);
-      const index hi = std::min(ctx.key_length, i + radius + 1);
-      if (lo >= hi) continue;
-      Eigen::Matrix<T, Eigen::Dynamic, 1> s =
-          (k.middleRows(lo, hi - lo) * q.row(i).transpose()) * static_cast<T>(ctx.scale);
-      s = (s.array() - s.maxCoeff()).exp();
-      s /= s.sum();
-      out.row(i) = s.transpose() * v.middleRows(lo, hi - lo);
-    }
-  }
-};
+using namespace fa::testing;
+using user_kernels::key_sample;
 
 static_assert(fa::attention_policy<fa::dense>);
-static_assert(fa::attention_policy<band_attention>);
+static_assert(fa::attention_policy<key_sample> && fa::has_knobs<key_sample>);
+static_assert(fa::attention_policy<counting<fa::smyrf>>);
 static_assert(!fa::attention_policy<int>);
 struct missing_name {
   [[maybe_unused]] static constexpr bool is_exact = true;
@@ -48,94 +27,121 @@ struct missing_name {
                const fa::context&) const {}
 };
 static_assert(!fa::attention_policy<missing_name>);
+static_assert(std::is_base_of_v<std::invalid_argument, fa::invalid_argument>);
+// Every kernel the suites run satisfies the concept.
+static_assert([] {
+  bool all = true;
+  fa::testing::tested_kernels::for_each(
+      [&](auto id) { all = all && fa::attention_policy<typename decltype(id)::type>; });
+  return all;
+}());
 
 TEST(CustomPolicy, PlugsIntoTheFrontDoor) {
-  const auto q = gaussian<double>(10, 3, 1), k = gaussian<double>(10, 3, 2),
-             v = gaussian<double>(10, 2, 3);
-  // With a radius covering every key, band attention is exact attention.
-  const auto wide = fa::attention(band_attention{.radius = 100}, q, k, v);
-  EXPECT_LT(fa::testing::relative_error(wide, fa::attention(fa::dense{}, q, k, v)), 1e-12);
-  // With radius 0 each query attends only to its own position.
-  const auto narrow = fa::attention(band_attention{.radius = 0}, q, k, v);
-  EXPECT_LT((narrow - v).norm(), 1e-12);
+  const auto q = gaussian<double>(10, 3, 1), k = gaussian<double>(12, 3, 2),
+             v = gaussian<double>(12, 2, 3);
+  // Sampling every key is exact attention.
+  const auto all = fa::attention(key_sample{.keys = 12}, q, k, v);
+  EXPECT_LT(fa::testing::relative_error(all, fa::attention(fa::dense{}, q, k, v)), 1e-12);
+  // One sampled key: every row is that key's value, exactly.
+  const auto one = fa::attention(key_sample{.keys = 1, .seed = 3}, q, k, v);
+  index match = -1;
+  for (index j = 0; j < 12; ++j)
+    if (one.row(0) == v.row(j)) match = j;
+  ASSERT_GE(match, 0);
+  for (index i = 0; i < 10; ++i) EXPECT_EQ(one.row(i), v.row(match)) << "row " << i;
 }
 
 TEST(CustomPolicy, CausalIsRefusedWhenUnsupported) {
   const auto q = gaussian<float>(4, 3, 1);
-  try {
-    (void)fa::attention(band_attention{}, q, q, q, {.causal = true});
-    FAIL() << "expected invalid_argument";
-  } catch (const fa::invalid_argument& e) {
-    EXPECT_NE(std::string(e.what()).find("'band'"), std::string::npos) << e.what();
-    EXPECT_NE(std::string(e.what()).find("causal"), std::string::npos) << e.what();
-  }
-}
-
-// Each bad input throws fastattn::invalid_argument whose message names the argument and values.
-void expect_error(const std::function<void()>& call, std::initializer_list<const char*> words) {
-  try {
-    call();
-    ADD_FAILURE() << "expected fastattn::invalid_argument";
-  } catch (const fa::invalid_argument& e) {
-    const std::string what = e.what();
-    for (const char* w : words) EXPECT_NE(what.find(w), std::string::npos) << what;
-    // It is also a std::invalid_argument.
-    EXPECT_NO_THROW((void)dynamic_cast<const std::invalid_argument&>(e));
-  }
+  EXPECT_TRUE(
+      throws_invalid_argument([&] { (void)fa::attention(key_sample{}, q, q, q, {.causal = true}); },
+                              "causal", {"'key_sample'", "supports_causal"}));
 }
 
 TEST(Errors, FeatureDimensionMismatch) {
   const auto q = gaussian<float>(5, 4, 1), k = gaussian<float>(6, 3, 2),
              v = gaussian<float>(6, 2, 3);
-  expect_error([&] { (void)fa::attention(fa::dense{}, q, k, v); }, {"(E)", "5 x 4", "6 x 3"});
+  EXPECT_TRUE(throws_invalid_argument([&] { (void)fa::attention(fa::dense{}, q, k, v); }, "k",
+                                      {"(E)", "5 x 4", "6 x 3"}));
 }
 
 TEST(Errors, ValueRowsMismatch) {
   const auto q = gaussian<float>(5, 4, 1), k = gaussian<float>(6, 4, 2),
              v = gaussian<float>(7, 2, 3);
-  expect_error([&] { (void)fa::attention(fa::dense{}, q, k, v); }, {"v must have", "6", "7"});
+  EXPECT_TRUE(throws_invalid_argument([&] { (void)fa::attention(fa::dense{}, q, k, v); }, "v",
+                                      {"v must have", "6", "7"}));
 }
 
 TEST(Errors, EmptyFeatureDimension) {
   const fa::matrix<float> q(5, 0), k(6, 0), v(6, 2);
-  expect_error([&] { (void)fa::attention(fa::dense{}, q, k, v); }, {"E = 0"});
+  EXPECT_TRUE(
+      throws_invalid_argument([&] { (void)fa::attention(fa::dense{}, q, k, v); }, "q", {"E = 0"}));
 }
 
 TEST(Errors, QueryLengthOutOfRange) {
   const auto q = gaussian<float>(5, 4, 1), k = gaussian<float>(6, 4, 2),
              v = gaussian<float>(6, 2, 3);
-  expect_error([&] { (void)fa::attention(fa::dense{}, q, k, v, {.query_length = 6}); },
-               {"query_length", "L = 5", "6"});
-  expect_error([&] { (void)fa::attention(fa::dense{}, q, k, v, {.query_length = -1}); },
-               {"query_length", "-1"});
+  EXPECT_TRUE(throws_invalid_argument(
+      [&] { (void)fa::attention(fa::dense{}, q, k, v, {.query_length = 6}); }, "query_length",
+      {"query_length must be in [0, L = 5], got 6"}));
+  EXPECT_TRUE(throws_invalid_argument(
+      [&] { (void)fa::attention(fa::dense{}, q, k, v, {.query_length = -1}); }, "query_length",
+      {"got -1"}));
 }
 
 TEST(Errors, KeyLengthOutOfRange) {
   const auto q = gaussian<float>(5, 4, 1), k = gaussian<float>(6, 4, 2),
              v = gaussian<float>(6, 2, 3);
-  expect_error([&] { (void)fa::attention(fa::dense{}, q, k, v, {.key_length = 7}); },
-               {"key_length", "S = 6", "7"});
-  expect_error([&] { (void)fa::attention(fa::dense{}, q, k, v, {.key_length = -2}); },
-               {"key_length", "-2"});
+  EXPECT_TRUE(
+      throws_invalid_argument([&] { (void)fa::attention(fa::dense{}, q, k, v, {.key_length = 7}); },
+                              "key_length", {"key_length must be in [0, S = 6], got 7"}));
+  EXPECT_TRUE(throws_invalid_argument(
+      [&] { (void)fa::attention(fa::dense{}, q, k, v, {.key_length = -2}); }, "key_length",
+      {"got -2"}));
 }
 
 TEST(Errors, NonFiniteScale) {
   const auto q = gaussian<float>(5, 4, 1);
-  expect_error([&] { (void)fa::attention(fa::dense{}, q, q, q, {.scale = std::nan("")}); },
-               {"scale"});
-  expect_error([&] { (void)fa::attention(fa::dense{}, q, q, q, {.scale = HUGE_VAL}); }, {"scale"});
+  EXPECT_TRUE(throws_invalid_argument(
+      [&] { (void)fa::attention(fa::dense{}, q, q, q, {.scale = std::nan("")}); }, "scale",
+      {"finite", "float", "nan"}));
+  EXPECT_TRUE(throws_invalid_argument(
+      [&] { (void)fa::attention(fa::dense{}, q, q, q, {.scale = HUGE_VAL}); }, "scale",
+      {"finite", "inf"}));
+  // Finite in double, not representable in float.
+  EXPECT_TRUE(
+      throws_invalid_argument([&] { (void)fa::attention(fa::dense{}, q, q, q, {.scale = 1e39}); },
+                              "scale", {"float", "3.4028235e+38", "1e+39"}));
 }
 
 TEST(Errors, OutputShape) {
   const auto q = gaussian<float>(5, 4, 1), k = gaussian<float>(6, 4, 2),
              v = gaussian<float>(6, 2, 3);
   fa::matrix<float> out(5, 3);
-  expect_error([&] { fa::attention(fa::dense{}, q, k, v, out); }, {"out", "5 x 2", "5 x 3"});
+  EXPECT_TRUE(throws_invalid_argument([&] { fa::attention(fa::dense{}, q, k, v, out); }, "out",
+                                      {"5 x 2", "5 x 3"}));
 }
 
-TEST(Errors, BadBlockSizesNameTheKnob) {
+// The knob messages, verbatim for one knob of each kernel: "<kernel>: <knob> must be in [min,
+// max], got <value>", and argument() is the knob.
+TEST(Errors, KnobMessagesNameTheKernelTheKnobItsRangeAndTheValue) {
   const auto q = gaussian<float>(5, 4, 1);
-  expect_error([&] { (void)fa::attention(fa::dense{.key_block = 0}, q, q, q); }, {"key_block = 0"});
+  auto message = [&](const auto& policy) {
+    return fa::testing::error_of([&] { (void)fa::attention(policy, q, q, q); }).message();
+  };
+  EXPECT_EQ(message(fa::dense{.key_block = 0}), "dense: key_block must be in [1, 65536], got 0");
+  EXPECT_EQ(message(fa::local{.window = -1}), "local: window must be in [0, 1073741824], got -1");
+  EXPECT_EQ(message(fa::clustered{.bits = 65}), "clustered: bits must be in [1, 64], got 65");
+  EXPECT_EQ(message(fa::improved_clustered{.topk = -5}),
+            "improved_clustered: topk must be in [1, 9223372036854775807], got -5");
+  EXPECT_EQ(message(fa::smyrf{.hashes = 0}), "smyrf: hashes must be in [1, 1024], got 0");
+  EXPECT_EQ(message(fa::smyrf{.r = std::numeric_limits<double>::infinity()}),
+            "smyrf: r must be in [2.2250738585072014e-308, 1.7976931348623157e+308], got inf");
+  EXPECT_EQ(message(key_sample{.keys = 0}), "key_sample: keys must be in [1, 2147483648], got 0");
+  // A check across knobs (the policy's validate()) names the knob it rejects, with the values.
+  EXPECT_TRUE(throws_invalid_argument(
+      [&] { (void)fa::attention(fa::dense{.query_block = 4096, .key_block = 8192}, q, q, q); },
+      "key_block", {"dense: ", "4096 * 8192"}));
 }
 
 TEST(Options, EmptyInputsAreDefined) {
@@ -156,26 +162,21 @@ TEST(Options, ScaleDefaultsToInverseSqrtE) {
   EXPECT_LT(fa::testing::relative_error(a, b), 1e-15);
 }
 
-}  // namespace
-
-namespace {
-
-using fa::index;
-
 TEST(NonFinite, RejectedByDefaultWithTheLocation) {
   auto q = gaussian<float>(6, 4, 1), k = gaussian<float>(7, 4, 2), v = gaussian<float>(7, 3, 3);
   q(3, 1) = std::numeric_limits<float>::quiet_NaN();
-  expect_error([&] { (void)fa::attention(fa::dense{}, q, k, v); },
-               {"q has a non-finite", "row 3", "column 1", "check_finite"});
+  EXPECT_TRUE(throws_invalid_argument([&] { (void)fa::attention(fa::dense{}, q, k, v); }, "q",
+                                      {"q has a non-finite value (nan)", "row 3", "column 1"}));
   q(3, 1) = 0.f;
   v(6, 2) = std::numeric_limits<float>::infinity();
-  expect_error([&] { (void)fa::attention(fa::dense{}, q, k, v); },
-               {"v has a non-finite", "row 6", "column 2"});
+  EXPECT_TRUE(throws_invalid_argument([&] { (void)fa::attention(fa::dense{}, q, k, v); }, "v",
+                                      {"v has a non-finite value (inf)", "row 6", "column 2"}));
   // Padding is never read, so it may hold anything.
   EXPECT_NO_THROW((void)fa::attention(fa::dense{}, q, k, v, {.key_length = 6}));
   k(0, 0) = -std::numeric_limits<float>::infinity();
-  expect_error([&] { (void)fa::attention(fa::dense{}, q, k, v, {.key_length = 6}); },
-               {"k has a non-finite", "row 0"});
+  EXPECT_TRUE(
+      throws_invalid_argument([&] { (void)fa::attention(fa::dense{}, q, k, v, {.key_length = 6}); },
+                              "k", {"k has a non-finite value (-inf)", "row 0"}));
 }
 
 TEST(NonFinite, DensePropagatesToExactlyTheAffectedRowsWhenUnchecked) {
@@ -190,6 +191,229 @@ TEST(NonFinite, DensePropagatesToExactlyTheAffectedRowsWhenUnchecked) {
     const bool affected = i == 2 || i >= 5;
     EXPECT_EQ(o.row(i).allFinite(), !affected) << "row " << i;
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Typed over every kernel: what the front door and the multi-head driver own.
+
+template <class P>
+class FrontDoorKnobs : public ::testing::Test {};
+TYPED_TEST_SUITE(FrontDoorKnobs, fa::testing::kernel_types<fa::testing::tested_kernels>::type,
+                 fa::testing::kernel_names);
+
+// Values of a knob outside [min, max] (none for a bool or a knob that takes every value): the
+// neighbours of the bounds, and for a floating knob NaN and the infinities beyond them.
+template <class V>
+std::vector<V> invalid_values(V min, V max) {
+  std::vector<V> out;
+  using limits = std::numeric_limits<V>;
+  if constexpr (std::is_floating_point_v<V>) {
+    out.push_back(limits::quiet_NaN());
+    if (min > limits::lowest()) out.push_back(std::nextafter(min, -limits::infinity()));
+    if (max < limits::max()) out.push_back(std::nextafter(max, limits::infinity()));
+    if (min > -limits::infinity()) out.push_back(-limits::infinity());
+    if (max < limits::infinity()) out.push_back(limits::infinity());
+  } else if constexpr (!std::is_same_v<V, bool>) {
+    if (min > limits::min()) out.push_back(static_cast<V>(min - 1));
+    if (max < limits::max()) out.push_back(static_cast<V>(max + 1));
+  }
+  return out;
+}
+
+// Calls f(policy with one knob set to an invalid value, the knob's name) for every such value.
+template <class P, class F>
+int for_each_bad_knob(F&& f) {
+  int cases = 0;
+  fa::for_each_knob<P>([&](const auto& knob) {
+    using V = typename std::decay_t<decltype(knob)>::value_type;
+    for (const V value : invalid_values<V>(knob.min, knob.max)) {
+      P policy = kernel_traits<P>::approx();
+      knob.get(policy) = value;
+      SCOPED_TRACE(::testing::Message()
+                   << P::name << "." << knob.name << " = " << fa::detail::to_text(value));
+      f(policy, knob.name);
+      ++cases;
+    }
+  });
+  return cases;
+}
+
+TYPED_TEST(FrontDoorKnobs, BoundsOfEveryKnobAreAcceptedAndTheirNeighboursRefused) {
+  using P = TypeParam;
+  fa::for_each_knob<P>([&](const auto& knob) {
+    for (const auto value : {knob.min, knob.max}) {
+      P policy{};
+      knob.get(policy) = value;
+      EXPECT_NO_THROW(fa::validate(policy)) << knob.name << " = " << fa::detail::to_text(value);
+    }
+  });
+  const int cases = for_each_bad_knob<P>([](const P& policy, std::string_view knob) {
+    const std::string prefix = std::string(P::name) + ": " + std::string(knob) + " must be in [";
+    EXPECT_TRUE(throws_invalid_argument([&] { fa::validate(policy); }, knob, {prefix, "], got "}));
+  });
+  EXPECT_GT(cases, 0) << "every kernel has a knob with a bounded range";
+}
+
+TYPED_TEST(FrontDoorKnobs, KnobsAreValidatedBeforeAnyWork) {
+  using P = TypeParam;
+  const auto q = gaussian<float>(12, 4, 1), k = gaussian<float>(10, 4, 2),
+             v = gaussian<float>(10, 3, 3);
+  for_each_bad_knob<P>([&](const P& policy, std::string_view knob) {
+    const counting<P> counted{policy};
+    counting<P>::calls = 0;
+    fa::matrix<float> out = fa::matrix<float>::Constant(12, 3, -5.f);
+    EXPECT_TRUE(throws_invalid_argument(
+        [&] { fa::attention(counted, q, k, v, fa::view<float>(out), {.query_length = 9}); }, knob));
+    // Even when there is nothing to compute.
+    EXPECT_TRUE(throws_invalid_argument(
+        [&] { (void)fa::attention(counted, q, k, v, {.key_length = 0, .query_length = 0}); },
+        knob));
+    EXPECT_EQ(counting<P>::calls.load(), 0);
+    EXPECT_TRUE((out.array() == -5.f).all()) << "out was written before the knob was checked";
+  });
+}
+
+TYPED_TEST(FrontDoorKnobs, BadKnobThrowsFromMultiheadBeforeAnyHeadRuns) {
+  using P = TypeParam;
+  const index B = 2, L = 9, S = 11, H = 3, E = 4, M = 2;
+  const auto q = gaussian<float>(B * L * H, E, 4), k = gaussian<float>(B * S * H, E, 5),
+             v = gaussian<float>(B * S * H, M, 6);
+  const fa::tensor_view<const float> tq{q.data(), B, L, H, E}, tk{k.data(), B, S, H, E},
+      tv{v.data(), B, S, H, M};
+  fa::matrix<float> out = fa::matrix<float>::Constant(B * L * H, M, -5.f);
+  const fa::tensor_view<float> to{out.data(), B, L, H, M};
+  fa::multihead_options opt;
+  opt.threads = 2;
+  // The counter counts: a valid call runs every head once.
+  counting<P>::calls = 0;
+  fa::multihead_attention(counting<P>{kernel_traits<P>::approx()}, tq, tk, tv, to, opt);
+  EXPECT_EQ(counting<P>::calls.load(), B * H);
+  out.setConstant(-5.f);
+  for_each_bad_knob<P>([&](const P& policy, std::string_view knob) {
+    counting<P>::calls = 0;
+    const auto e = fa::testing::error_of(
+        [&] { fa::multihead_attention(counting<P>{policy}, tq, tk, tv, to, opt); });
+    EXPECT_EQ(e.argument(), knob) << e.what();
+    EXPECT_FALSE(e.sample().has_value()) << e.what();  // a knob is no sample's or head's fault
+    EXPECT_FALSE(e.head().has_value()) << e.what();
+    EXPECT_EQ(counting<P>::calls.load(), 0);
+    EXPECT_TRUE((out.array() == -5.f).all()) << "a head ran before the knob was checked";
+  });
+}
+
+// causal_capable: supports_causal, or a log-sum-exp from which the front door builds causal
+// attention.
+TYPED_TEST(FrontDoorKnobs, CausalOnlyWhereSupported) {
+  using P = TypeParam;
+  const auto in = fa::testing::make_peaked<double>(70, 70, 6, 5, 7, 4);
+  if constexpr (fa::causal_capable<P>) {
+    const fa::options causal{.causal = true};
+    const auto o = fa::attention(kernel_traits<P>::approx(), in.q, in.k, in.v, causal);
+    EXPECT_TRUE(o.allFinite());
+    if (const auto exact = kernel_traits<P>::exact(70, 70)) {
+      const auto oe = fa::attention(*exact, in.q, in.k, in.v, causal);
+      EXPECT_LT(fa::testing::relative_error(
+                    oe, fa::testing::reference_attention(in.q, in.k, in.v, causal)),
+                fa::testing::tolerance<double>());
+    }
+  } else {
+    EXPECT_TRUE(throws_invalid_argument(
+        [&] {
+          (void)fa::attention(kernel_traits<P>::approx(), in.q, in.k, in.v, {.causal = true});
+        },
+        "causal", {"'" + std::string(P::name) + "'", "supports_causal"}));
+  }
+}
+
+template <class Case>
+class FrontDoorCases : public ::testing::Test {};
+TYPED_TEST_SUITE(FrontDoorCases, fa::testing::kernel_cases<fa::testing::tested_kernels>::type,
+                 fa::testing::kernel_names);
+
+TYPED_TEST(FrontDoorCases, PaddedRowsAreZeroWhateverOutHeld) {
+  using P = typename TypeParam::policy;
+  using T = typename TypeParam::scalar;
+  const index L = 23, S = 19, E = 5, M = 4;
+  const auto in = fa::testing::make_peaked<T>(L, S, E, M, 8, 3);
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  for (const index Lv : {index{1}, index{17}, L}) {
+    fa::matrix<T> out = fa::matrix<T>::Constant(L, M, nan);
+    fa::attention(kernel_traits<P>::approx(), in.q, in.k, in.v, fa::view<T>(out),
+                  {.key_length = 13, .query_length = Lv});
+    EXPECT_TRUE(out.topRows(Lv).allFinite()) << "Lv = " << Lv;
+    EXPECT_TRUE((out.bottomRows(L - Lv).array() == T(0)).all()) << "Lv = " << Lv;
+  }
+  // Through the multi-head driver, with per-sample lengths.
+  const index B = 2, H = 2;
+  const auto q = gaussian<T>(B * L * H, E, 9), k = gaussian<T>(B * S * H, E, 10),
+             v = gaussian<T>(B * S * H, M, 11);
+  fa::matrix<T> out = fa::matrix<T>::Constant(B * L * H, M, nan);
+  const std::vector<index> query_lengths{5, L}, key_lengths{S, 3};
+  fa::multihead_options opt;
+  opt.query_lengths = query_lengths;
+  opt.key_lengths = key_lengths;
+  const fa::tensor_view<T> to{out.data(), B, L, H, M};
+  fa::multihead_attention(kernel_traits<P>::approx(),
+                          fa::tensor_view<const T>{q.data(), B, L, H, E},
+                          fa::tensor_view<const T>{k.data(), B, S, H, E},
+                          fa::tensor_view<const T>{v.data(), B, S, H, M}, to, opt);
+  for (index b = 0; b < B; ++b)
+    for (index h = 0; h < H; ++h) {
+      const auto o = fa::testing::copy_head(to, b, h);
+      const index Lv = query_lengths[static_cast<std::size_t>(b)];
+      EXPECT_TRUE(o.topRows(Lv).allFinite()) << "b " << b << " h " << h;
+      EXPECT_TRUE((o.bottomRows(L - Lv).array() == T(0)).all()) << "b " << b << " h " << h;
+    }
+}
+
+TYPED_TEST(FrontDoorCases, NoValidQueryOrKeyGivesZerosWithoutRunningTheKernel) {
+  using P = typename TypeParam::policy;
+  using T = typename TypeParam::scalar;
+  const counting<P> counted{kernel_traits<P>::approx()};
+  const auto q = gaussian<T>(9, 4, 12), k = gaussian<T>(7, 4, 13), v = gaussian<T>(7, 3, 14);
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  const fa::options empty_cases[] = {
+      {.query_length = 0}, {.key_length = 0}, {.key_length = 0, .query_length = 0}};
+  for (const fa::options& opt : empty_cases) {
+    for (const bool real : {false, true}) {
+      counting<P>::calls = 0;
+      fa::matrix<T> out = fa::matrix<T>::Constant(9, 3, nan);
+      if (real)
+        fa::attention(kernel_traits<P>::approx(), q, k, v, fa::view<T>(out), opt);
+      else
+        fa::attention(counted, q, k, v, fa::view<T>(out), opt);
+      EXPECT_TRUE((out.array() == T(0)).all())
+          << "Lv " << opt.query_length.value_or(9) << " Sv " << opt.key_length.value_or(7);
+      EXPECT_EQ(counting<P>::calls.load(), 0);
+    }
+  }
+  // Empty shapes: L = 0 gives a 0 x M result, S = 0 zeros; neither runs the kernel.
+  counting<P>::calls = 0;
+  const fa::matrix<T> none(0, 4), no_values(0, 3);
+  EXPECT_EQ(fa::attention(counted, none, k, v).rows(), 0);
+  EXPECT_TRUE((fa::attention(counted, q, none, no_values).array() == T(0)).all());
+  EXPECT_EQ(counting<P>::calls.load(), 0);
+  // A valid call does run it, once.
+  (void)fa::attention(counted, q, k, v, {.key_length = 1, .query_length = 1});
+  EXPECT_EQ(counting<P>::calls.load(), 1);
+  // Multi-head: the samples without a valid query or key run no head.
+  const index B = 3, H = 2, L = 6, S = 5, E = 4, M = 3;
+  const auto mq = gaussian<T>(B * L * H, E, 15), mk = gaussian<T>(B * S * H, E, 16),
+             mv = gaussian<T>(B * S * H, M, 17);
+  fa::matrix<T> out = fa::matrix<T>::Constant(B * L * H, M, nan);
+  const std::vector<index> query_lengths{0, L, 4}, key_lengths{S, 0, 2};
+  fa::multihead_options opt;
+  opt.query_lengths = query_lengths;
+  opt.key_lengths = key_lengths;
+  counting<P>::calls = 0;
+  const fa::tensor_view<T> to{out.data(), B, L, H, M};
+  fa::multihead_attention(counted, fa::tensor_view<const T>{mq.data(), B, L, H, E},
+                          fa::tensor_view<const T>{mk.data(), B, S, H, E},
+                          fa::tensor_view<const T>{mv.data(), B, S, H, M}, to, opt);
+  EXPECT_EQ(counting<P>::calls.load(), H);  // sample 2 only
+  for (index b = 0; b < 2; ++b)
+    for (index h = 0; h < H; ++h)
+      EXPECT_TRUE((fa::testing::copy_head(to, b, h).array() == T(0)).all()) << b << ", " << h;
 }
 
 }  // namespace

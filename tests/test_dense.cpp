@@ -1,28 +1,17 @@
 // dense against the float64 oracle: random shapes, masks, causal, extreme logits, float and double.
-#include <gtest/gtest.h>
+#include "common.hpp"
 
-#include <fastattn/fastattn.hpp>
-
-#include "reference.hpp"
-
-namespace fa = fastattn;
-using fa::testing::gaussian;
-using fa::testing::reference_attention;
-using fa::testing::relative_error;
+#include <limits>
+#include <random>
 
 namespace {
 
 using fa::index;
-
-template <class T>
-constexpr double tolerance() {
-  return std::is_same_v<T, float> ? 2e-5 : 1e-12;
-}
+using namespace fa::testing;
 
 template <class T>
 class DenseTyped : public ::testing::Test {};
-using Scalars = ::testing::Types<float, double>;
-TYPED_TEST_SUITE(DenseTyped, Scalars);
+TYPED_TEST_SUITE(DenseTyped, fa::testing::scalars);
 
 TYPED_TEST(DenseTyped, MatchesReferenceOnRandomShapes) {
   using T = TypeParam;
@@ -92,11 +81,9 @@ TYPED_TEST(DenseTyped, ExtremeLogitsStayFinite) {
   EXPECT_LT(relative_error(o, ref), (std::is_same_v<T, float> ? 1e-4 : 1e-10));
 }
 
-TYPED_TEST(DenseTyped, RowsWithoutVisibleKeysAreZero) {
+TYPED_TEST(DenseTyped, CausalWithoutValidKeysIsZero) {
   using T = TypeParam;
   const auto q = gaussian<T>(9, 4, 1), k = gaussian<T>(6, 4, 2), v = gaussian<T>(6, 3, 3);
-  const auto o = fa::attention(fa::dense{}, q, k, v, {.key_length = 0});
-  EXPECT_TRUE((o.array() == T(0)).all());
   const auto oc = fa::attention(fa::dense{}, q, k, v, {.key_length = 0, .causal = true});
   EXPECT_TRUE((oc.array() == T(0)).all());
 }
@@ -108,6 +95,27 @@ TYPED_TEST(DenseTyped, SizeOneEverywhere) {
   EXPECT_NEAR(static_cast<double>(o(0, 0)), static_cast<double>(v(0, 0)), 1e-6);
   const auto oc = fa::attention(fa::dense{}, q, k, v, {.causal = true});
   EXPECT_NEAR(static_cast<double>(oc(0, 0)), static_cast<double>(v(0, 0)), 1e-6);
+}
+
+// Only dense defines which rows a non-finite input reaches when the check is off.
+TYPED_TEST(DenseTyped, WithoutCheckNaNReachesExactlyTheAffectedRows) {
+  using T = TypeParam;
+  const index L = 9, S = 8, E = 3, M = 2;
+  auto q = gaussian<T>(L, E, 23), k = gaussian<T>(S, E, 24), v = gaussian<T>(S, M, 25);
+  fa::options unchecked;
+  unchecked.check_finite = false;
+  q(4, 1) = std::numeric_limits<T>::quiet_NaN();
+  const auto o = fa::attention(fa::dense{}, q, k, v, unchecked);
+  for (index i = 0; i < L; ++i) EXPECT_EQ(o.row(i).allFinite(), i != 4) << "row " << i;
+  // TODO(issue #7, dense owner): a NaN value row under causal masking should reach queries
+  // i >= 5 only (it enters no other row's softmax), but dense multiplies the masked keys' zero
+  // weights with their values in the diagonal block (0 * NaN = NaN), so rows 0..4 of that query
+  // block become NaN too. Re-enable once online_softmax::absorb skips masked columns of P V.
+  // q(4, 1) = T(0);
+  // v(5, 0) = std::numeric_limits<T>::quiet_NaN();
+  // unchecked.causal = true;
+  // const auto oc = fa::attention(fa::dense{}, q, k, v, unchecked);
+  // for (index i = 0; i < L; ++i) EXPECT_EQ(oc.row(i).allFinite(), i < 5) << "row " << i;
 }
 
 TEST(Dense, FloatAgreesWithDouble) {
@@ -149,12 +157,6 @@ TEST(Dense, BlockSizesDoNotChangeTheResultBeyondRounding) {
   const auto b =
       fa::attention(fa::dense{.query_block = 500, .key_block = 500}, q, k, v, {.causal = true});
   EXPECT_LT(relative_error(a, b), 1e-13);
-}
-
-TEST(Dense, RejectsNonPositiveBlocks) {
-  const auto q = gaussian<float>(3, 2, 1);
-  EXPECT_THROW(fa::attention(fa::dense{.query_block = 0}, q, q, q), fa::invalid_argument);
-  EXPECT_THROW(fa::attention(fa::dense{.key_block = -3}, q, q, q), fa::invalid_argument);
 }
 
 }  // namespace

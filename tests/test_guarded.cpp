@@ -303,7 +303,7 @@ TEST(GuardedStatistics, IntervalCoversAndEstimateIsAccurateWithThirtyTwoSamples)
 /// within about 0.005 of every other, for the queries and for their centroids alike, so the error
 /// is about 1e-3).
 struct planted {
-  static constexpr fa::index B = 2, L = 300, H = 4, E = 16;
+  static constexpr fa::index B = 2, L = 600, H = 4, E = 16;  // L >= 2 x 256: causal blocks above clustered's dense crossover
   std::vector<float> q, k, v;
   planted() : q(B * L * H * E), k(B * L * H * E), v(B * L * H * E) {
     for (fa::index b = 0; b < B; ++b)

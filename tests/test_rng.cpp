@@ -1,5 +1,5 @@
 // The one generator behind every random draw: reproducible, split by stream, well distributed.
-#include <gtest/gtest.h>
+#include "common.hpp"
 
 #include <fastattn/detail/rng.hpp>
 

@@ -1,15 +1,11 @@
 // The per-thread scratch arena: alignment, nesting, reuse without growth, release.
-#include <gtest/gtest.h>
+#include "common.hpp"
 
-#include <fastattn/dense.hpp>
 #include <fastattn/detail/scratch.hpp>
 
 #include <cstdint>
 #include <thread>
 
-#include "reference.hpp"
-
-namespace fa = fastattn;
 using fa::detail::arena;
 
 TEST(Scratch, AlignedAndDisjoint) {

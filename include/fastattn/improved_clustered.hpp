@@ -175,7 +175,10 @@ struct improved_clustered {
                            row, member_mass, kept[r], removed.row(r));
             const T peak = row.maxCoeff();
             T top_lse = -std::numeric_limits<T>::infinity();
-            if (peak > -std::numeric_limits<T>::infinity() && member_mass > T(0)) {
+            // (A NaN score, from a non-finite input with check_finite off, propagates.)
+            const bool has_top = std::isnan(peak) || std::isnan(member_mass) ||
+                                 (peak > -std::numeric_limits<T>::infinity() && member_mass > T(0));
+            if (has_top) {
               row = (row.array() - peak).exp();
               const T sum = row.sum();
               row *= member_mass / sum;
@@ -186,9 +189,7 @@ struct improved_clustered {
             if (!lse.empty()) {
               // The normaliser the output uses: that of the top-k part when it has one, else
               // the centroid's; times the mass kept.
-              const T base = peak > -std::numeric_limits<T>::infinity() && member_mass > T(0)
-                                 ? top_lse - std::log(member_mass)
-                                 : centroid_lse[j];
+              const T base = has_top ? top_lse - std::log(member_mass) : centroid_lse[j];
               lse[static_cast<std::size_t>(i)] =
                   kept[r] > T(0) ? base + std::log(kept[r]) : -std::numeric_limits<T>::infinity();
             }
