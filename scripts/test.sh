@@ -25,7 +25,8 @@ while [ $# -gt 0 ]; do
 done
 
 jobs=$(nproc)
-step() { echo; echo "== $*"; }
+# Each step's header says how long the script has run so far (bash's SECONDS).
+step() { echo; echo "== $* (at $((SECONDS / 60)) min $((SECONDS % 60)) s)"; }
 
 step "1/5 g++ build (-Werror) and tests"
 cmake --preset dev >/dev/null
@@ -51,4 +52,4 @@ if [ -x scripts/fuzz.sh ]; then
   ./scripts/fuzz.sh --seconds "$fuzz_seconds"
 fi
 echo
-echo "== all tests passed"
+echo "== all tests passed in $((SECONDS / 60)) min $((SECONDS % 60)) s"
