@@ -676,6 +676,7 @@ void run_kernel(FuzzedDataProvider& in) {
     const double scale = opt.scale.value_or(E >= 1 ? 1.0 / std::sqrt(static_cast<double>(E)) : 1.0);
     return E == Ek && E >= 1 && std::isfinite(scale) &&
            std::abs(scale) <= static_cast<double>(std::numeric_limits<T>::max()) &&
+           (scale == 0 || std::abs(scale) >= static_cast<double>(std::numeric_limits<T>::min())) &&
            !(opt.causal && !Policy::supports_causal);
   };
   if (multihead) {
