@@ -33,7 +33,7 @@ cxx=clang++-14
 command -v "$cxx" >/dev/null 2>&1 || cxx=clang++
 build=build/fuzz
 echo "== configure and build ($cxx, $build)"
-cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER="$cxx" \
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O2 -g1 -DNDEBUG" -DCMAKE_CXX_COMPILER="$cxx" \
   -DFASTATTN_BUILD_FUZZERS=ON -DFASTATTN_WERROR=ON -DFASTATTN_BUILD_TESTS=OFF \
   -DFASTATTN_BUILD_BENCHMARKS=OFF -DFASTATTN_BUILD_EXAMPLES=OFF -DFASTATTN_INSTALL=OFF >/dev/null
 cmake --build "$build" -j "$(nproc)" --target "${targets[@]}"
