@@ -40,18 +40,15 @@ cmake --build "$build" -j "$(nproc)" --target "${targets[@]}"
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-status=0
-summary=()
-for t in "${targets[@]}"; do
-  corpus="$work/$t"
-  artifacts="$build/artifacts/$t"
+# Each target runs in a process of its own (one libFuzzer worker, bounded time, per-input timeout
+# 10 s; the reproducer of any finding goes to build/fuzz/artifacts/<target>/; UBSan findings abort:
+# the targets are built with -fno-sanitize-recover=all), as many at a time as there are cores, each
+# with its full time budget.
+run_target() {
+  local t=$1 corpus="$work/$1" artifacts="$build/artifacts/$1" log="$work/$1.log" rc runs
   mkdir -p "$corpus" "$artifacts"
   cp -r "fuzz/corpus/$t/." "$corpus/"
-  echo "== $t: ${seconds} s, seed $seed, from $(ls "fuzz/corpus/$t" | wc -l) seed(s)"
-  log="$work/$t.log"
   set +e
-  # One worker, bounded time; per-input timeout 10 s; the reproducer of any finding goes to
-  # $artifacts. UBSan findings abort (the targets are built with -fno-sanitize-recover=all).
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
     "$build/fuzz/$t" -max_total_time="$seconds" -seed="$seed" -timeout=10 -rss_limit_mb=2048 -max_len=8192 \
     -print_final_stats=1 -artifact_prefix="$artifacts/" "$corpus" >"$log" 2>&1
@@ -60,15 +57,33 @@ for t in "${targets[@]}"; do
   runs=$(grep -Eo 'stat::number_of_executed_units: *[0-9]+' "$log" | grep -Eo '[0-9]+$' | tail -1)
   [ -z "$runs" ] && runs=$(grep -Eo 'Done [0-9]+ runs' "$log" | grep -Eo '[0-9]+' | tail -1)
   if [ "$rc" -ne 0 ]; then
-    status=1
-    echo "!! $t: FAILED (exit $rc); log tail:"
-    tail -n 60 "$log"
     cp "$log" "$artifacts/last.log"
-    summary+=("$t: FAILED after ${runs:-?} executions (see $artifacts)")
+    echo "$t: FAILED after ${runs:-?} executions (exit $rc; see $artifacts)" >"$work/$t.result"
   else
-    summary+=("$t: ${runs:-?} executions in ${seconds} s, no finding")
+    echo "$t: ${runs:-?} executions in ${seconds} s, no finding" >"$work/$t.result"
+  fi
+}
+
+parallel=$(nproc)
+running=0
+for t in "${targets[@]}"; do
+  echo "== $t: ${seconds} s, seed $seed, from $(ls "fuzz/corpus/$t" | wc -l) seed(s)"
+  run_target "$t" &
+  running=$((running + 1))
+  if [ "$running" -ge "$parallel" ]; then
+    wait -n || true
+    running=$((running - 1))
+  fi
+done
+wait
+status=0
+for t in "${targets[@]}"; do
+  if grep -q FAILED "$work/$t.result"; then
+    status=1
+    echo "!! $t: FAILED; log tail:"
+    tail -n 60 "$work/$t.log"
   fi
 done
 echo "== fuzzing summary"
-printf '%s\n' "${summary[@]}"
+for t in "${targets[@]}"; do cat "$work/$t.result"; done
 exit "$status"

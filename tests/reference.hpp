@@ -86,4 +86,32 @@ peaked_inputs<T> make_peaked(index L, index S, index E, index M, std::uint64_t s
   return in;
 }
 
+/// A neighbour-offset head, as trained models learn in their first layers: q_i = 200 (p_i +
+/// p_{i+2}), k_j = p_{j+1} with random unit p in R^64, values N(0,1); use it with scale 1. Query
+/// i attends to keys i - 1 and i + 1: a neighbour's score is 200 (1 +- 0.25) with probability
+/// ~1 - 1e-4 per row, any other key's is 200 N(0, 2/64) (its maximum over 1024 keys is about 0.58
+/// of that), so the mass off the two neighbours is below e^-30 per row. No clustering of content
+/// expresses such a head: an approximate kernel that misses the neighbours is wrong by O(1), while
+/// local attention with window 1 is exact to rounding. With `share` < 1 only that share of the
+/// queries (chosen at random) is such a row; the others are 0.05 p_i, nearly uniform attention (a
+/// head whose error lives in part of its rows).
+template <class T>
+peaked_inputs<T> make_neighbour(index n, std::uint64_t seed, double share = 1.0) {
+  constexpr index E = 64;
+  matrix<T> p = gaussian<T>(n + 2, E, seed);
+  for (index i = 0; i < p.rows(); ++i) p.row(i).normalize();
+  peaked_inputs<T> in{matrix<T>(n, E), matrix<T>(n, E), gaussian<T>(n, E, seed + 1)};
+  std::mt19937_64 gen(seed + 2);
+  std::uniform_real_distribution<double> u(0, 1);
+  for (index i = 0; i < n; ++i) {
+    const bool neighbour = share >= 1 || u(gen) < share;
+    if (neighbour)
+      in.q.row(i) = T(200) * (p.row(i) + p.row(i + 2));
+    else
+      in.q.row(i) = T(0.05) * p.row(i);
+    in.k.row(i) = p.row(i + 1);
+  }
+  return in;
+}
+
 }  // namespace fastattn::testing

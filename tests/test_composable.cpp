@@ -42,28 +42,6 @@ matd naive_band(const fa::matrix<T>& q, const fa::matrix<T>& k, const fa::matrix
   return out;
 }
 
-/// A head whose queries attend to their neighbours i - 1 and i + 1 (scale 1): q_i = a (p_i +
-/// p_{i+2}), k_j = p_{j+1} with random unit p, a = 200. A neighbour's score is a (1 +- 0.25) with
-/// probability ~1 - 1e-4 per row, any other key's is a N(0, 2/64) (its maximum over 1024 keys is
-/// about 0.58 a): the mass off the two neighbours is below e^-30 per row, so local attention with
-/// window 1 is exact to float rounding and a kernel that misses the neighbours is wrong by O(1).
-struct neighbour_head {
-  fa::matrix<float> q, k, v;
-};
-
-neighbour_head make_neighbour_head(fa::index n, std::uint64_t seed) {
-  const fa::index E = 64;
-  fa::matrix<float> p = fa::testing::gaussian<float>(n + 2, E, seed);
-  for (fa::index i = 0; i < p.rows(); ++i) p.row(i).normalize();
-  neighbour_head h{fa::matrix<float>(n, E), fa::matrix<float>(n, E),
-                   fa::testing::gaussian<float>(n, E, seed + 1)};
-  for (fa::index i = 0; i < n; ++i) {
-    h.q.row(i) = 200.0f * (p.row(i) + p.row(i + 2));
-    h.k.row(i) = p.row(i + 1);
-  }
-  return h;
-}
-
 // The float64 log-sum-exp of dense, and the lse of the other kernels in their exact settings.
 TEST(LogSumExp, DenseAndExactSettingsReturnTheRowsLogSumExp) {
   const auto in = fa::testing::make_peaked<float>(300, 260, 32, 16, 1);
@@ -217,7 +195,7 @@ TEST(Local, EqualsNaiveBandedAttention) {
 // The synthetic neighbour-offset head: every plain approximate kernel is wrong by O(1)
 // (error > 0.3); with an exact band of 2 they are exact up to rounding (< 1e-3), causal too.
 TEST(Banded, NeighbourOffsetHeadIsExactWithABand) {
-  const auto h = make_neighbour_head(1024, 8);
+  const auto h = fa::testing::make_neighbour<float>(1024, 8);
   const fa::options one{.scale = 1.0}, one_causal{.scale = 1.0, .causal = true};
   const matd ref = reference_attention(h.q, h.k, h.v, one);
   const matd ref_causal = reference_attention(h.q, h.k, h.v, one_causal);

@@ -70,24 +70,12 @@ struct head {
   double scale;
 };
 
-/// The neighbour-offset head (q_i = 200 (p_i + p_{i+2}), k_j = p_{j+1}, unit random p,
-/// scale 1): every query attends to keys i - 1 and i + 1 only, which content clustering cannot
-/// express. With `share` < 1 only that share of the queries is such a row; the others are
-/// 0.05 p_i, nearly uniform attention (a head whose error lives in part of its rows).
+/// The neighbour-offset head of tests/reference.hpp (scale 1); with `share` < 1 a mixture of
+/// neighbour rows and nearly uniform ones.
 head make_neighbour(fa::index n, std::uint64_t seed, double share = 1.0) {
-  const fa::index E = 64;
-  fa::matrix<float> p = fa::testing::gaussian<float>(n + 2, E, seed);
-  for (fa::index i = 0; i < p.rows(); ++i) p.row(i).normalize();
-  head h{share < 1 ? "neighbour_mix" : "neighbour", fa::matrix<float>(n, E),
-         fa::matrix<float>(n, E), fa::testing::gaussian<float>(n, E, seed + 1), 1.0};
-  std::mt19937_64 gen(seed + 2);
-  std::uniform_real_distribution<double> u(0, 1);
-  for (fa::index i = 0; i < n; ++i) {
-    h.q.row(i) =
-        u(gen) < share ? (200.0f * (p.row(i) + p.row(i + 2))).eval() : (0.05f * p.row(i)).eval();
-    h.k.row(i) = p.row(i + 1);
-  }
-  return h;
+  auto in = fa::testing::make_neighbour<float>(n, seed, share);
+  return {share < 1 ? "neighbour_mix" : "neighbour", std::move(in.q), std::move(in.k),
+          std::move(in.v), 1.0};
 }
 
 head make_peaked_head(fa::index n, std::uint64_t seed) {

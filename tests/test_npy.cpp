@@ -30,53 +30,10 @@ namespace fs = std::filesystem;
 
 namespace {
 
-/// Runs `action`, which must throw fastattn::invalid_argument, on a thread and returns its
-/// message. When it is still running after 10 s it is blocked opening the FIFO `fifo`: the test
-/// fails, and the FIFO is opened and closed from here (read + write with O_NONBLOCK never blocks)
-/// to release the action, which then sees an empty FIFO (SIGPIPE is ignored meanwhile).
-std::string refusal_without_blocking(const std::string& fifo, const std::function<void()>& action) {
-  std::promise<std::string> done;
-  std::future<std::string> result = done.get_future();
-  std::thread worker([&] {
-    try {
-      action();
-      done.set_value("(no exception)");
-    } catch (const fa::invalid_argument& e) {
-      done.set_value(e.what());
-    } catch (const std::exception& e) {
-      done.set_value(std::string("(other exception) ") + e.what());
-    }
-  });
-  if (result.wait_for(std::chrono::seconds(10)) != std::future_status::ready) {
-    ADD_FAILURE() << "blocked for 10 s on the FIFO " << fifo;
-    const auto previous = std::signal(SIGPIPE, SIG_IGN);
-    while (result.wait_for(std::chrono::milliseconds(100)) != std::future_status::ready) {
-      const int fd = ::open(fifo.c_str(), O_RDWR | O_NONBLOCK);
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));
-      if (fd >= 0) ::close(fd);
-    }
-    worker.join();
-    std::signal(SIGPIPE, previous);
-  } else {
-    worker.join();
-  }
-  return result.get();
-}
+using fa::testing::refusal_without_blocking;
 
-class Npy : public ::testing::Test {
+class Npy : public fa::testing::temporary_directory_test {
  protected:
-  void SetUp() override {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    dir_ = fs::temp_directory_path() /
-           ("fastattn_test_npy_" + std::to_string(::getpid()) + "_" + info->name());
-    fs::create_directories(dir_);
-  }
-  void TearDown() override {
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
-  }
-  std::string path(const std::string& name) const { return (dir_ / name).string(); }
-
   static void write_bytes(const std::string& p, const std::string& bytes) {
     std::ofstream out(p, std::ios::binary | std::ios::trunc);
     out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
@@ -124,8 +81,6 @@ class Npy : public ::testing::Test {
       EXPECT_EQ(what.find('\n'), std::string::npos) << "message must be one line: " << what;
     }
   }
-
-  fs::path dir_;
 };
 
 TEST_F(Npy, RoundTripFloatAndDouble) {

@@ -32,6 +32,8 @@ using idx = fa::index;
 
 namespace {
 
+using fa::testing::refusal_without_blocking;
+
 /// A safetensors file from a header text (padded with spaces to 8 bytes) and a data buffer.
 std::string make_file(std::string header, const std::string& data = "") {
   while (header.size() % 8) header += ' ';
@@ -46,52 +48,8 @@ std::string raw_bytes(const std::vector<T>& v) {
   return std::string(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T));
 }
 
-/// Runs `action`, which must throw fastattn::invalid_argument, on a thread and returns its
-/// message. When it is still running after 10 s it is blocked opening the FIFO `fifo`: the test
-/// fails, and the FIFO is opened and closed from here (read + write with O_NONBLOCK never blocks)
-/// to release the action, which then sees an empty FIFO (SIGPIPE is ignored meanwhile).
-std::string refusal_without_blocking(const std::string& fifo, const std::function<void()>& action) {
-  std::promise<std::string> done;
-  std::future<std::string> result = done.get_future();
-  std::thread worker([&] {
-    try {
-      action();
-      done.set_value("(no exception)");
-    } catch (const fa::invalid_argument& e) {
-      done.set_value(e.what());
-    } catch (const std::exception& e) {
-      done.set_value(std::string("(other exception) ") + e.what());
-    }
-  });
-  if (result.wait_for(std::chrono::seconds(10)) != std::future_status::ready) {
-    ADD_FAILURE() << "blocked for 10 s on the FIFO " << fifo;
-    const auto previous = std::signal(SIGPIPE, SIG_IGN);
-    while (result.wait_for(std::chrono::milliseconds(100)) != std::future_status::ready) {
-      const int fd = ::open(fifo.c_str(), O_RDWR | O_NONBLOCK);
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));
-      if (fd >= 0) ::close(fd);
-    }
-    worker.join();
-    std::signal(SIGPIPE, previous);
-  } else {
-    worker.join();
-  }
-  return result.get();
-}
-
-class Safetensors : public ::testing::Test {
+class Safetensors : public fa::testing::temporary_directory_test {
  protected:
-  void SetUp() override {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    dir_ = fs::temp_directory_path() /
-           ("fastattn_test_safetensors_" + std::to_string(::getpid()) + "_" + info->name());
-    fs::create_directories(dir_);
-  }
-  void TearDown() override {
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
-  }
-  std::string path(const std::string& name) const { return (dir_ / name).string(); }
   std::string write(const std::string& name, const std::string& bytes) const {
     std::ofstream(path(name), std::ios::binary | std::ios::trunc) << bytes;
     return path(name);
@@ -117,8 +75,6 @@ class Safetensors : public ::testing::Test {
       return what;
     }
   }
-
-  fs::path dir_;
 };
 
 TEST_F(Safetensors, RoundTripsEveryWritableDtype) {

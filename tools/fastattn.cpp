@@ -398,22 +398,7 @@ class tool {
   }
 
   int run(int argc, const char* const* argv) {
-    if (argc <= 1) {
-      std::cout << app_.help();
-      return 1;
-    }
-    try {
-      app_.parse(argc, argv);
-    } catch (const CLI::CallForHelp&) {
-      std::cout << app_.help();
-      return 0;
-    }
-    if (const auto extras = app_.remaining(); !extras.empty()) {
-      const std::string& first = extras.front();
-      if (first.rfind('-', 0) == 0)
-        throw tool_error("unknown flag " + first.substr(0, first.find('=')) + " (see --help)");
-      throw tool_error("unexpected argument '" + first + "' (flags start with --; see --help)");
-    }
+    if (const auto status = ft::parse_flags_only(app_, argc, argv)) return *status;
     if (c_.out.empty() && !c_.reference && !errors_.requested())
       throw tool_error(
           "--out is required (or --reference, --estimate-error or --max-error to only measure "

@@ -40,12 +40,14 @@
 #include <cstdint>
 #include <cstdio>
 #include <functional>
+#include <iostream>
 #include <limits>
 #include <map>
 #include <optional>
 #include <set>
 #include <span>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <system_error>
@@ -63,17 +65,37 @@ namespace fastattn_tools {
 // Values: strict parsing and printing by type.
 
 /// The text of a value as the tools print it: numbers in their shortest round-trip form, bools
-/// as true/false.
+/// as true/false (the library's own rule, which its error messages follow).
 template <class T>
 std::string format_value(const T& value) {
-  if constexpr (std::is_same_v<T, bool>) {
-    return value ? "true" : "false";
-  } else {
-    static_assert(std::is_arithmetic_v<T>);
-    char buffer[64];
-    const auto result = std::to_chars(buffer, buffer + sizeof buffer, value);
-    return std::string(buffer, result.ptr);
+  static_assert(std::is_arithmetic_v<T>);
+  return fastattn::detail::to_text(value);
+}
+
+/// Parses the command line into `app`, for tools that take flags only. Returns the exit status
+/// when the run ends with the help: 1 when no argument was given (the help is printed), 0 for
+/// --help. Throws CLI::ParseError for a malformed flag, std::runtime_error naming an unknown flag
+/// or a positional argument.
+inline std::optional<int> parse_flags_only(CLI::App& app, int argc, const char* const* argv) {
+  if (argc <= 1) {
+    std::cout << app.help();
+    return 1;
   }
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp&) {
+    std::cout << app.help();
+    return 0;
+  }
+  if (const auto extras = app.remaining(); !extras.empty()) {
+    const std::string& first = extras.front();
+    if (first.rfind('-', 0) == 0)
+      throw std::runtime_error("unknown flag " + first.substr(0, first.find('=')) +
+                               " (see --help)");
+    throw std::runtime_error("unexpected argument '" + first +
+                             "' (flags start with --; see --help)");
+  }
+  return std::nullopt;
 }
 
 /// What a value of type T looks like, for --help ("INT", "UINT", "X", "BOOL").

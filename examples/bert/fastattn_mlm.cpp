@@ -352,24 +352,7 @@ class mlm_tool {
   }
 
   int run(int argc, const char* const* argv) {
-    if (argc <= 1) {
-      std::cout << app_.help();
-      return 1;
-    }
-    try {
-      app_.parse(argc, argv);
-    } catch (const CLI::CallForHelp&) {
-      std::cout << app_.help();
-      return 0;
-    }
-    if (const auto extras = app_.remaining(); !extras.empty()) {
-      const std::string& first = extras.front();
-      if (first.rfind('-', 0) == 0)
-        throw std::runtime_error("unknown flag " + first.substr(0, first.find('=')) +
-                                 " (see --help)");
-      throw std::runtime_error("unexpected argument '" + first +
-                               "' (flags start with --; see --help)");
-    }
+    if (const auto status = ft::parse_flags_only(app_, argc, argv)) return *status;
     // The kernel, its knobs and the wrappers are resolved and checked before any file is read.
     const bool all = kernel_ == "all";
     if (all) {

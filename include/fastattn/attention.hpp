@@ -258,13 +258,7 @@ template <attention_policy Policy, class DQ, class DK, class DV>
 void attention(const Policy& policy, const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                const Eigen::MatrixBase<DV>& v, view<typename DQ::Scalar> out,
                const options& opt = {}) {
-  using Scalar = typename DQ::Scalar;
-  static_assert(std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>,
-                "fastattn: kernels are defined for float and double");
-  static_assert(
-      std::is_same_v<Scalar, typename DK::Scalar> && std::is_same_v<Scalar, typename DV::Scalar>,
-      "fastattn: q, k and v must have the same scalar type");
-  attention(policy, q, k, v, out, std::span<Scalar>{}, opt);
+  attention(policy, q, k, v, out, std::span<typename DQ::Scalar>{}, opt);
 }
 
 /// As above, and writes into `lse` (L entries) each row's log-sum-exp of its scores,
