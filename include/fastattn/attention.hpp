@@ -32,15 +32,19 @@ namespace fastattn {
 
 /// Options every kernel understands. Lengths left empty mean "all rows are valid".
 struct options {
-  /// Multiplies q.k before the softmax. Default: 1 / sqrt(E). Must be finite and representable
-  /// in the scalar type (|scale| <= its largest value).
+  /// Multiplies q.k before the softmax. Default: 1 / sqrt(E). Must be finite, and 0 or a normal
+  /// number of the scalar type T (|scale| in [numeric_limits<T>::min(), max()]), else the call
+  /// throws.
   std::optional<double> scale{};
-  /// Keys at index >= key_length are padding: they get zero weight. 0 <= key_length <= S.
+  /// Keys at index >= key_length are padding: they get zero weight. 0 <= key_length <= S, else
+  /// the call throws.
   std::optional<index> key_length{};
   /// Queries at index >= query_length are padding: their output rows are zero and they take no
-  /// part in clustering or hashing. 0 <= query_length <= L.
+  /// part in clustering or hashing. 0 <= query_length <= L, else the call throws.
   std::optional<index> query_length{};
-  /// Query i sees keys j <= i only. Kernels whose `supports_causal` is false throw if asked.
+  /// Query i sees keys j <= i only. The call throws for a kernel that is not `causal_capable`
+  /// (neither `supports_causal` nor `provides_lse`); one that provides_lse only is made causal
+  /// by the front door's recursive decomposition.
   bool causal = false;
   /// Input policy. When true (the default) the front door scans the valid rows of q, k and v
   /// (O((L + S) E) reads, a fraction of a percent of any kernel's cost) and throws
@@ -248,12 +252,13 @@ void run_head(const Policy& policy, const const_view<T>& q, const const_view<T>&
 }  // namespace detail
 
 /// Runs `policy` on one head and writes the L x M result into `out` without allocating it.
-/// q is L x E, k is S x E, v is S x M (any Eigen layout; row-major inputs are used in place,
-/// others are copied once, O(N d)). `out` is a row-major L x M matrix or a strided row-major view
-/// that shares no memory with q, k or v.
-/// Throws invalid_argument (before any work) on wrong shapes or lengths, a knob outside its
-/// range, `causal` on a kernel without `supports_causal`, `out` overlapping an input, and, with
-/// `check_finite`, non-finite or overflowing values (see `options`).
+/// q is L x E with E >= 1, k is S x E, v is S x M, all float or all double (any Eigen layout;
+/// row-major inputs are used in place, others are copied once, O(N d)). `out` is a row-major
+/// L x M matrix or a strided row-major view that shares no memory with q, k or v.
+/// Throws fastattn::invalid_argument (before any work) on wrong shapes (E = 0 included), lengths
+/// or `scale` outside their ranges (see `options`), a knob outside its range or rejected by the
+/// policy's `validate()`, `causal` on a kernel that is not `causal_capable`, `out` overlapping an
+/// input, and, with `check_finite`, non-finite or overflowing values (see `options`).
 template <attention_policy Policy, class DQ, class DK, class DV>
 void attention(const Policy& policy, const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                const Eigen::MatrixBase<DV>& v, view<typename DQ::Scalar> out,
@@ -263,8 +268,9 @@ void attention(const Policy& policy, const Eigen::MatrixBase<DQ>& q, const Eigen
 
 /// As above, and writes into `lse` (L entries) each row's log-sum-exp of its scores,
 /// log sum_j exp(scale q_i . k_j) over the keys it sees (for an approximate kernel, the log of the
-/// normaliser its approximation uses; -inf for padded rows and rows that see no key). Requires a
-/// policy that `provides_lse`. Throws as above, and when lse.size() != L.
+/// normaliser its approximation uses; -inf for padded rows and rows that see no key). An empty
+/// `lse` asks for nothing. Throws as above, and, when lse is not empty, if the policy does not
+/// `provides_lse`, lse.size() != L, or M = 0.
 template <attention_policy Policy, class DQ, class DK, class DV>
 void attention(const Policy& policy, const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                const Eigen::MatrixBase<DV>& v, view<typename DQ::Scalar> out,
@@ -299,7 +305,7 @@ void attention(const Policy& policy, const Eigen::MatrixBase<DQ>& q, const Eigen
 
 /// Runs `policy` on one head: returns softmax(scale * q k^T) v, or the kernel's approximation of
 /// it, as an L x M matrix with q's storage order. q is L x E, k is S x E, v is S x M, all float or
-/// all double. Throws as the overload above.
+/// all double. Throws as the overload that takes `out` (never about `out`).
 template <attention_policy Policy, class DQ, class DK, class DV>
 auto attention(const Policy& policy, const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                const Eigen::MatrixBase<DV>& v, const options& opt = {}) {
@@ -313,11 +319,13 @@ auto attention(const Policy& policy, const Eigen::MatrixBase<DQ>& q, const Eigen
   }
 }
 
-/// Frees the calling thread's kernel scratch (fastattn keeps it between calls so that repeated
-/// calls allocate nothing). Call it outside any kernel, e.g. after a long sequence is done.
+/// Frees the calling thread's kernel scratch, arena and workspaces (fastattn keeps them between
+/// calls so that repeated calls allocate nothing). Call it outside any kernel, e.g. after a long
+/// sequence is done; while the thread's arena is in use (inside a kernel) it frees nothing.
 inline void release_scratch() noexcept { detail::arena::local().release_all(); }
 
-/// Bytes of kernel scratch the calling thread currently keeps.
+/// Bytes the calling thread's scratch arena currently reserves (the per-thread workspaces'
+/// vectors, which `release_scratch` also frees, are not counted).
 inline std::size_t scratch_bytes() noexcept { return detail::arena::local().capacity(); }
 
 }  // namespace fastattn

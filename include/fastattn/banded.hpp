@@ -28,24 +28,27 @@ namespace fastattn {
 /// exact when P is exact, an approximation otherwise.
 ///
 /// Cost: P's cost plus local's, O(N window d), plus O(N window (E + M)) for the exclusion.
-/// Name and flags: it is P (`name` is P's); its knobs are P's plus `window`.
+/// Name and flags: it is P (`name` is P's); its knobs are P's (in `inner`, checked by validate())
+/// plus `window` (`knobs()` lists `window` only). P must satisfy `provides_lse` (a static_assert).
 template <class Inner>
 struct banded {
   static_assert(provides_lse<Inner>, "fastattn::banded needs a kernel that returns its log-sum-exp");
-  static constexpr std::string_view name = Inner::name;
-  static constexpr bool is_exact = Inner::is_exact;
-  static constexpr bool supports_causal = true;
+  static constexpr std::string_view name = Inner::name;  ///< P's name
+  static constexpr bool is_exact = Inner::is_exact;      ///< exact when P is
+  static constexpr bool supports_causal = true;          ///< P natively or by decomposition
 
   Inner inner{};      ///< the kernel for the keys outside the band
-  index window = 16;  ///< keys within this distance of a query are exact
+  index window = 16;  ///< keys within this distance of a query are exact, in [0, 2^30]
 
+  /// The `window` knob and its range, checked by the front door (see make_knob).
   static constexpr auto knobs() {
     return std::make_tuple(make_knob("window", &banded::window,
                                      "exact local band: keys within W positions of a query", 0,
                                      index{1} << 30));
   }
 
-  /// Checks the inner kernel's knobs (the front door checks `window`).
+  /// Checks the inner kernel's knobs (the front door checks `window`): throws
+  /// fastattn::invalid_argument as fastattn::validate(inner) does.
   void validate() const { fastattn::validate(inner); }
 
   /// Preconditions (ensured by the front door): knobs in range, Lv >= 1, Sv >= 1. `lse`, when

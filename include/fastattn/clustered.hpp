@@ -42,28 +42,30 @@ namespace fastattn {
 /// comes from detail::rng(seed, ctx.stream), so the same seed gives the same bits, and
 /// multihead_attention gives the same output on any thread count.
 struct clustered {
-  static constexpr std::string_view name = "clustered";
-  static constexpr bool is_exact = false;
-  static constexpr bool supports_causal = true;
-  static constexpr bool supports_exclusion = true;  ///< honours context::exclude (see banded)
+  static constexpr std::string_view name = "clustered";  ///< its name in tools and messages
+  static constexpr bool is_exact = false;                ///< an approximation
+  static constexpr bool supports_causal = true;          ///< by decomposition (see above)
+  static constexpr bool supports_exclusion = true;       ///< honours context::exclude (banded)
   /// Below this many queries (and keys) exact attention is faster (the benchmark's crossover).
   static constexpr index dense_crossover = 256;
 
-  /// Number of clusters C, in [1, 2^32 - 1]. More clusters: lower error, cost linear in C. When C exceeds the
-  /// valid queries Lv, Lv clusters are used (each query can then be its own cluster).
+  /// Number of clusters C, in [1, 2^32 - 1]. More clusters: lower error, cost linear in C.
+  /// When C exceeds the valid queries Lv, Lv clusters are used (each query can then be its own
+  /// cluster).
   index clusters = 100;
   /// Hash length B in bits, in [1, 64] (63 in the paper: one 64-bit word per query).
   int bits = 63;
-  /// K-means assignment passes, >= 1, with iterations - 1 centroid updates between them
+  /// K-means assignment passes, in [1, INT_MAX], with iterations - 1 centroid updates between them
   /// (1 = assign to the initial centroids only). Passes stop early, with the same result, once
   /// the clustering is a fixed point.
   int iterations = 10;
   /// Whether the hyperplanes have random thresholds (the paper's hashing); false gives sign
   /// hashing through the origin with the same hyperplanes.
   bool hash_bias = true;
-  /// Seed of every random draw (split per head by ctx.stream).
+  /// Seed of every random draw (split per head by ctx.stream), any value.
   std::uint64_t seed = 0;
 
+  /// The knobs and their ranges, checked by the front door (see make_knob).
   static constexpr auto knobs() { return detail::clustering_knob_list<clustered>(); }
 
   /// Preconditions (ensured by the front door): knobs in range, Lv >= 1, Sv >= 1. `lse`, when

@@ -22,14 +22,15 @@ namespace fastattn {
 /// causal skips the key blocks above the diagonal (about half). A row with no visible key
 /// outputs zeros.
 struct dense {
-  static constexpr std::string_view name = "dense";
-  static constexpr bool is_exact = true;
-  static constexpr bool supports_causal = true;
+  static constexpr std::string_view name = "dense";  ///< its name in tools and messages
+  static constexpr bool is_exact = true;             ///< exact, up to rounding
+  static constexpr bool supports_causal = true;      ///< natively, skipping masked blocks
 
   // Defaults tuned on an AVX-512 core at E = M = 64 (a 128 x 512 float score tile is 256 KiB).
   index query_block = 128;  ///< queries per block, in [1, 4096]
   index key_block = 512;    ///< keys per block, in [1, 65536]
 
+  /// The knobs and their ranges, checked by the front door (see make_knob).
   static constexpr auto knobs() {
     return std::make_tuple(
         make_knob("query_block", &dense::query_block, "queries per block", 1, 4096),
@@ -37,7 +38,8 @@ struct dense {
                   "keys per block streamed through the online softmax", 1, 65536));
   }
 
-  /// Throws invalid_argument when the score tile query_block x key_block exceeds 2^24 entries.
+  /// Checks across knobs. Throws fastattn::invalid_argument (naming key_block) when the score
+  /// tile query_block x key_block exceeds 2^24 entries.
   void validate() const {
     if (query_block * key_block > (index{1} << 24))
       detail::fail("key_block", "dense: query_block * key_block must be at most 2^24 (a 64 MiB ",

@@ -15,6 +15,7 @@
 
 namespace fastattn {
 
+/// Eigen's signed index type: extents, lengths, positions and strides.
 using index = Eigen::Index;
 
 /// The one exception type fastattn throws for caller errors (shapes, options, lengths, knobs,
@@ -24,6 +25,7 @@ using index = Eigen::Index;
 /// is the one-line form "fastattn: [sample b, ][head h: ]message", built here and nowhere else.
 class invalid_argument : public std::invalid_argument {
  public:
+  /// An error about `argument` saying `message`, optionally located at (sample, head).
   invalid_argument(std::string argument, std::string message, std::optional<index> sample = {},
                    std::optional<index> head = {})
       : std::invalid_argument(format(message, sample, head)),
@@ -36,11 +38,13 @@ class invalid_argument : public std::invalid_argument {
   const std::string& argument() const noexcept { return argument_; }
   /// The message without the "fastattn: " prefix and without the location.
   const std::string& message() const noexcept { return message_; }
-  /// Which sample and head of a multi-head call, when the error is about one.
+  /// Which sample of a multi-head call, when the error is about one (the driver leaves it empty
+  /// when B = 1).
   std::optional<index> sample() const noexcept { return sample_; }
+  /// Which head of a multi-head call, when the error is about one.
   std::optional<index> head() const noexcept { return head_; }
 
-  /// The same error located at (sample, head).
+  /// The same error (argument and message) located at (sample, head) instead.
   invalid_argument at(std::optional<index> sample, std::optional<index> head) const {
     return {argument_, message_, sample, head};
   }

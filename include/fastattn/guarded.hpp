@@ -132,9 +132,8 @@ class ratio_accumulator {
 ///    is finite), `samples` rows are drawn and computed exactly (dense's algorithm: causal rows
 ///    see keys j <= i, padded keys none) and the head's relative error is estimated (below).
 /// 3. When the estimate exceeds `tolerance` (or is NaN), the head is recomputed by dense's
-/// algorithm with
-///    dense's default tiles (128 x 512): its output (and log-sum-exp) are then bit for bit those
-///    of `fastattn::dense{}`; report.fell_back = true.
+///    algorithm with dense's default tiles (128 x 512): its output (and log-sum-exp) are then bit
+///    for bit those of `fastattn::dense{}`; report.fell_back = true.
 /// Nothing else is added: with an infinite tolerance and no report, guarded<P> is P (plus the
 /// min_length switch).
 ///
@@ -204,25 +203,26 @@ class ratio_accumulator {
 template <class Inner>
 struct guarded {
   static_assert(attention_policy<Inner>, "fastattn::guarded wraps an attention policy");
-  static constexpr std::string_view name = Inner::name;
-  static constexpr bool is_exact = Inner::is_exact;
-  static constexpr bool supports_causal = causal_capable<Inner>;
+  static constexpr std::string_view name = Inner::name;           ///< P's name
+  static constexpr bool is_exact = Inner::is_exact;               ///< P's
+  static constexpr bool supports_causal = causal_capable<Inner>;  ///< natively or by decomposition
   /// Nominal coverage of the reported intervals.
   static constexpr double confidence = 0.95;
 
   Inner inner{};  ///< the kernel
-  /// A head whose estimated relative error exceeds this is recomputed exactly, in [0, +inf];
-  /// +inf (the default): estimate only, never fall back.
+  /// A head whose estimated relative error exceeds this (or is NaN) is recomputed exactly, in
+  /// [0, +inf] (not NaN); +inf (the default): estimate only, never fall back.
   double tolerance = std::numeric_limits<double>::infinity();
   index samples = 32;  ///< rows drawn and computed exactly per head, in [1, 2^20]
-  /// Valid queries below which dense attention is used without running the kernel, >= 0
-  /// (default: dense_crossover<Inner>).
+  /// Valid queries below which dense attention is used without running the kernel, in
+  /// [0, max index] (default: dense_crossover<Inner>).
   index min_length = dense_crossover<Inner>;
   std::uint64_t seed = 0;  ///< seed of the sampled rows (split per head by ctx.stream)
-  /// Where each head's estimate goes (report[ctx.stream]); empty: no report. For
-  /// multihead_attention it needs B * H entries.
+  /// Where each head's estimate goes (report[ctx.stream]); empty: no report. Not a knob. For
+  /// multihead_attention it needs B * H entries; too short a span makes compute throw.
   std::span<error_estimate> report{};
 
+  /// The knobs (tolerance, samples, min_length, seed) and their ranges, checked by the front door.
   static constexpr auto knobs() {
     return std::make_tuple(
         make_knob("tolerance", &guarded::tolerance,
@@ -237,7 +237,8 @@ struct guarded {
         make_knob("seed", &guarded::seed, "seed of the rows sampled for the error estimate"));
   }
 
-  /// Checks the inner kernel's knobs (the front door checks guarded's own).
+  /// Checks the inner kernel's knobs (the front door checks guarded's own): throws
+  /// fastattn::invalid_argument as fastattn::validate(inner) does.
   void validate() const { fastattn::validate(inner); }
 
   /// Preconditions (ensured by the front door): knobs in range, Lv >= 1, Sv >= 1. Throws
@@ -249,7 +250,7 @@ struct guarded {
   }
 
   /// As above; `lse`, when not empty, receives each valid row's log-sum-exp: P's when P's output
-  /// is kept, dense's when the head runs dense.
+  /// is kept, dense's when the head runs dense. Only when P `provides_lse`. Throws as above.
   template <class T>
   void compute(const_view<T> q, const_view<T> k, const_view<T> v, view<T> out, const context& ctx,
                std::span<T> lse) const requires provides_lse<Inner> {
@@ -258,7 +259,9 @@ struct guarded {
 
   /// The estimate of P's error on one head, as compute makes it: `approx` holds P's output rows
   /// [0, ctx.query_length) for q, k, v and ctx; the draws depend on `seed` and ctx.stream.
-  /// fell_back is false. Preconditions as for compute.
+  /// fell_back is false. Preconditions as for compute, and `approx` has at least
+  /// ctx.query_length rows of v's width. Does not use `report` or `tolerance`; does not throw
+  /// invalid_argument.
   template <class T>
   error_estimate estimate(const const_view<T>& q, const const_view<T>& k, const const_view<T>& v,
                           const const_view<T>& approx, const context& ctx) const {
@@ -285,8 +288,8 @@ struct guarded {
     double* const p = arena.take<double>(static_cast<std::size_t>(Lv));
     double* const cumulative = arena.take<double>(static_cast<std::size_t>(Lv));
     double total = 0;
-    for (index i = 0; i < Lv; ++i) {
-      p[i] = approx.row(i).template cast<double>().squaredNorm();
+    for (index i = 0; i < Lv; ++i) {  // (a float sum of M squares suffices for a probability)
+      p[i] = static_cast<double>(approx.row(i).squaredNorm());
       total += p[i];
     }
     const bool by_norm = total > 0 && std::isfinite(total);
@@ -320,9 +323,15 @@ struct guarded {
     }
 
     // The drawn rows, exactly: gathered into one call, or one call per row when causal (row i
-    // sees keys [0, min(i + 1, Sv))).
+    // sees keys [0, min(i + 1, Sv))). The few drawn rows take wide key tiles (up to 2^18 scores,
+    // 1 MiB in float): one pass over the keys at n = 32 and S <= 8192, where dense's 128 x 512
+    // tiles would make eight small products, each packing its operands (the estimate then cost
+    // 1.6x more at S = 4096).
     auto rows = detail::scratch_matrix<T>(unique, M);
-    const detail::tiles tiles{exact.query_block, exact.key_block};
+    const detail::tiles tiles{
+        std::min<index>(unique, exact.query_block),
+        std::max<index>(exact.key_block,
+                        (index{1} << 18) / std::min<index>(unique, exact.query_block))};
     if (!ctx.causal) {
       auto gathered = detail::scratch_matrix<T>(unique, E);
       for (index r = 0; r < unique; ++r) gathered.row(r) = q.row(drawn[r]);

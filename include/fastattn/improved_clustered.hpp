@@ -42,27 +42,29 @@ namespace fastattn {
 /// Padding, determinism and the clamp of `clusters` to the valid queries are as for clustered.
 /// Causal attention runs by the recursive decomposition of detail/causal.hpp.
 struct improved_clustered {
-  static constexpr std::string_view name = "improved_clustered";
-  static constexpr bool is_exact = false;
-  static constexpr bool supports_causal = true;
-  static constexpr bool supports_exclusion = true;  ///< honours context::exclude (see banded)
+  static constexpr std::string_view name = "improved_clustered";  ///< its name in tools
+  static constexpr bool is_exact = false;                         ///< exact only if topk >= Sv
+  static constexpr bool supports_causal = true;                   ///< by decomposition
+  static constexpr bool supports_exclusion = true;                ///< honours context::exclude
   /// Below this many queries (and keys) exact attention is faster (the benchmark's crossover).
   static constexpr index dense_crossover = 1024;
 
-  /// Number of clusters C, in [1, 2^32 - 1]; clamped to the valid queries Lv (see clustered::clusters).
+  /// Number of clusters C, in [1, 2^32 - 1]; clamped to the valid queries Lv (see
+  /// clustered::clusters).
   index clusters = 100;
   /// Hash length B in bits, in [1, 64].
   int bits = 63;
-  /// K-means assignment passes, >= 1 (see clustered::iterations).
+  /// K-means assignment passes, in [1, INT_MAX] (see clustered::iterations).
   int iterations = 10;
   /// Whether the hyperplanes have random thresholds (see clustered::hash_bias).
   bool hash_bias = true;
-  /// Seed of every random draw (split per head by ctx.stream).
+  /// Seed of every random draw (split per head by ctx.stream), any value.
   std::uint64_t seed = 0;
   /// Keys per cluster attended exactly, >= 1 (32 in the paper); clamped to the valid keys Sv,
   /// where the kernel becomes exact.
   index topk = 32;
 
+  /// The knobs and their ranges (clustered's plus topk), checked by the front door.
   static constexpr auto knobs() {
     return std::tuple_cat(
         detail::clustering_knob_list<improved_clustered>(),

@@ -21,12 +21,13 @@ namespace fastattn {
 /// O(b (b + 2 window + E + M)). Keys at and beyond key_length are never seen; a query whose
 /// window holds no valid key outputs zeros (lse -inf).
 struct local {
-  static constexpr std::string_view name = "local";
-  static constexpr bool is_exact = false;  // exact on its window only
-  static constexpr bool supports_causal = true;
+  static constexpr std::string_view name = "local";  ///< its name in tools and messages
+  static constexpr bool is_exact = false;            ///< exact on its window only
+  static constexpr bool supports_causal = true;      ///< natively (the window's earlier side)
 
-  index window = 16;  ///< keys on each side of the query (earlier side only when causal)
+  index window = 16;  ///< keys seen on each side, in [0, 2^30] (earlier side only if causal)
 
+  /// The knob and its range, checked by the front door (see make_knob).
   static constexpr auto knobs() {
     return std::make_tuple(make_knob("window", &local::window,
                                      "keys seen on each side of a query (earlier only if causal)",

@@ -45,8 +45,10 @@ void merge_row(OutRow&& out, T& lse, const PartRow& part, T part_lse) {
 /// their union: `out` and `lse` (L x M and L entries: the log-sum-exp of each row's scores, as
 /// the front door returns it) are updated in place with `part` and `part_lse`. Exact when the
 /// parts are exact; rows of a part that saw no key (lse = -inf) contribute nothing; no overflow
-/// for large scores; NaN propagates.
-/// Throws invalid_argument when the shapes differ (before changing anything).
+/// for large scores. A NaN part_lse makes the row and its lse NaN; a row whose lse is already
+/// NaN is left as it is. The key sets must be disjoint (not checked).
+/// Throws fastattn::invalid_argument (before changing anything) when part is not out's shape or
+/// lse and part_lse do not both have one entry per row of out.
 template <class T>
 void merge_attention(view<T> out, std::span<T> lse, const_view<T> part,
                      std::span<const T> part_lse) {

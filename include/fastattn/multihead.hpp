@@ -25,24 +25,32 @@ namespace fastattn {
 /// larger `token_stride` views one slice of a fused projection (e.g. the Q part of a
 /// (B, L, 3 * H * E) QKV buffer, with data offset to it); `head_stride = length * dim` with
 /// `token_stride = dim` views a (B, H, L, E) buffer, such as (H, L, E) arrays with B = 1.
+/// multihead_attention throws fastattn::invalid_argument (naming the tensor) unless batch,
+/// length, dim >= 0, heads >= 1, every stride >= 0, data is not null when the tensor has an
+/// element, and every offset addressed fits in an index; for `out`, also unless its elements are
+/// distinct (no two heads or tokens overlap).
 template <class T>
 struct tensor_view {
-  T* data = nullptr;
-  index batch = 0;
-  index length = 0;
-  index heads = 0;
-  index dim = 0;
+  T* data = nullptr;       ///< element (0, 0, 0, 0); may be null when the tensor has no element
+  index batch = 0;         ///< samples B, >= 0
+  index length = 0;        ///< tokens per sample (L or S), >= 0
+  index heads = 0;         ///< heads H, >= 1
+  index dim = 0;           ///< features per head (E or M), >= 0
   index token_stride = 0;  ///< 0 means heads * head_stride
   index batch_stride = 0;  ///< 0 means one sample's span (see above)
   index head_stride = 0;   ///< 0 means dim
 
+  /// The head stride in effect (head_stride, or dim when it is 0).
   index head_step() const noexcept { return head_stride ? head_stride : dim; }
+  /// The token stride in effect (token_stride, or heads * head_step() when it is 0).
   index row_stride() const noexcept { return token_stride ? token_stride : heads * head_step(); }
+  /// The batch stride in effect (batch_stride, or the default above when it is 0).
   index sample_stride() const noexcept {
     return batch_stride ? batch_stride : std::max(length * row_stride(), heads * head_step());
   }
-  /// Where head (b, h) starts. An empty tensor (length or dim 0) may have null data, and its
-  /// heads are never read, so it gets `data` itself: no offset from a null pointer.
+  /// Where head (b, h) starts, for 0 <= b < batch and 0 <= h < heads (not checked). An empty
+  /// tensor (length or dim 0) may have null data, and its heads are never read, so it gets
+  /// `data` itself: no offset from a null pointer.
   T* head(index b, index h) const noexcept {
     if (length == 0 || dim == 0) return data;
     return data + b * sample_stride() + h * head_step();
@@ -54,11 +62,11 @@ struct multihead_options {
   /// scale and causal apply to every head; key_length / query_length apply to every sample
   /// unless the per-sample spans below are given.
   options common{};
-  std::span<const index> query_lengths{};  ///< empty, or one valid query length per sample
-  std::span<const index> key_lengths{};    ///< empty, or one valid key length per sample
-  /// OpenMP threads, in [0, max_threads]; 0 = OpenMP's default.
+  std::span<const index> query_lengths{};  ///< empty, or one length in [0, L] per sample
+  std::span<const index> key_lengths{};    ///< empty, or one length in [0, S] per sample
+  /// OpenMP threads, in [0, max_threads]; 0 = OpenMP's default. Ignored without OpenMP.
   int threads = 0;
-  static constexpr int max_threads = 1024;
+  static constexpr int max_threads = 1024;  ///< the largest `threads` accepted
 };
 
 namespace detail {
@@ -170,8 +178,15 @@ void check_tensor_no_alias(const char* name, const tensor_view<const T>& in,
 /// Everything is checked before any work starts, on the calling thread: shapes, strides (no
 /// offset may overflow, out's elements must be distinct), lengths, the policy's knobs, `threads`,
 /// out sharing memory with an input, and (with common.check_finite) the values of every head.
-/// Errors are `invalid_argument` located at the sample and head (`sample()`, `head()`; the sample
-/// is omitted when B = 1).
+/// Throws fastattn::invalid_argument on a violation, as `attention` does for one head, plus:
+/// tensor extents or strides out of range (see tensor_view), batch sizes that differ, heads that
+/// do not match (out's = q's, v's = k's, k's dividing q's), k and v lengths that differ, per-sample
+/// spans of the wrong size, `threads` out of range. An error about one sample's lengths or options
+/// carries `sample()`, about one head's values `sample()` and `head()` (the sample is omitted when
+/// B = 1); shape errors carry neither. A policy's own error from inside `compute` (guarded's
+/// `report` too short) is rethrown after the other heads ran, unlocated; `out` is then
+/// unspecified. With B = 0 the per-sample checks (q and k dims, scale, lengths, causal) do not
+/// run.
 template <attention_policy Policy, class T>
 void multihead_attention(const Policy& policy, tensor_view<const T> q, tensor_view<const T> k,
                          tensor_view<const T> v, tensor_view<T> out,
@@ -180,8 +195,8 @@ void multihead_attention(const Policy& policy, tensor_view<const T> q, tensor_vi
 }
 
 /// As above, and writes each row's log-sum-exp (see `attention`) into `lse`, B x H x L entries in
-/// that order (head (b, h)'s L entries at (b H + h) L). Requires a policy that `provides_lse`;
-/// throws when lse.size() != B H L.
+/// that order (head (b, h)'s L entries at (b H + h) L); empty: not asked. Throws as above, and,
+/// when lse is not empty, if the policy does not `provides_lse`, lse.size() != B H L, or M = 0.
 template <attention_policy Policy, class T>
 void multihead_attention(const Policy& policy, tensor_view<const T> q, tensor_view<const T> k,
                          tensor_view<const T> v, tensor_view<T> out, const multihead_options& opt,
@@ -280,7 +295,7 @@ void multihead_attention(const Policy& policy, tensor_view<const T> q, tensor_vi
                        lse.empty() ? lse
                                    : lse.subspan(static_cast<std::size_t>(task * q.length),
                                                  static_cast<std::size_t>(q.length)));
-    } catch (...) {  // only allocation failures can reach here: everything was checked above
+    } catch (...) {  // allocation failures, or a policy's own error (guarded's report size)
 #if defined(_OPENMP)
 #pragma omp critical(fastattn_multihead_error)
 #endif

@@ -37,10 +37,13 @@ using view = Eigen::Ref<matrix<T>, 0, Eigen::OuterStride<>>;
 /// i + lower <= j <= i + upper. Causal visibility is `band::causal()` = {-unbounded, 0}; a local
 /// window of w keys on both sides is {-w, w}, on earlier keys only {-w, 0}.
 struct band {
+  /// A side at +-unbounded is open: max / 4, beyond any position, so positions added to it
+  /// cannot overflow.
   static constexpr index unbounded = std::numeric_limits<index>::max() / 4;
-  index lower = -unbounded;
-  index upper = unbounded;
+  index lower = -unbounded;  ///< smallest key offset j - i in the band
+  index upper = unbounded;   ///< largest key offset j - i in the band
 
+  /// Keys at or before the query: {-unbounded, 0}.
   static constexpr band causal() noexcept { return {-unbounded, 0}; }
   /// The same band for a tile whose first query is i0 and first key j0 (row r, column c of the
   /// tile are query i0 + r, key j0 + c).
@@ -61,7 +64,7 @@ struct band {
 
 /// Options after validation against the shapes: what a kernel's `compute` receives.
 struct context {
-  double scale;          ///< resolved scale, finite and representable in the scalar type
+  double scale;          ///< resolved scale: finite, 0 or normal in the scalar type
   index query_length;    ///< valid queries Lv, >= 1 when compute is called
   index key_length;      ///< valid keys Sv, >= 1 when compute is called
   bool causal;           ///< query i sees keys j <= i
@@ -82,7 +85,8 @@ struct context {
 ///
 /// - `P::name`: a `std::string_view`, the kernel's name in benchmarks and tools;
 /// - `P::is_exact`: true when the output equals softmax(s Q K^T) V up to rounding;
-/// - `P::supports_causal`: whether `context::causal` may be true;
+/// - `P::supports_causal`: whether `compute` may be called with `context::causal` true (a
+///   policy that says false but `provides_lse` is made causal by the front door instead);
 /// - `p.compute(q, k, v, out, ctx)` for float and double: writes rows [0, ctx.query_length) of
 ///   the L x M output. The front door has already validated shapes, lengths, knobs and values,
 ///   zeroed the padded rows, and handled the empty cases: compute sees Lv >= 1 and Sv >= 1, must
@@ -143,17 +147,20 @@ inline constexpr bool causal_capable = P::supports_causal || provides_lse<P>;
 /// knobs NaN is never valid). Build it with `make_knob`.
 template <class Policy, class Member>
 struct knob {
-  using policy_type = Policy;
-  using value_type = Member;
+  using policy_type = Policy;  ///< the policy the knob belongs to
+  using value_type = Member;   ///< the knob's type
 
-  std::string_view name;
-  Member Policy::*member;
-  std::string_view help;
-  Member min;
-  Member max;
+  std::string_view name;   ///< the member's name, e.g. "cluster_size"
+  Member Policy::*member;  ///< the public data member it describes
+  std::string_view help;   ///< one line for the tools' help
+  Member min;              ///< smallest valid value
+  Member max;              ///< largest valid value
 
+  /// The knob's value in `p`.
   constexpr const Member& get(const Policy& p) const noexcept { return p.*member; }
+  /// The knob's value in `p`, writable.
   constexpr Member& get(Policy& p) const noexcept { return p.*member; }
+  /// Whether min <= value <= max (false for NaN).
   constexpr bool valid(const Member& value) const noexcept {
     return value >= min && value <= max;  // false for NaN
   }
@@ -166,7 +173,7 @@ struct knob {
   }
 };
 
-/// A knob of `member`, valid in [min, max].
+/// A knob of `member`, valid in [min, max] (min <= max, not checked).
 template <class Policy, class Member>
 constexpr knob<Policy, Member> make_knob(std::string_view name, Member Policy::*member,
                                          std::string_view help, std::type_identity_t<Member> min,
@@ -211,7 +218,7 @@ void validate(const P& policy) {
 /// A compile-time list of policies (see `fastattn::kernels` in fastattn.hpp).
 template <class... Policies>
 struct kernel_list {
-  static constexpr std::size_t size = sizeof...(Policies);
+  static constexpr std::size_t size = sizeof...(Policies);  ///< number of policies
 
   /// Calls f(std::type_identity<P>{}) for each policy, in order.
   template <class F>

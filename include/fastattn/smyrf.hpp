@@ -37,8 +37,8 @@ namespace fastattn {
 ///    output o_h,i and the log-sum-exp lse_h,i of its scores.
 ///
 /// The rounds are merged as O_i = sum_h o_h,i exp(lse_h,i - logsumexp_h lse_h,i), in the log
-/// domain by `merge_row` (merge.hpp: no overflow however large the scores). A query sees the union of its clusters' keys,
-/// each key counted once per round it shares with the query.
+/// domain by `merge_row` (merge.hpp: no overflow however large the scores). A query sees the
+/// union of its clusters' keys, each key counted once per round it shares with the query.
 ///
 /// Cost: O(hashes (Lv + Sv) E) for the projections (one (Lv x E)(E x hashes) product and one for
 /// the keys), O(hashes (Lv + Sv)) for the sorts (stable radix sorts: at most 4 passes for float
@@ -57,15 +57,16 @@ namespace fastattn {
 /// Knobs (checked by the front door before any work; a violation throws
 /// `fastattn::invalid_argument` naming it):
 /// - `hashes` in [1, 1024]: hashing rounds. More rounds cost linearly and lower the error.
-/// - `cluster_size` >= 1: the largest number of queries in a cluster (the paper's 2 x 32 and
-///   2 x 16 were BERT settings at L = 128). `cluster_size >= Lv` makes one cluster holding every
-///   query and key: the output is then exact attention (up to rounding) for any `hashes`.
-/// - `r` > 0 and finite: the width of the E2LSH offset beta ~ U(0, r). Since the hash is not
-///   floored, beta shifts every hash of a round by the same amount and does not change the sorted
-///   orders (up to rounding of near-ties); the knob is kept for fidelity to the paper.
-/// - `seed`: every random draw comes from `detail::rng(seed, context::stream)`: the same seed gives
-///   bit-identical output, and the multi-head driver gives each (batch, head) its own stream, so
-///   the result does not depend on the thread count.
+/// - `cluster_size` in [1, 2^31]: the largest number of queries in a cluster (the paper's 2 x 32
+///   and 2 x 16 were BERT settings at L = 128). `cluster_size >= Lv` makes one cluster holding
+///   every query and key: the output is then exact attention (up to rounding) for any `hashes`.
+/// - `r` > 0 and finite (at least the smallest normal double): the width of the E2LSH offset
+///   beta ~ U(0, r). Since the hash is not floored, beta shifts every hash of a round by the same
+///   amount and does not change the sorted orders (up to rounding of near-ties); the knob is kept
+///   for fidelity to the paper.
+/// - `seed` (any value): every random draw comes from `detail::rng(seed, context::stream)`: the
+///   same seed gives bit-identical output, and the multi-head driver gives each (batch, head) its
+///   own stream, so the result does not depend on the thread count.
 ///
 /// Edge cases (defined here; the reference implementation asserts or crashes on them):
 /// - any Lv, Sv, L != S, Lv not a multiple of cluster_size: clusters are near-equal as above;
@@ -77,18 +78,19 @@ namespace fastattn {
 ///   read (the front door zeroes padded rows and handles Lv = 0 and Sv = 0).
 /// - causal attention runs by the recursive decomposition of detail/causal.hpp.
 struct smyrf {
-  static constexpr std::string_view name = "smyrf";
-  static constexpr bool is_exact = false;
-  static constexpr bool supports_causal = true;
-  static constexpr bool supports_exclusion = true;  ///< honours context::exclude (see banded)
+  static constexpr std::string_view name = "smyrf";  ///< its name in tools and messages
+  static constexpr bool is_exact = false;            ///< an approximation
+  static constexpr bool supports_causal = true;      ///< by decomposition (see above)
+  static constexpr bool supports_exclusion = true;   ///< honours context::exclude (see banded)
   /// Below this many queries (and keys) exact attention is faster (the benchmark's crossover).
   static constexpr index dense_crossover = 256;
 
   index hashes = 2;         ///< hashing rounds, in [1, 1024]
   index cluster_size = 64;  ///< queries per cluster at most, in [1, 2^31]
-  double r = 1.0;           ///< E2LSH offset width, finite and > 0
-  std::uint64_t seed = 0;   ///< seed of every random draw
+  double r = 1.0;           ///< E2LSH offset width, in [DBL_MIN, DBL_MAX] (positive, finite)
+  std::uint64_t seed = 0;   ///< seed of every random draw, any value
 
+  /// The knobs and their ranges, checked by the front door (see make_knob).
   static constexpr auto knobs() {
     return std::make_tuple(
         make_knob("hashes", &smyrf::hashes, "hashing rounds", 1, 1024),

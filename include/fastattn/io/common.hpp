@@ -150,11 +150,12 @@ inline void read_exact(std::ifstream& in, const std::string& path, void* out, st
 
 }  // namespace detail
 
-/// Opens `path` for binary reading and returns its size in bytes. Only a regular file (or a
-/// symbolic link to one) is opened: anything else is refused before it is opened, naming what it
-/// is ("is a FIFO, not a regular file"), so a FIFO without a writer or a device never blocks the
-/// caller. Throws fastattn::invalid_argument "fastattn: <path>: <cause>" with the real cause
-/// (no such file, permission denied, is a directory, ...).
+/// Opens `path` into `in` (not yet open) for binary reading, positioned at the start, and returns
+/// its size in bytes. Only a regular file (or a symbolic link to one) is opened: anything else is
+/// refused before it is opened, naming what it is ("is a FIFO, not a regular file"), so a FIFO
+/// without a writer or a device never blocks the caller. Throws fastattn::invalid_argument
+/// "fastattn: <path>: <cause>" with the real cause (no such file, permission denied, is a
+/// directory, ...).
 inline std::uint64_t open_regular_file(const std::string& path, std::ifstream& in) {
   namespace fs = std::filesystem;
   std::error_code ec;
@@ -184,6 +185,8 @@ inline std::uint64_t open_regular_file(const std::string& path, std::ifstream& i
 /// whether the data reached the file; the destructor closes silently.
 class output_file {
  public:
+  /// Creates or truncates `path`. Throws fastattn::invalid_argument when it is a directory, FIFO
+  /// or socket, or cannot be opened for writing.
   explicit output_file(std::string path) : path_(std::move(path)) {
     namespace fs = std::filesystem;
     std::error_code ec;
@@ -205,8 +208,11 @@ class output_file {
     if (file_ != nullptr) std::fclose(file_);
   }
 
+  /// The path given to the constructor.
   const std::string& path() const { return path_; }
 
+  /// Appends `bytes` bytes from `data` (which may be null when bytes is 0). Throws
+  /// fastattn::invalid_argument on a write error or after close().
   void write(const void* data, std::size_t bytes) {
     if (file_ == nullptr) detail::fail(path_, "write error: the file is already closed");
     if (bytes == 0) return;
@@ -216,9 +222,11 @@ class output_file {
       detail::fail(path_, "write error: " + detail::errno_text(error));
     }
   }
+  /// Appends `text`; throws as above.
   void write(std::string_view text) { write(text.data(), text.size()); }
 
-  /// Flushes and closes; throws with the reason when the data could not be written.
+  /// Flushes and closes; throws fastattn::invalid_argument with the reason when the data could
+  /// not be written. Does nothing when already closed.
   void close() {
     if (file_ == nullptr) return;
     std::FILE* f = file_;

@@ -31,11 +31,12 @@
 
 namespace fastattn::io {
 
-/// Element types the reader understands.
+/// Element types the reader understands: float32 ('<f4') and float64 ('<f8'), little-endian.
 enum class npy_dtype { float32, float64 };
 
 /// What a .npy header says, without the data.
 struct npy_header {
+  /// The element type ('descr').
   npy_dtype dtype = npy_dtype::float32;
   std::vector<index> shape;       ///< empty for a 0-d array (one element)
   std::uint64_t data_offset = 0;  ///< byte offset of the first element
@@ -45,8 +46,8 @@ struct npy_header {
 /// An array read from a .npy file: shape and data in C order, converted to T.
 template <class T>
 struct npy_array {
-  std::vector<index> shape;
-  std::vector<T> data;
+  std::vector<index> shape;  ///< extents, each >= 0; empty for a 0-d array
+  std::vector<T> data;       ///< product(shape) elements, C order
 };
 
 namespace detail {
@@ -302,14 +303,20 @@ void npy_convert(const unsigned char* bytes, std::uint64_t count, T* out) {
 }  // namespace detail
 
 /// Reads only the header of a .npy file: dtype, shape and where the data starts. Validates the
-/// whole header and that the file holds exactly the data the shape needs.
+/// whole header and that the file holds exactly the data the shape needs. Throws
+/// fastattn::invalid_argument naming the file when it is not a regular file, cannot be read, is
+/// not a .npy file of version 1.0, 2.0 or 3.0, has a malformed header, a dtype other than
+/// float32 / float64 little-endian, Fortran order (2-d and up), more than 64 dimensions, data
+/// bytes that do not match its shape, or more elements than memory could index.
 inline npy_header read_npy_header(const std::string& path) {
   std::ifstream in;
   const std::uint64_t size = detail::npy_open(path, in);
   return detail::npy_read_header(path, in, size);
 }
 
-/// Reads a float32 or float64 .npy file and converts its data to T (float or double).
+/// Reads a float32 or float64 .npy file and converts its data to T (float or double); a float64
+/// value beyond float's range becomes an infinity of its sign. Throws as read_npy_header does,
+/// and on a read error.
 template <class T>
 npy_array<T> read_npy(const std::string& path) {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
@@ -341,6 +348,9 @@ npy_array<T> read_npy(const std::string& path) {
 
 /// Writes `data` (C order, product(shape) elements) as a .npy file of T's dtype ('<f4' for float,
 /// '<f8' for double), format version 1.0 (2.0 if the header needs it), header padded to 64 bytes.
+/// Throws fastattn::invalid_argument naming the file, before creating it, when an extent is
+/// negative or data.size() != product(shape) (too large for 64-bit byte counts included), and
+/// when it cannot be opened or written (see output_file).
 template <class T>
 void write_npy(const std::string& path, std::span<const index> shape, std::span<const T> data) {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
@@ -404,14 +414,15 @@ void write_npy(const std::string& path, std::span<const index> shape, std::span<
   out.close();
 }
 
-/// Convenience overload: vectors for shape and data.
+/// Convenience overload: vectors for shape and data. Throws as above.
 template <class T>
 void write_npy(const std::string& path, const std::vector<index>& shape,
                const std::vector<T>& data) {
   write_npy<T>(path, std::span<const index>(shape), std::span<const T>(data));
 }
 
-/// Convenience overload: writes a matrix (any storage order) as a 2-d (rows, cols) C-order array.
+/// Convenience overload: writes a float or double matrix (any storage order) as a 2-d
+/// (rows, cols) C-order array. Throws as above (file errors only).
 template <class Derived>
 void write_npy(const std::string& path, const Eigen::DenseBase<Derived>& m) {
   using T = typename Derived::Scalar;

@@ -15,7 +15,7 @@
 // is refused, naming it, before it is opened.
 //
 // Bounds on what a header may cost (a hostile header cannot exhaust memory or time):
-// - the header is at most 100 MB and must fit in the file; it is read once into memory;
+// - the header is at most 100 MiB and must fit in the file; it is read once into memory;
 // - it is parsed as a stream (nlohmann's SAX interface), never into a JSON document: only the
 //   tensor table is kept (per tensor its name, dtype, shape of at most 16 extents and offsets),
 //   so memory stays within a small multiple of the header's size; "__metadata__" and keys the
@@ -49,8 +49,10 @@
 
 namespace fastattn::io {
 
+/// The element types of the format that the reader knows (its dtype strings, same spelling).
 enum class st_dtype { F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL };
 
+/// Bytes per element of `d` (BOOL: 1).
 inline std::size_t st_item_size(st_dtype d) {
   switch (d) {
     case st_dtype::F64:
@@ -67,6 +69,7 @@ inline std::size_t st_item_size(st_dtype d) {
       return 1;
   }
 }
+/// The format's name of `d`: "F64", "F32", ..., "BOOL".
 inline const char* st_dtype_name(st_dtype d) {
   switch (d) {
     case st_dtype::F64:
@@ -91,6 +94,7 @@ inline const char* st_dtype_name(st_dtype d) {
       return "BOOL";
   }
 }
+/// Whether `d` is a floating-point dtype (F64, F32, F16, BF16).
 inline bool st_is_float(st_dtype d) {
   return d == st_dtype::F64 || d == st_dtype::F32 || d == st_dtype::F16 || d == st_dtype::BF16;
 }
@@ -100,9 +104,10 @@ inline std::string shape_to_string(std::span<const index> shape) {
   return "[" + detail::join_extents(shape) + "]";
 }
 
+/// One tensor of an opened file's header: dtype, shape and where its bytes are.
 struct st_tensor_info {
-  st_dtype dtype = st_dtype::F32;
-  std::vector<index> shape;
+  st_dtype dtype = st_dtype::F32;    ///< element type
+  std::vector<index> shape;          ///< extents, each >= 0 (at most 16 when read)
   std::uint64_t begin = 0, end = 0;  ///< byte range inside the data buffer
   /// Number of elements (zero when an extent is zero). For a tensor of a file the reader
   /// accepted it always fits; otherwise a count beyond an index throws invalid_argument.
@@ -410,6 +415,9 @@ class st_header_parser {
 /// uses one stream: one object must not be read from by several threads at once.
 class safetensors_file {
  public:
+  /// Opens `path` and reads and validates its header (see the top of this file). Throws
+  /// fastattn::invalid_argument naming the file on any problem listed there, and when two tensors
+  /// overlap in the data buffer.
   explicit safetensors_file(std::string path) : path_(std::move(path)) {
     const std::uint64_t file_size = open_regular_file(path_, in_);
     if (file_size < 8) fail("not a safetensors file: shorter than the 8-byte header length");
@@ -448,18 +456,25 @@ class safetensors_file {
              " overlap in the data buffer");
   }
 
+  /// The path given to the constructor.
   const std::string& path() const { return path_; }
+  /// Whether the header lists tensor `name`.
   bool contains(const std::string& name) const { return tensors_.count(name) > 0; }
+  /// Every tensor of the header, by name ("__metadata__" is not one).
   const std::map<std::string, st_tensor_info>& tensors() const { return tensors_; }
 
+  /// Tensor `name`'s entry. Throws fastattn::invalid_argument naming the file when it is missing.
   const st_tensor_info& info(const std::string& name) const {
     const auto it = tensors_.find(name);
     if (it == tensors_.end()) fail("missing tensor '" + detail::printable(name) + "'");
     return it->second;
   }
 
-  /// Reads tensor `name` converted to T. Floating T accepts F64/F32/F16/BF16 tensors; integral T
-  /// accepts integer and BOOL tensors. `expected` (if not empty) is the required shape.
+  /// Reads tensor `name` converted to T, in C order. Floating T accepts F64/F32/F16/BF16 tensors
+  /// (a value beyond T's range becomes an infinity of its sign); integral T accepts integer and
+  /// BOOL tensors (converted by static_cast). `expected` (if not empty) is the required shape.
+  /// Throws fastattn::invalid_argument naming the file and the tensor when it is missing, has
+  /// another shape than `expected` or the other dtype kind, or cannot be read.
   template <class T>
   std::vector<T> read(const std::string& name, const std::vector<index>& expected = {}) const {
     return read_impl<T>(name, expected, false);
@@ -475,6 +490,8 @@ class safetensors_file {
     return read_impl<T>(name, expected, true);
   }
 
+  /// Throws fastattn::invalid_argument "fastattn: <path>: <problem>" (for the caller's own checks
+  /// of this file's contents).
   [[noreturn]] void fail(const std::string& problem) const { detail::fail(path_, problem); }
 
  private:
@@ -580,15 +597,18 @@ class safetensors_file {
   }
 };
 
-/// One tensor to write: F32, F64, F16, BF16, I64 or I32 data in C order.
+/// One tensor to write, in C order: built by `make` from F32, F64, F16, BF16, I64 or I32 data, or
+/// filled in directly (any dtype; write_safetensors checks the byte size).
 struct st_write_tensor {
-  std::string name;
-  st_dtype dtype = st_dtype::F32;
-  std::vector<index> shape;
-  std::vector<unsigned char> bytes;  ///< little-endian raw data
+  std::string name;                  ///< distinct, not "__metadata__", valid UTF-8
+  st_dtype dtype = st_dtype::F32;    ///< element type
+  std::vector<index> shape;          ///< extents, each >= 0
+  std::vector<unsigned char> bytes;  ///< little-endian raw data, product(shape) elements
 
   /// T is float (F32), double (F64), Eigen::half (F16), Eigen::bfloat16 (BF16), std::int64_t
-  /// (I64) or std::int32_t (I32). The shape must hold exactly data.size() elements.
+  /// (I64) or std::int32_t (I32); a little-endian host (static_asserts). Throws
+  /// fastattn::invalid_argument naming the tensor when an extent is negative or the shape does
+  /// not hold exactly data.size() elements.
   template <class T>
   static st_write_tensor make(std::string name, std::vector<index> shape,
                               const std::vector<T>& data) {
@@ -626,9 +646,11 @@ struct st_write_tensor {
   }
 };
 
-/// Writes tensors as a safetensors file (header padded with spaces to 8 bytes, as the reference
-/// implementation does). Names must be distinct, not "__metadata__", and each tensor's byte size
-/// must match its dtype and shape; write errors report the system's reason and the path.
+/// Writes tensors as a safetensors file (header padded with spaces to a multiple of 8 bytes, as
+/// the reference implementation does). Names must be distinct, not "__metadata__" and valid
+/// UTF-8, and each tensor's byte size must match its dtype and shape: otherwise throws
+/// fastattn::invalid_argument naming the file, before creating it. Write errors throw too, with
+/// the system's reason and the path (see output_file).
 inline void write_safetensors(const std::string& path,
                               const std::vector<st_write_tensor>& tensors) {
   nlohmann::json header = nlohmann::json::object();
