@@ -7,12 +7,13 @@
 // N <= 4096, `rel_err` against a float64 reference computed outside the timed region. Beside
 // them: the baselines `gemm_bound/N:<N>`, `dense_naive/N:<N>` and `fma_peak`
 // (bench_baselines.cpp), the thread-scaling pairs `multihead/<kernel>/threads:<1|2>`, and the knob
-// sweeps `sweep/<kernel>/<setting>/N:4096` (bench_sweeps.cpp). scripts/bench.sh and
+// sweeps `sweep/<kernel>/<setting>/N:4096` (bench_sweeps.cpp) and the mixed-layer frontier
+// `mix/<kernel>/<setting>` (bench_mix.cpp). scripts/bench.sh and
 // scripts/report.sh derive the kernels from these names, so a kernel added to
 // `fastattn::kernels` is benchmarked and reported without edits.
 //
 // bench_main.cpp registers everything, in this order: fma_peak, the kernels, the other
-// baselines, multihead, sweeps.
+// baselines, multihead, sweeps, mix.
 #pragma once
 
 #include <benchmark/benchmark.h>
@@ -205,5 +206,6 @@ void register_baselines();
 void register_kernels_multihead();
 void register_sweeps();
 void register_variants();
+void register_mix();
 
 }  // namespace fastattn::bench

@@ -22,6 +22,7 @@ int main(int argc, char** argv) {
   bench::register_baselines();
   bench::register_kernels_multihead();
   bench::register_sweeps();
+  bench::register_mix();
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();

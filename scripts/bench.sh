@@ -79,6 +79,8 @@ scripts/report.sh "$out"
   echo
   cat "$out/variants.md" 2>/dev/null || true
   echo
+  cat "$out/mix.md" 2>/dev/null || true
+  echo
   echo "Thread scaling through the multi-head driver:"
   echo
   cat "$out/threads.md"

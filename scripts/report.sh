@@ -162,6 +162,25 @@ awk -F'\t' -v out="$dir" '
     }
   }' "$dir/results.tsv"
 
+# The mixed layer (bench_mix.cpp, `mix/<kernel>/<setting>`): 8 heads, 2 of them neighbour-offset,
+# N = 4096; time, the layer's error, its worst head and the heads a guard sent to dense.
+if [ -s "$dir/json/mix.json" ]; then
+  {
+    echo "Mixed layer (\`mix/<kernel>/<setting>\`: 8 heads of N = 4096, 2 neighbour-offset and 6 content-clustered; rel_err over the layer):"
+    echo
+    echo "| kernel | setting | ms per layer | speed-up over dense | rel_err | worst head | heads sent to dense |"
+    echo "|---|---|---|---|---|---|---|"
+    jq -r '
+      [.benchmarks[] | select(.run_type == "aggregate" and .aggregate_name == "median" or .run_type == "iteration")]
+      | (map(select((.run_name // .name) == "mix/dense/defaults")) | .[-1].cpu_time) as $dense
+      | group_by(.run_name // .name) | map(.[-1])
+      | .[] | (.run_name // .name | split("/")) as $n
+      | "| \($n[1]) | \($n[2]) | \(.cpu_time * 100 | round / 100) | \(if $dense then ($dense / .cpu_time * 10 | round / 10 | tostring) + "x" else "-" end) | \(if .rel_err < 0.001 then "< 0.001" else (.rel_err * 1000 | round / 1000 | tostring) end) | \(if .worst_head < 0.001 then "< 0.001" else (.worst_head * 1000 | round / 1000 | tostring) end) | \(.fell_back) of 8 |"
+    ' "$dir/json/mix.json"
+    echo
+  } > "$dir/mix.md"
+fi
+
 # error_vs_time: one point per knob setting at fixed N (sweep/<kernel>/<setting>/N:<n>), kernels
 # by name, settings in natural order (clusters:25 before clusters:100)
 if [ -s "$dir/sweep.tsv" ]; then
