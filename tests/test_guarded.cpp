@@ -503,6 +503,29 @@ TEST(GuardedMultihead, ReportMustHaveOneEntryPerHead) {
   std::vector<fa::error_estimate> report(planted::B * planted::H - 1);
   const fa::guarded<fa::clustered> g{.inner = {.clusters = 4}, .min_length = 0, .report = report};
   EXPECT_TRUE(throws_about([&] { (void)p.run(g, 2); }, "report"));
+  // Refused before any work (regression: the error used to come from inside the parallel region,
+  // after the other heads had written their output): out keeps what it held, on any thread count,
+  // and the message names the entries and the heads. The front door needs one entry.
+  for (const int threads : {1, 2}) {
+    std::vector<float> out(p.q.size(), 7.0f);
+    const fa::tensor_view<float> o{out.data(), planted::B, planted::L, planted::H, planted::E};
+    fa::multihead_options mo;
+    mo.threads = threads;
+    const fa::invalid_argument e = fa::testing::error_of([&] {
+      fa::multihead_attention(g, p.view(p.q), p.view(p.k), p.view(p.v), o, mo);
+    });
+    EXPECT_EQ(e.argument(), "report");
+    EXPECT_NE(std::string(e.what()).find(std::to_string(report.size()) + " entries for " +
+                                         std::to_string(planted::B * planted::H) + " heads"),
+              std::string::npos)
+        << e.what();
+    EXPECT_TRUE(std::all_of(out.begin(), out.end(), [](float x) { return x == 7.0f; }));
+  }
+  {
+    std::vector<fa::error_estimate> none;
+    const fa::matrix<float> q = fa::testing::gaussian<float>(300, 8, 1);
+    EXPECT_NO_THROW((void)fa::attention(fa::guarded<fa::clustered>{.report = none}, q, q, q));
+  }
   // Empty: no report, nothing thrown; heads with no valid query leave their entry untouched.
   const fa::guarded<fa::clustered> quiet{.inner = {.clusters = 4}, .min_length = 0};
   EXPECT_EQ(p.run(quiet, 2), p.run(fa::clustered{.clusters = 4}, 2));

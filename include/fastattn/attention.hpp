@@ -284,6 +284,7 @@ void attention(const Policy& policy, const Eigen::MatrixBase<DQ>& q, const Eigen
   const context ctx = detail::make_context<Scalar>(Policy::name, causal_capable<Policy>, q.rows(),
                                                    q.cols(), k.rows(), k.cols(), v.rows(), opt);
   validate(policy);
+  validate_streams(policy, 1);
   if (out.rows() != q.rows() || out.cols() != v.cols())
     detail::fail("out", "out must be L x M = ", q.rows(), " x ", v.cols(), ", got ", out.rows(),
                  " x ", out.cols());

@@ -51,6 +51,9 @@ struct banded {
   /// fastattn::invalid_argument as fastattn::validate(inner) does.
   void validate() const { fastattn::validate(inner); }
 
+  /// Throws as validate_streams(inner, streams) does (a guarded kernel inside the band).
+  void validate_streams(index streams) const { fastattn::validate_streams(inner, streams); }
+
   /// Preconditions (ensured by the front door): knobs in range, Lv >= 1, Sv >= 1. `lse`, when
   /// not empty, receives each row's log normaliser (band and rest together).
   template <class T>

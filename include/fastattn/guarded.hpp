@@ -241,6 +241,17 @@ struct guarded {
   /// fastattn::invalid_argument as fastattn::validate(inner) does.
   void validate() const { fastattn::validate(inner); }
 
+  /// Throws fastattn::invalid_argument naming "report" when report is not empty and has fewer
+  /// than `streams` entries, and as validate_streams(inner, streams) does (the front door and
+  /// multihead_attention call it before any work).
+  void validate_streams(index streams) const {
+    if (!report.empty() && static_cast<index>(report.size()) < streams)
+      detail::fail("report", "guarded: report has ", report.size(), " entries for ", streams,
+                   " heads: report needs one entry per head (B * H for multihead_attention, head "
+                   "(b, h) at b * H + h)");
+    fastattn::validate_streams(inner, streams);
+  }
+
   /// Preconditions (ensured by the front door): knobs in range, Lv >= 1, Sv >= 1. Throws
   /// invalid_argument naming "report" when report is not empty and ctx.stream is outside it.
   template <class T>

@@ -183,10 +183,9 @@ void check_tensor_no_alias(const char* name, const tensor_view<const T>& in,
 /// do not match (out's = q's, v's = k's, k's dividing q's), k and v lengths that differ, per-sample
 /// spans of the wrong size, `threads` out of range. An error about one sample's lengths or options
 /// carries `sample()`, about one head's values `sample()` and `head()` (the sample is omitted when
-/// B = 1); shape errors carry neither. A policy's own error from inside `compute` (guarded's
-/// `report` too short) is rethrown after the other heads ran, unlocated; `out` is then
-/// unspecified. With B = 0 the per-sample checks (q and k dims, scale, lengths, causal) do not
-/// run.
+/// B = 1); shape errors carry neither. A policy that cannot run B * H heads (guarded's `report`
+/// shorter than B * H) is refused before any work, naming its argument (see validate_streams).
+/// With B = 0 the per-sample checks (q and k dims, scale, lengths, causal) do not run.
 template <attention_policy Policy, class T>
 void multihead_attention(const Policy& policy, tensor_view<const T> q, tensor_view<const T> k,
                          tensor_view<const T> v, tensor_view<T> out,
@@ -216,6 +215,7 @@ void multihead_attention(const Policy& policy, tensor_view<const T> q, tensor_vi
                  "out must have q's heads, v k's heads, and k's heads must divide q's (grouped-"
                  "query attention): q ",
                  q.heads, ", k ", k.heads, ", v ", v.heads, ", out ", out.heads);
+  validate_streams(policy, q.batch * q.heads);
   if (k.length != v.length)
     detail::fail("v", "k and v must have the same length (S): k ", k.length, ", v ", v.length);
   if (out.length != q.length || out.dim != v.dim)
@@ -295,7 +295,7 @@ void multihead_attention(const Policy& policy, tensor_view<const T> q, tensor_vi
                        lse.empty() ? lse
                                    : lse.subspan(static_cast<std::size_t>(task * q.length),
                                                  static_cast<std::size_t>(q.length)));
-    } catch (...) {  // allocation failures, or a policy's own error (guarded's report size)
+    } catch (...) {  // allocation failures (policies are checked before the region)
 #if defined(_OPENMP)
 #pragma omp critical(fastattn_multihead_error)
 #endif

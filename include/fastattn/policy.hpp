@@ -215,6 +215,15 @@ void validate(const P& policy) {
   if constexpr (requires { policy.validate(); }) policy.validate();
 }
 
+/// Throws invalid_argument when `policy` cannot run `streams` heads in one call (streams 0 to
+/// streams - 1: the front door runs stream 0, multihead_attention B * H of them), as its optional
+/// member `void validate_streams(index) const` says (guarded: its report span is too short).
+/// Called before any work, so that a refused call writes nothing.
+template <class P>
+void validate_streams(const P& policy, index streams) {
+  if constexpr (requires { policy.validate_streams(streams); }) policy.validate_streams(streams);
+}
+
 /// A compile-time list of policies (see `fastattn::kernels` in fastattn.hpp).
 template <class... Policies>
 struct kernel_list {
