@@ -448,6 +448,27 @@ TEST_F(Safetensors, WriterRefusesBadTensorsAndReportsTheRealCause) {
               fio::write_safetensors(path("d.safetensors"), {t, t});
             }).find("tensor 't' is given twice"),
             std::string::npos);
+  // A negative extent is named as such (regression: it was reported as "more elements than
+  // 64-bit byte counts can hold").
+  const std::string negative =
+      message([] { (void)fio::st_write_tensor::make("n", {2, -3}, std::vector<float>{}); });
+  EXPECT_NE(negative.find("tensor 'n': shape [2, -3] has a negative extent -3"), std::string::npos)
+      << negative;
+  // More extents than the reader accepts are refused on writing (regression: such a file was
+  // written and then refused by read).
+  const std::string deep = message([] {
+    (void)fio::st_write_tensor::make("deep", std::vector<fa::index>(17, 1), std::vector<float>{1.f});
+  });
+  EXPECT_NE(deep.find("has 17 extents; at most 16 can be read back"), std::string::npos) << deep;
+  EXPECT_NO_THROW(
+      (void)fio::st_write_tensor::make("ok", std::vector<fa::index>(16, 1), std::vector<float>{1.f}));
+  auto filled = t;  // a tensor filled in directly is checked by the writer
+  filled.shape.assign(17, 1);
+  const std::string deep_filled =
+      message([&] { fio::write_safetensors(path("deep.safetensors"), {filled}); });
+  EXPECT_NE(deep_filled.find("has more than 16 extents (it could not be read back)"),
+            std::string::npos)
+      << deep_filled;
   auto meta = t;
   meta.name = "__metadata__";
   EXPECT_NE(message([&] {

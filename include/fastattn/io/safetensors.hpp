@@ -602,13 +602,14 @@ class safetensors_file {
 struct st_write_tensor {
   std::string name;                  ///< distinct, not "__metadata__", valid UTF-8
   st_dtype dtype = st_dtype::F32;    ///< element type
-  std::vector<index> shape;          ///< extents, each >= 0
+  std::vector<index> shape;          ///< at most 16 extents, each >= 0
   std::vector<unsigned char> bytes;  ///< little-endian raw data, product(shape) elements
 
   /// T is float (F32), double (F64), Eigen::half (F16), Eigen::bfloat16 (BF16), std::int64_t
   /// (I64) or std::int32_t (I32); a little-endian host (static_asserts). Throws
-  /// fastattn::invalid_argument naming the tensor when an extent is negative or the shape does
-  /// not hold exactly data.size() elements.
+  /// fastattn::invalid_argument naming the tensor when the shape has more than 16
+  /// extents (the reader's limit), an extent is negative, or the shape does not hold exactly
+  /// data.size() elements.
   template <class T>
   static st_write_tensor make(std::string name, std::vector<index> shape,
                               const std::vector<T>& data) {
@@ -629,6 +630,17 @@ struct st_write_tensor {
       static_assert(sizeof(T) == 0, "write F32, F64, F16, BF16, I64 or I32");
     static_assert(std::endian::native == std::endian::little,
                   "writer assumes a little-endian host");
+    // The reader's limit on extents: what is written can be read back.
+    if (shape.size() > detail::st_max_rank)
+      detail::raise(name, "safetensors tensor '" + detail::printable(name) + "': shape " +
+                              shape_to_string(shape) + " has " + std::to_string(shape.size()) +
+                              " extents; at most " + std::to_string(detail::st_max_rank) +
+                              " can be read back");
+    for (const index d : shape)
+      if (d < 0)
+        detail::raise(name, "safetensors tensor '" + detail::printable(name) + "': shape " +
+                                shape_to_string(shape) + " has a negative extent " +
+                                std::to_string(d));
     const auto count = detail::checked_count(shape, detail::uint64_max / sizeof(T));
     if (!count)
       detail::raise(name, "safetensors tensor '" + detail::printable(name) + "': shape " +
@@ -659,6 +671,10 @@ inline void write_safetensors(const std::string& path,
     const std::string quoted = "tensor '" + detail::printable(t.name) + "'";
     if (t.name == "__metadata__") detail::fail(path, "cannot write a tensor named __metadata__");
     if (header.contains(t.name)) detail::fail(path, "cannot write: " + quoted + " is given twice");
+    if (t.shape.size() > detail::st_max_rank)
+      detail::fail(path, "cannot write " + quoted + ": shape " + shape_to_string(t.shape) +
+                             " has more than " + std::to_string(detail::st_max_rank) +
+                             " extents (it could not be read back)");
     const std::uint64_t item = st_item_size(t.dtype);
     const auto count = detail::checked_count(t.shape, detail::uint64_max / item);
     if (!count || *count * item != t.bytes.size())
