@@ -154,7 +154,7 @@ void register_series(std::string_view name, Policy policy, FlopFn flops) {
   }
 }
 
-/// Registers the variant series `<name>/N:<n>/<suffix>` for n = min_n, ..., max_n (DESIGN.md:
+/// Registers the variant series `<name>/N:<n>/<suffix>` for n = min_n, ..., max_n (the contract above:
 /// `/causal`, `/window:<W>`, `/estimate`), with the options `opt`.
 template <attention_policy Policy, class FlopFn>
 void register_variant(std::string_view name, std::string_view suffix, Policy policy, FlopFn flops,

@@ -8,9 +8,8 @@
 // Counters: `rel_err`, the layer's relative error ||O - O_exact||_F / ||O_exact||_F over all heads;
 // `worst_head`, the largest head's relative error; `fell_back`, the heads guarded<P> recomputed
 // exactly. The exact output is float64 dense attention, computed once outside the timed region.
-// Settings: each kernel's defaults, the larger settings that keep a trained model's masked-LM loss
-// within 0.1 nats (ALGORITHMS.md), and the defaults with an exact band of 2 keys (banded<P>), with
-// a guard at 0.1 (guarded<P>), and with both.
+// Settings: each kernel's defaults, a larger setting of each, and the defaults with an exact band of
+// 2 keys (banded<P>), with a guard at 0.1 (guarded<P>), and with both.
 #include <algorithm>
 #include <cmath>
 #include <string>

@@ -1,4 +1,4 @@
-// The variants of DESIGN.md's contract, for every kernel of `fastattn::kernels`:
+// The variants of the benchmark contract (bench_common.hpp), for every kernel of `fastattn::kernels`:
 // - `<kernel>/N:<N>/causal`: causal attention (rel_err against exact causal attention);
 // - `<kernel>/N:<N>/window:16`: an approximate kernel with an exact local band of 16 keys on each
 //   side (`banded<P>`);

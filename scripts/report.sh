@@ -110,7 +110,7 @@ awk -F'\t' -v approx="$approx" -v kernels="$kernels" -v out="$dir" '
     if (peak != "") printf "fma_peak: %.1f GFLOP/s (one core, fp32)\n", peak / 1e9 > (out "/peak.txt")
   }' "$dir/results.tsv"
 
-# Variants (DESIGN.md): `<kernel>/N:<N>/causal`, `/window:<W>`, `/estimate`, each beside the
+# Variants (the benchmark contract, bench/bench_common.hpp): `<kernel>/N:<N>/causal`, `/window:<W>`, `/estimate`, each beside the
 # plain series: times, ratios, rel_err, and the causal series' log-log slopes.
 awk -F'\t' -v out="$dir" '
   function fmt_ms(x) { return x == "" ? "-" : (x >= 100 ? sprintf("%.0f", x) : (x >= 10 ? sprintf("%.1f", x) : sprintf("%.2f", x))) }
