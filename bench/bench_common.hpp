@@ -6,14 +6,15 @@
 // and carry the counters `flops` (the work the kernel does, as a rate; work.hpp) and, for
 // N <= 4096, `rel_err` against a float64 reference computed outside the timed region. Beside
 // them: the baselines `gemm_bound/N:<N>`, `dense_naive/N:<N>` and `fma_peak`
-// (bench_baselines.cpp), the thread-scaling pairs `multihead/<kernel>/threads:<1|2>`, and the knob
-// sweeps `sweep/<kernel>/<setting>/N:4096` (bench_sweeps.cpp) and the mixed-layer frontier
-// `mix/<kernel>/<setting>` (bench_mix.cpp). scripts/bench.sh and
-// scripts/report.sh derive the kernels from these names, so a kernel added to
-// `fastattn::kernels` is benchmarked and reported without edits.
+// (bench_baselines.cpp), the variants `<kernel>/N:<N>/causal`, `/window:<W>`, `/estimate` and
+// `/E:<E>` (other head sizes; bench_variants.cpp), the thread-scaling pairs
+// `multihead/<kernel>/threads:<1|2>`, the knob sweeps `sweep/<kernel>/<setting>/N:4096`
+// (bench_sweeps.cpp) and the mixed-layer frontier `mix/<kernel>/<setting>` (bench_mix.cpp).
+// scripts/bench.sh and scripts/report.sh derive the kernels from these names, so a kernel added
+// to `fastattn::kernels` is benchmarked and reported without edits.
 //
-// bench_main.cpp registers everything, in this order: fma_peak, the kernels, the other
-// baselines, multihead, sweeps, mix.
+// bench_main.cpp registers everything, in this order: fma_peak, the kernels, the variants, the
+// other baselines, multihead, sweeps, mix.
 #pragma once
 
 #include <benchmark/benchmark.h>
@@ -21,6 +22,7 @@
 #include <fastattn/fastattn.hpp>
 
 #include <array>
+#include <utility>
 #include <chrono>
 #include <map>
 #include <memory>
@@ -46,15 +48,16 @@ struct problem {
   std::unique_ptr<testing::matd> exact_causal;  // the same with causal masking
 };
 
-/// The cached problem of size N (same inputs for every kernel).
-inline problem& get_problem(index n) {
-  static std::map<index, std::unique_ptr<problem>> cache;
+/// The cached problem of size N with E = M = e (same inputs for every kernel).
+inline problem& get_problem(index n, index e = head_dim) {
+  static std::map<std::pair<index, index>, std::unique_ptr<problem>> cache;
   static std::mutex mutex;
   const std::lock_guard lock(mutex);
-  auto& slot = cache[n];
+  auto& slot = cache[{n, e}];
   if (!slot) {
-    auto in = testing::make_peaked<float>(n, n, head_dim, head_dim,
-                                          input_seed + static_cast<std::uint64_t>(n));
+    auto in = testing::make_peaked<float>(n, n, e, e,
+                                          input_seed + static_cast<std::uint64_t>(n) +
+                                              (e == head_dim ? 0 : static_cast<std::uint64_t>(e) << 32));
     slot = std::make_unique<problem>();
     slot->q = std::move(in.q);
     slot->k = std::move(in.k);
@@ -63,10 +66,10 @@ inline problem& get_problem(index n) {
   return *slot;
 }
 
-/// The float64 exact output of problem N, causal or not (computed on first call, never inside a
-/// timed region).
-inline const testing::matd& exact_output(index n, bool causal = false) {
-  problem& p = get_problem(n);
+/// The float64 exact output of problem (N, e), causal or not (computed on first call, never inside
+/// a timed region).
+inline const testing::matd& exact_output(index n, bool causal = false, index e = head_dim) {
+  problem& p = get_problem(n, e);
   auto& slot = causal ? p.exact_causal : p.exact;
   if (!slot)
     slot = std::make_unique<testing::matd>(
@@ -76,21 +79,22 @@ inline const testing::matd& exact_output(index n, bool causal = false) {
 
 /// Sets the `flops` rate counter and, for small N, `rel_err` of `out` against the reference.
 inline void report(benchmark::State& state, index n, double flops_per_call,
-                   const matrix<float>* out, bool causal = false) {
+                   const matrix<float>* out, bool causal = false, index e = head_dim) {
   state.counters["flops"] =
       benchmark::Counter(flops_per_call, benchmark::Counter::kIsIterationInvariantRate);
   if (out && n <= max_n_with_error)
-    state.counters["rel_err"] = testing::relative_error(*out, exact_output(n, causal));
+    state.counters["rel_err"] = testing::relative_error(*out, exact_output(n, causal, e));
   state.counters["N"] = static_cast<double>(n);
 }
 
-/// Times policy.compute on problem N (the front door's checks included, as a user would call it).
+/// Times policy.compute on problem (N, e) (the front door's checks included, as a user would call
+/// it).
 template <attention_policy Policy, class FlopFn>
 void run_kernel(benchmark::State& state, const Policy& policy, index n, FlopFn flops,
-                const options& opt = {}) {
-  problem& p = get_problem(n);
-  if (n <= max_n_with_error) (void)exact_output(n, opt.causal);
-  matrix<float> out(n, head_dim);
+                const options& opt = {}, index e = head_dim) {
+  problem& p = get_problem(n, e);
+  if (n <= max_n_with_error) (void)exact_output(n, opt.causal, e);
+  matrix<float> out(n, e);
   // Warm up (caches, page faults of first-touch scratch, clock ramp) for at least 0.1 s.
   const auto warm_until = std::chrono::steady_clock::now() + std::chrono::milliseconds(100);
   do attention(policy, p.q, p.k, p.v, view<float>(out), opt);
@@ -100,7 +104,7 @@ void run_kernel(benchmark::State& state, const Policy& policy, index n, FlopFn f
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
   }
-  report(state, n, static_cast<double>(flops(n)), &out, opt.causal);
+  report(state, n, static_cast<double>(flops(n)), &out, opt.causal, e);
 }
 
 inline constexpr index scaling_n = 4096;   // thread-scaling problem: B = 1, L = S = 4096,
@@ -166,6 +170,23 @@ void register_variant(std::string_view name, std::string_view suffix, Policy pol
       run_kernel(state, policy, n, flops, opt);
     })->Unit(benchmark::kMillisecond);
   }
+}
+
+/// The head sizes of `<name>/N:<n>/E:<e>` (beside the contract's E = M = 64), at these N.
+inline constexpr std::array<index, 4> other_head_dims{32, 80, 96, 128};
+inline constexpr std::array<index, 3> head_dim_sizes{1024, 4096, 16384};
+
+/// Registers `<name>/N:<n>/E:<e>` for the other head sizes (E = M = e), the policy's defaults.
+template <attention_policy Policy>
+void register_head_dims(std::string_view name, Policy policy) {
+  for (const index n : head_dim_sizes)
+    for (const index e : other_head_dims) {
+      const std::string full =
+          std::string(name) + "/N:" + std::to_string(n) + "/E:" + std::to_string(e);
+      benchmark::RegisterBenchmark(full.c_str(), [policy, n, e](benchmark::State& state) {
+        run_kernel(state, policy, n, [&](index size) { return work_of(policy, size, e); }, {}, e);
+      })->Unit(benchmark::kMillisecond);
+    }
 }
 
 /// Registers the thread-scaling pair `multihead/<name>/threads:<1|2>`.

@@ -3,7 +3,9 @@
 // - `<kernel>/N:<N>/window:16`: an approximate kernel with an exact local band of 16 keys on each
 //   side (`banded<P>`);
 // - `<kernel>/N:<N>/estimate`: an approximate kernel with its run-time error estimate on
-//   (`guarded<P>` with 32 samples, estimate only).
+//   (`guarded<P>` with 32 samples, estimate only);
+// - `<kernel>/N:<N>/E:<E>`: head sizes E = M in {32, 80, 96, 128} beside the contract's 64, at
+//   N = 1024, 4096 and 16384 (so that no head size a model uses falls off a cliff).
 #include "bench_common.hpp"
 
 namespace fastattn::bench {
@@ -13,6 +15,7 @@ void register_variants() {
   kernels::for_each([](auto type) {
     using Policy = typename decltype(type)::type;
     const Policy policy{};
+    register_head_dims(Policy::name, policy);
     register_variant(
         Policy::name, "causal", policy,
         [policy](index n) {

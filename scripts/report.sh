@@ -110,17 +110,18 @@ awk -F'\t' -v approx="$approx" -v kernels="$kernels" -v out="$dir" '
     if (peak != "") printf "fma_peak: %.1f GFLOP/s (one core, fp32)\n", peak / 1e9 > (out "/peak.txt")
   }' "$dir/results.tsv"
 
-# Variants (the benchmark contract, bench/bench_common.hpp): `<kernel>/N:<N>/causal`, `/window:<W>`, `/estimate`, each beside the
-# plain series: times, ratios, rel_err, and the causal series' log-log slopes.
+# Variants (the benchmark contract, bench/bench_common.hpp): `<kernel>/N:<N>/causal`, `/window:<W>`,
+# `/estimate`, `/E:<E>`, each beside the plain series: times, ratios, rel_err, and the causal
+# series' log-log slopes.
 awk -F'\t' -v out="$dir" '
   function fmt_ms(x) { return x == "" ? "-" : (x >= 100 ? sprintf("%.0f", x) : (x >= 10 ? sprintf("%.1f", x) : sprintf("%.2f", x))) }
   function ratio(a, b) { return (a == "" || b == "" || b == 0) ? "-" : sprintf("%.2f", a / b) }
   function err(x) { return x == "" ? "-" : sprintf("%.3g", x) }
   {
-    if ($1 ~ /^[^\/]+\/N:[0-9]+$/) { split($1, p, "/N:"); t[p[1], p[2] + 0] = $2; e[p[1], p[2] + 0] = $4; next }
+    if ($1 ~ /^[^\/]+\/N:[0-9]+$/) { split($1, p, "/N:"); t[p[1], p[2] + 0] = $2; fl[p[1], p[2] + 0] = $3; e[p[1], p[2] + 0] = $4; next }
     if ($1 !~ /^[^\/]+\/N:[0-9]+\/[^\/]+$/) next
     split($1, p, "/"); k = p[1]; n = substr(p[2], 3) + 0; v = p[3]
-    vt[k, n, v] = $2; ve[k, n, v] = $4; kinds[v] = 1; ks[k] = 1; ns[n] = 1
+    vt[k, n, v] = $2; vf[k, n, v] = $3; ve[k, n, v] = $4; kinds[v] = 1; ks[k] = 1; ns[n] = 1
   }
   END {
     nn = 0; for (n in ns) list[++nn] = n + 0
@@ -150,6 +151,19 @@ awk -F'\t' -v out="$dir" '
       for (a = 1; a <= nk; a++) for (i = 1; i <= nn; i++) { k = kl[a]; n = list[i]
         if (vt[k, n, v] == "") continue
         print "| " k " | " n " | " fmt_ms(vt[k, n, v]) " | " fmt_ms(t[k, n]) " | " ratio(vt[k, n, v], t[k, n]) " | " err(ve[k, n, v]) " | " err(e[k, n]) " |" > f }
+      print "" > f
+    }
+    nd = 0; for (v in kinds) if (v ~ /^E:[0-9]+$/) dl[++nd] = substr(v, 3) + 0
+    for (i = 1; i <= nd; i++) for (j = i + 1; j <= nd; j++) if (dl[j] < dl[i]) { x = dl[i]; dl[i] = dl[j]; dl[j] = x }
+    if (nd > 0) {
+      print "Head sizes (`<kernel>/N:<N>/E:<E>`, E = M; E = 64 is the plain series):\n" > f
+      print "| kernel | N | E | ms | GFLOP/s | ms / ms at E = 64 | rel_err |" > f
+      print "|---|---|---|---|---|---|---|" > f
+      for (a = 1; a <= nk; a++) for (i = 1; i <= nn; i++) { k = kl[a]; n = list[i]
+        if (vt[k, n, "E:" dl[1]] == "") continue
+        if (t[k, n] != "") print "| " k " | " n " | 64 | " fmt_ms(t[k, n]) " | " (fl[k, n] == "" ? "-" : sprintf("%.1f", fl[k, n] / 1e9)) " | 1.00 | " err(e[k, n]) " |" > f
+        for (d = 1; d <= nd; d++) { v = "E:" dl[d]; if (vt[k, n, v] == "") continue
+          print "| " k " | " n " | " dl[d] " | " fmt_ms(vt[k, n, v]) " | " (vf[k, n, v] == "" ? "-" : sprintf("%.1f", vf[k, n, v] / 1e9)) " | " ratio(vt[k, n, v], t[k, n]) " | " err(ve[k, n, v]) " |" > f } }
       print "" > f
     }
     if ("estimate" in kinds) {
