@@ -132,6 +132,17 @@ TYPED_TEST(Hardening, FiniteInputsWhoseScoresOverflowAreRefused) {
       EXPECT_GT(o.row(i).norm(), 0.0f) << "row " << i;
     }
   }
+  // The mirror: tiny queries, huge keys and a large scale, every score tiny but scale k beyond
+  // float (before: improved_clustered scaled its top-k keys, 0 * inf made its rows NaN; found by
+  // fuzz_attention, fuzz/corpus/fuzz_attention/regression-improved-scaled-keys).
+  {
+    const fa::matrix<float> qt = fa::testing::gaussian<float>(128, 8, 11) * 1e-30f;
+    fa::matrix<float> kh = fa::testing::gaussian<float>(96, 8, 12);
+    kh = kh.array().sign() * 3e37f;
+    const fa::matrix<float> vt = fa::testing::gaussian<float>(96, 8, 13);
+    const fa::matrix<float> ot = fa::attention(TypeParam{}, qt, kh, vt, {.scale = -293.0});
+    EXPECT_TRUE(ot.allFinite());
+  }
   // Large but representable magnitudes: dense is exact, the others finite.
   const fa::matrix<float> qb = fa::testing::gaussian<float>(64, 8, 8) * 1e17f;
   const fa::matrix<float> kb = fa::testing::gaussian<float>(64, 8, 9) * 1e-17f;

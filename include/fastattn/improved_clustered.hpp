@@ -79,8 +79,8 @@ struct improved_clustered {
   /// e^(s_il)) / m_j, so log Z_i is returned (the exact log-sum-exp when topk >= S). Causal by the
   /// recursive decomposition of detail/causal.hpp (the knobs apply per off-diagonal block).
   template <class T>
-  void compute(const_view<T> q, const_view<T> k, const_view<T> v, view<T> out,
-               const context& ctx, std::span<T> lse = {}) const {
+  void compute(const_view<T> q, const_view<T> k, const_view<T> v, view<T> out, const context& ctx,
+               std::span<T> lse = {}) const {
     if (ctx.causal) return detail::causal_blocks(*this, q, k, v, out, ctx, lse);
     const index Sv = ctx.key_length, E = q.cols(), M = v.cols();
     const detail::arena::scope scratch;  // the thread's reusable scratch: no allocation per call
@@ -111,9 +111,11 @@ struct improved_clustered {
     // For context::exclude (banded's inner call): each cluster's top-k probabilities and
     // log-sum-exp, which top-k slot a key holds (-1: none), and each member's removed residual.
     const bool excluding = ctx.exclude.has_value();
-    T* const top_prob = detail::arena::local().take<T>(static_cast<std::size_t>(excluding ? cb * top : 0));
+    T* const top_prob =
+        detail::arena::local().take<T>(static_cast<std::size_t>(excluding ? cb * top : 0));
     T* const centroid_lse = detail::arena::local().take<T>(static_cast<std::size_t>(cb));
-    index* const slot_of = detail::arena::local().take<index>(static_cast<std::size_t>(excluding ? Sv : 0));
+    index* const slot_of =
+        detail::arena::local().take<index>(static_cast<std::size_t>(excluding ? Sv : 0));
     if (excluding) std::fill(slot_of, slot_of + Sv, index{-1});
     auto removed = detail::scratch_matrix<T>(excluding ? bm : 0, M);
     T* const kept = detail::arena::local().take<T>(static_cast<std::size_t>(bm));
@@ -156,7 +158,7 @@ struct improved_clustered {
       for (index j = 0; j < n; ++j) {
         const index* chosen = selected + j * top;
         for (index t = 0; t < top; ++t) {
-          top_keys.row(t) = keys.row(chosen[t]) * scale;
+          top_keys.row(t) = keys.row(chosen[t]);
           top_values.row(t) = values.row(chosen[t]);
           if (excluding) slot_of[chosen[t]] = t;
         }
@@ -164,7 +166,9 @@ struct improved_clustered {
         const index first = groups.begin(c0 + j), last = groups.end(c0 + j);
         for (index r0 = first; r0 < last; r0 += bm) {
           const index rows = std::min(bm, last - r0);
-          for (index r = 0; r < rows; ++r) member_q.row(r) = q.row(groups.member(r0 + r));
+          // The members' queries are scaled, not the keys: the front door bounds |scale| max|q|,
+          // while scale k may overflow (and 0 * inf is NaN) where every score is finite.
+          for (index r = 0; r < rows; ++r) member_q.row(r) = q.row(groups.member(r0 + r)) * scale;
           auto s = scores.topRows(rows);
           s.noalias() = member_q.topRows(rows) * top_keys.transpose();
           for (index r = 0; r < rows; ++r) {
