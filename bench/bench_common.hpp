@@ -55,9 +55,10 @@ inline problem& get_problem(index n, index e = head_dim) {
   const std::lock_guard lock(mutex);
   auto& slot = cache[{n, e}];
   if (!slot) {
-    auto in = testing::make_peaked<float>(n, n, e, e,
-                                          input_seed + static_cast<std::uint64_t>(n) +
-                                              (e == head_dim ? 0 : static_cast<std::uint64_t>(e) << 32));
+    auto in =
+        testing::make_peaked<float>(n, n, e, e,
+                                    input_seed + static_cast<std::uint64_t>(n) +
+                                        (e == head_dim ? 0 : static_cast<std::uint64_t>(e) << 32));
     slot = std::make_unique<problem>();
     slot->q = std::move(in.q);
     slot->k = std::move(in.k);
@@ -158,7 +159,8 @@ void register_series(std::string_view name, Policy policy, FlopFn flops) {
   }
 }
 
-/// Registers the variant series `<name>/N:<n>/<suffix>` for n = min_n, ..., max_n (the contract above:
+/// Registers the variant series `<name>/N:<n>/<suffix>` for n = min_n, ..., max_n (the contract
+/// above:
 /// `/causal`, `/window:<W>`, `/estimate`), with the options `opt`.
 template <attention_policy Policy, class FlopFn>
 void register_variant(std::string_view name, std::string_view suffix, Policy policy, FlopFn flops,
@@ -184,7 +186,8 @@ void register_head_dims(std::string_view name, Policy policy) {
       const std::string full =
           std::string(name) + "/N:" + std::to_string(n) + "/E:" + std::to_string(e);
       benchmark::RegisterBenchmark(full.c_str(), [policy, n, e](benchmark::State& state) {
-        run_kernel(state, policy, n, [&](index size) { return work_of(policy, size, e); }, {}, e);
+        run_kernel(
+            state, policy, n, [&](index size) { return work_of(policy, size, e); }, {}, e);
       })->Unit(benchmark::kMillisecond);
     }
 }

@@ -8,8 +8,8 @@
 // Counters: `rel_err`, the layer's relative error ||O - O_exact||_F / ||O_exact||_F over all heads;
 // `worst_head`, the largest head's relative error; `fell_back`, the heads guarded<P> recomputed
 // exactly. The exact output is float64 dense attention, computed once outside the timed region.
-// Settings: each kernel's defaults, a larger setting of each, and the defaults with an exact band of
-// 2 keys (banded<P>), with a guard at 0.1 (guarded<P>), and with both.
+// Settings: each kernel's defaults, a larger setting of each, and the defaults with an exact band
+// of 2 keys (banded<P>), with a guard at 0.1 (guarded<P>), and with both.
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -59,7 +59,8 @@ inline constexpr bool is_guarded<guarded<P>> = true;
 template <attention_policy Policy>
 void run_layer(benchmark::State& state, const Policy& policy) {
   const layer& l = mix_layer();
-  std::vector<matrix<float>> out(static_cast<std::size_t>(mix_heads), matrix<float>(mix_n, head_dim));
+  std::vector<matrix<float>> out(static_cast<std::size_t>(mix_heads),
+                                 matrix<float>(mix_n, head_dim));
   error_estimate report[1];
   index fell_back = 0;
   auto run_all = [&] {

@@ -296,8 +296,8 @@ TEST_F(Cli, EveryKernelRoundTripsAndMatchesAttention) {
       ASSERT_EQ(r.status, 0) << r.err;
       const auto o = load<float>(path("o.npy"));
       ASSERT_EQ(o.shape, (std::vector<fa::index>{150, 12}));
-      EXPECT_EQ(as_matrix(o), fa::matrix<float>(fa::attention(P{}, in.q, in.k, in.v,
-                                                              {.causal = causal})));
+      EXPECT_EQ(as_matrix(o),
+                fa::matrix<float>(fa::attention(P{}, in.q, in.k, in.v, {.causal = causal})));
     }
   });
 }

@@ -302,11 +302,12 @@ TEST(GroupedQuery, EqualsRepeatedKeysAndValues) {
   }
   const fa::matrix<float> k3 = fa::testing::gaussian<float>(B * S, 3 * E, 15);
   fa::matrix<float> out(B * L, H * M);
-  EXPECT_THROW(fa::multihead_attention(fa::dense{}, fa::tensor_view<const float>{q.data(), B, L, H, E},
-                                       fa::tensor_view<const float>{k3.data(), B, S, 3, E},
-                                       fa::tensor_view<const float>{k3.data(), B, S, 3, E},
-                                       fa::tensor_view<float>{out.data(), B, L, H, M}),
-               fa::invalid_argument);
+  EXPECT_THROW(
+      fa::multihead_attention(fa::dense{}, fa::tensor_view<const float>{q.data(), B, L, H, E},
+                              fa::tensor_view<const float>{k3.data(), B, S, 3, E},
+                              fa::tensor_view<const float>{k3.data(), B, S, 3, E},
+                              fa::tensor_view<float>{out.data(), B, L, H, M}),
+      fa::invalid_argument);
 }
 
 }  // namespace

@@ -291,7 +291,9 @@ TEST(GuardedStatistics, IntervalCoversAndEstimateIsAccurateWithThirtyTwoSamples)
 /// within about 0.005 of every other, for the queries and for their centroids alike, so the error
 /// is about 1e-3).
 struct planted {
-  static constexpr fa::index B = 2, L = 600, H = 4, E = 16;  // L >= 2 x 256: causal blocks above clustered's dense crossover
+  static constexpr fa::index
+      B = 2,
+      L = 600, H = 4, E = 16;  // L >= 2 x 256: causal blocks above clustered's dense crossover
   std::vector<float> q, k, v;
   planted() : q(B * L * H * E), k(B * L * H * E), v(B * L * H * E) {
     for (fa::index b = 0; b < B; ++b)
@@ -511,9 +513,8 @@ TEST(GuardedMultihead, ReportMustHaveOneEntryPerHead) {
     const fa::tensor_view<float> o{out.data(), planted::B, planted::L, planted::H, planted::E};
     fa::multihead_options mo;
     mo.threads = threads;
-    const fa::invalid_argument e = fa::testing::error_of([&] {
-      fa::multihead_attention(g, p.view(p.q), p.view(p.k), p.view(p.v), o, mo);
-    });
+    const fa::invalid_argument e = fa::testing::error_of(
+        [&] { fa::multihead_attention(g, p.view(p.q), p.view(p.k), p.view(p.v), o, mo); });
     EXPECT_EQ(e.argument(), "report");
     EXPECT_NE(std::string(e.what()).find(std::to_string(report.size()) + " entries for " +
                                          std::to_string(planted::B * planted::H) + " heads"),

@@ -450,18 +450,20 @@ TEST_F(Safetensors, WriterRefusesBadTensorsAndReportsTheRealCause) {
             std::string::npos);
   // A negative extent is named as such (regression: it was reported as "more elements than
   // 64-bit byte counts can hold").
-  const std::string negative =
-      message([] { (void)fio::st_write_tensor::make("n", {2, -3}, std::vector<float>{}); });
+  const std::string negative = message([] {
+    (void)fio::st_write_tensor::make("n", {2, -3}, std::vector<float>{});
+  });
   EXPECT_NE(negative.find("tensor 'n': shape [2, -3] has a negative extent -3"), std::string::npos)
       << negative;
   // More extents than the reader accepts are refused on writing (regression: such a file was
   // written and then refused by read).
   const std::string deep = message([] {
-    (void)fio::st_write_tensor::make("deep", std::vector<fa::index>(17, 1), std::vector<float>{1.f});
+    (void)fio::st_write_tensor::make("deep", std::vector<fa::index>(17, 1),
+                                     std::vector<float>{1.f});
   });
   EXPECT_NE(deep.find("has 17 extents; at most 16 can be read back"), std::string::npos) << deep;
-  EXPECT_NO_THROW(
-      (void)fio::st_write_tensor::make("ok", std::vector<fa::index>(16, 1), std::vector<float>{1.f}));
+  EXPECT_NO_THROW((void)fio::st_write_tensor::make("ok", std::vector<fa::index>(16, 1),
+                                                   std::vector<float>{1.f}));
   auto filled = t;  // a tensor filled in directly is checked by the writer
   filled.shape.assign(17, 1);
   const std::string deep_filled =

@@ -92,8 +92,8 @@ template <class T>
 context make_context(std::string_view name, bool supports_causal, index L, index E, index S,
                      index Ek, index Sv_rows, const options& opt, std::uint64_t stream = 0) {
   if (E != Ek)
-    fail("k", "q and k must have the same number of columns (E): q is ", L, " x ", E, ", k is ",
-         S, " x ", Ek);
+    fail("k", "q and k must have the same number of columns (E): q is ", L, " x ", E, ", k is ", S,
+         " x ", Ek);
   if (Sv_rows != S)
     fail("v", "v must have as many rows as k (S): k has ", S, " rows, v has ", Sv_rows);
   if (E < 1) fail("q", "the feature dimension E must be at least 1, got E = ", E);
@@ -170,8 +170,10 @@ bool blocks_overlap(const T* a, index a_rows, index a_cols, index a_stride, cons
   if (a_rows == 0 || a_cols == 0 || b_rows == 0 || b_cols == 0) return false;
   const auto begin_a = reinterpret_cast<std::uintptr_t>(a);
   const auto begin_b = reinterpret_cast<std::uintptr_t>(b);
-  const auto end_a = begin_a + static_cast<std::uintptr_t>((a_rows - 1) * a_stride + a_cols) * sizeof(T);
-  const auto end_b = begin_b + static_cast<std::uintptr_t>((b_rows - 1) * b_stride + b_cols) * sizeof(T);
+  const auto end_a =
+      begin_a + static_cast<std::uintptr_t>((a_rows - 1) * a_stride + a_cols) * sizeof(T);
+  const auto end_b =
+      begin_b + static_cast<std::uintptr_t>((b_rows - 1) * b_stride + b_cols) * sizeof(T);
   if (end_a <= begin_b || end_b <= begin_a) return false;
   if (a_stride != b_stride || a_cols > a_stride || b_cols > b_stride ||
       (begin_b - begin_a) % sizeof(T) != 0)
@@ -182,7 +184,7 @@ bool blocks_overlap(const T* a, index a_rows, index a_cols, index a_stride, cons
                                     static_cast<std::intptr_t>(sizeof(T)));
   const index s = a_stride;
   const index base = d >= 0 ? d / s : -((-d + s - 1) / s);  // floor(d / s)
-  for (index delta = base; delta <= base + 1; ++delta) {  // r1 - r2
+  for (index delta = base; delta <= base + 1; ++delta) {    // r1 - r2
     if (delta > a_rows - 1 || delta < -(b_rows - 1)) continue;
     const index diff = d - delta * s;  // c1 - c2
     if (diff > -b_cols && diff < a_cols) return true;
@@ -191,10 +193,8 @@ bool blocks_overlap(const T* a, index a_rows, index a_cols, index a_stride, cons
 }
 
 template <class T>
-bool views_overlap(const const_view<T>& a, const T* b, index b_rows, index b_cols,
-                   index b_stride) {
-  return blocks_overlap(a.data(), a.rows(), a.cols(), a.outerStride(), b, b_rows, b_cols,
-                        b_stride);
+bool views_overlap(const const_view<T>& a, const T* b, index b_rows, index b_cols, index b_stride) {
+  return blocks_overlap(a.data(), a.rows(), a.cols(), a.outerStride(), b, b_rows, b_cols, b_stride);
 }
 
 /// Throws when `out` shares memory with q, k or v: a kernel reads its inputs after it has
@@ -236,11 +236,10 @@ void run_head(const Policy& policy, const const_view<T>& q, const const_view<T>&
   // (An output with no columns may have null data: no row offset is taken from it.)
   if (out.cols() > 0 && ctx.query_length < out.rows())
     out.bottomRows(out.rows() - ctx.query_length).setZero();
-  if (!lse.empty())
-    std::fill(lse.begin() + ctx.query_length, lse.end(), minus_inf);
+  if (!lse.empty()) std::fill(lse.begin() + ctx.query_length, lse.end(), minus_inf);
   if (ctx.query_length == 0) return;
   if (out.cols() == 0) return;  // nothing to compute (lse needs M >= 1: checked by the callers)
-  if (ctx.key_length == 0) {  // no visible key: zero rows
+  if (ctx.key_length == 0) {    // no visible key: zero rows
     out.topRows(ctx.query_length).setZero();
     if (!lse.empty()) std::fill(lse.begin(), lse.begin() + ctx.query_length, minus_inf);
     return;

@@ -32,7 +32,8 @@ namespace fastattn {
 /// plus `window` (`knobs()` lists `window` only). P must satisfy `provides_lse` (a static_assert).
 template <class Inner>
 struct banded {
-  static_assert(provides_lse<Inner>, "fastattn::banded needs a kernel that returns its log-sum-exp");
+  static_assert(provides_lse<Inner>,
+                "fastattn::banded needs a kernel that returns its log-sum-exp");
   static constexpr std::string_view name = Inner::name;  ///< P's name
   static constexpr bool is_exact = Inner::is_exact;      ///< exact when P is
   static constexpr bool supports_causal = true;          ///< P natively or by decomposition
@@ -57,8 +58,8 @@ struct banded {
   /// Preconditions (ensured by the front door): knobs in range, Lv >= 1, Sv >= 1. `lse`, when
   /// not empty, receives each row's log normaliser (band and rest together).
   template <class T>
-  void compute(const_view<T> q, const_view<T> k, const_view<T> v, view<T> out,
-               const context& ctx, std::span<T> lse = {}) const {
+  void compute(const_view<T> q, const_view<T> k, const_view<T> v, view<T> out, const context& ctx,
+               std::span<T> lse = {}) const {
     const index Lv = ctx.query_length;
     const detail::arena::scope scratch;
     T* const row_lse =
@@ -79,7 +80,8 @@ struct banded {
       detail::compute_head(inner, q, k, v, view<T>(part), rest, parts_lse);
       subtract_band(part, parts_lse, out, rows_lse);
     }
-    for (index i = 0; i < Lv; ++i) detail::merge_row(out.row(i), row_lse[i], part.row(i), part_lse[i]);
+    for (index i = 0; i < Lv; ++i)
+      detail::merge_row(out.row(i), row_lse[i], part.row(i), part_lse[i]);
   }
 
  private:

@@ -73,8 +73,8 @@ struct clustered {
   /// first order around the centroid (see below; 2 C S E more flops). Causal by the recursive
   /// decomposition of detail/causal.hpp (the knobs apply per off-diagonal block).
   template <class T>
-  void compute(const_view<T> q, const_view<T> k, const_view<T> v, view<T> out,
-               const context& ctx, std::span<T> lse = {}) const {
+  void compute(const_view<T> q, const_view<T> k, const_view<T> v, view<T> out, const context& ctx,
+               std::span<T> lse = {}) const {
     if (ctx.causal) return detail::causal_blocks(*this, q, k, v, out, ctx, lse);
     const detail::arena::scope scratch;  // the thread's reusable scratch: no allocation per call
     auto& groups = detail::workspace<detail::query_clustering<T>>();

@@ -49,8 +49,8 @@ struct dense {
   /// Preconditions (ensured by the front door): knobs in range, Lv >= 1, Sv >= 1.
   /// `lse`, when not empty, receives each valid row's log-sum-exp of its visible scores.
   template <class T>
-  void compute(const_view<T> q, const_view<T> k, const_view<T> v, view<T> out,
-               const context& ctx, std::span<T> lse = {}) const {
+  void compute(const_view<T> q, const_view<T> k, const_view<T> v, view<T> out, const context& ctx,
+               std::span<T> lse = {}) const {
     detail::exact_attention<T>(q, k, v, out, ctx.query_length, ctx.key_length, ctx.scale,
                                ctx.causal ? std::optional(band::causal()) : std::nullopt,
                                {query_block, key_block}, lse.empty() ? nullptr : lse.data());

@@ -42,8 +42,8 @@ struct local {
   /// Preconditions (ensured by the front door): window in range, Lv >= 1, Sv >= 1. `lse`, when
   /// not empty, receives each row's log-sum-exp over its window.
   template <class T>
-  void compute(const_view<T> q, const_view<T> k, const_view<T> v, view<T> out,
-               const context& ctx, std::span<T> lse = {}) const {
+  void compute(const_view<T> q, const_view<T> k, const_view<T> v, view<T> out, const context& ctx,
+               std::span<T> lse = {}) const {
     const band b = visible(window, ctx.causal);
     const index shift = ctx.query_offset - ctx.key_offset;  // rows and keys at other positions
     // Query blocks of about the window (16 to 64 rows): a block then streams block + 2 window

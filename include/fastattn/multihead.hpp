@@ -114,7 +114,8 @@ void check_tensor(const char* name, const tensor_view<T>& t, bool writable) {
   struct axis {
     index stride, extent;
   };
-  axis axes[] = {{t.head_step(), t.heads}, {t.row_stride(), t.length}, {t.sample_stride(), t.batch}};
+  axis axes[] = {
+      {t.head_step(), t.heads}, {t.row_stride(), t.length}, {t.sample_stride(), t.batch}};
   std::sort(std::begin(axes), std::end(axes),
             [](const axis& a, const axis& b) { return a.stride < b.stride; });
   index span = t.dim;
@@ -227,8 +228,8 @@ void multihead_attention(const Policy& policy, tensor_view<const T> q, tensor_vi
     detail::fail("query_lengths", "query_lengths must be empty or have one entry per sample (",
                  q.batch, "), got ", opt.query_lengths.size());
   if (!opt.key_lengths.empty() && opt.key_lengths.size() != B)
-    detail::fail("key_lengths", "key_lengths must be empty or have one entry per sample (",
-                 q.batch, "), got ", opt.key_lengths.size());
+    detail::fail("key_lengths", "key_lengths must be empty or have one entry per sample (", q.batch,
+                 "), got ", opt.key_lengths.size());
   if (opt.threads < 0 || opt.threads > multihead_options::max_threads)
     detail::fail("threads", "threads must be in [0, ", multihead_options::max_threads, "], got ",
                  opt.threads);

@@ -122,7 +122,9 @@ concept provides_lse = attention_policy<P> &&
 /// A policy that honours context::exclude (zero weight for each query's band of keys), so that
 /// `banded` can give it an exact local band without counting those keys twice.
 template <class P>
-concept supports_exclusion = requires { requires P::supports_exclusion; };
+concept supports_exclusion = requires {
+  requires P::supports_exclusion;
+};
 
 /// The problem size (valid queries, with as many keys) below which exact attention is faster
 /// than P: P's `static constexpr index dense_crossover` when it states one (the built-in
@@ -195,7 +197,9 @@ constexpr knob<Policy, Member> make_knob(std::string_view name, Member Policy::*
 
 /// Whether P describes its knobs.
 template <class P>
-concept has_knobs = requires { P::knobs(); };
+concept has_knobs = requires {
+  P::knobs();
+};
 
 /// Calls f(knob) for every knob of P (none when P does not describe them).
 template <class P, class F>

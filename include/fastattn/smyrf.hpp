@@ -94,8 +94,8 @@ struct smyrf {
   static constexpr auto knobs() {
     return std::make_tuple(
         make_knob("hashes", &smyrf::hashes, "hashing rounds", 1, 1024),
-        make_knob("cluster_size", &smyrf::cluster_size,
-                  "queries (and keys) per balanced cluster", 1, index{1} << 31),
+        make_knob("cluster_size", &smyrf::cluster_size, "queries (and keys) per balanced cluster",
+                  1, index{1} << 31),
         make_knob("r", &smyrf::r,
                   "E2LSH offset width (kept for fidelity to the paper: it does not change the "
                   "sorted orders)",
@@ -109,8 +109,8 @@ struct smyrf {
   /// cluster_size >= Lv). Causal by the recursive decomposition of detail/causal.hpp (the knobs
   /// apply per off-diagonal block).
   template <class T>
-  void compute(const_view<T> q, const_view<T> k, const_view<T> v, view<T> out,
-               const context& ctx, std::span<T> lse = {}) const {
+  void compute(const_view<T> q, const_view<T> k, const_view<T> v, view<T> out, const context& ctx,
+               std::span<T> lse = {}) const {
     if (ctx.causal) return detail::causal_blocks(*this, q, k, v, out, ctx, lse);
     const index Lv = ctx.query_length, Sv = ctx.key_length, E = q.cols(), M = v.cols();
     const auto qv = q.topRows(Lv);
@@ -143,8 +143,8 @@ struct smyrf {
     auto group_k = detail::scratch_matrix<T>(max_keys, E);
     auto group_v = detail::scratch_matrix<T>(max_keys, M);
     auto block_lse = detail::scratch_vector<T>(bq);
-    T* const run_lse = lse.empty() ? detail::arena::local().take<T>(static_cast<std::size_t>(Lv))
-                                   : lse.data();
+    T* const run_lse =
+        lse.empty() ? detail::arena::local().take<T>(static_cast<std::size_t>(Lv)) : lse.data();
     auto& pool = detail::arena::local();
     const auto most = static_cast<std::size_t>(std::max(Lv, Sv));
     detail::hash_entry* entries = pool.take<detail::hash_entry>(most);
