@@ -15,7 +15,7 @@
 #include "detail/balanced_clusters.hpp"
 #include "detail/causal.hpp"
 #include "detail/e2lsh.hpp"
-#include "detail/online_softmax.hpp"
+#include "detail/flash_block.hpp"
 #include "detail/rng.hpp"
 #include "detail/scratch.hpp"
 #include "detail/xbox.hpp"
@@ -131,18 +131,9 @@ struct smyrf {
     lsh.hash_queries(qv, xbox, query_hash);
     lsh.hash_keys(kv, xbox, key_hash);
 
-    // Each cluster's keys and values, and each block of its queries, are gathered into small
-    // contiguous blocks, so the work is small dense products.
+    // Each cluster's keys (packed as K^T panels) and values, and each block of its queries, are
+    // gathered into small contiguous blocks for the fused block kernel (flash_block.hpp).
     const auto plan = detail::cluster_plan::make(Lv, Sv, cluster_size);
-    const index bq = std::min(query_block, plan.queries.max_size());
-    const index max_keys = plan.keys.max_size();
-    const index bk = std::min(key_block, max_keys);
-    detail::online_softmax<T> softmax(bq, bk, M);
-    auto block_q = detail::scratch_matrix<T>(bq, E);
-    auto block_out = detail::scratch_matrix<T>(bq, M);
-    auto group_k = detail::scratch_matrix<T>(max_keys, E);
-    auto group_v = detail::scratch_matrix<T>(max_keys, M);
-    auto block_lse = detail::scratch_vector<T>(bq);
     T* const run_lse =
         lse.empty() ? detail::arena::local().take<T>(static_cast<std::size_t>(Lv)) : lse.data();
     auto& pool = detail::arena::local();
@@ -153,53 +144,66 @@ struct smyrf {
     index* key_order = pool.take<index>(static_cast<std::size_t>(Sv));
     const T scale = static_cast<T>(ctx.scale);
 
-    for (index h = 0; h < hashes; ++h) {
-      detail::sort_by_hash(query_hash.col(h), entries, entries_scratch, query_order);
-      detail::sort_by_hash(key_hash.col(h), entries, entries_scratch, key_order);
+    detail::with_flash_geometry<T>(M, [&]<class G>(G) {
+      const index bq = std::min(query_block, plan.queries.max_size());
+      const index max_keys = plan.keys.max_size();
+      const index bk = (std::min(key_block, max_keys) + G::panel - 1) / G::panel * G::panel;
+      const index panels = (max_keys + G::panel - 1) / G::panel;
+      detail::flash_block<G> block(bq, bk, E, M);
+      T* const group_k = pool.take<T>(static_cast<std::size_t>(panels * G::panel * E));
+      auto group_v = detail::scratch_matrix<T>(max_keys, M);
+      auto block_out = detail::scratch_matrix<T>(bq, M);
+      auto block_lse = detail::scratch_vector<T>(bq);
 
-      for (index c = 0; c < plan.clusters(); ++c) {
-        const index g = plan.key_group_of(c);
-        const index k0 = plan.keys.begin(g), keys = plan.keys.size(g);
-        for (index t = 0; t < keys; ++t) {
-          const index j = key_order[k0 + t];
-          group_k.row(t) = kv.row(j);
-          group_v.row(t) = v.row(j);
-        }
-        const index q0 = plan.queries.begin(c), q_end = q0 + plan.queries.size(c);
-        for (index i0 = q0; i0 < q_end; i0 += bq) {
-          const index rows = std::min(bq, q_end - i0);
-          for (index t = 0; t < rows; ++t) block_q.row(t) = qv.row(query_order[i0 + t]) * scale;
-          softmax.reset(rows);
-          for (index j0 = 0; j0 < keys; j0 += bk) {
-            const index cols = std::min(bk, keys - j0);
-            auto scores = softmax.scores(cols);
-            scores.noalias() = block_q.topRows(rows) * group_k.middleRows(j0, cols).transpose();
-            if (ctx.exclude)  // keys in a query's excluded band (banded's inner call): weight 0
-              for (index t = 0; t < rows; ++t) {
+      for (index h = 0; h < hashes; ++h) {
+        detail::sort_by_hash(query_hash.col(h), entries, entries_scratch, query_order);
+        detail::sort_by_hash(key_hash.col(h), entries, entries_scratch, key_order);
+
+        for (index c = 0; c < plan.clusters(); ++c) {
+          const index g = plan.key_group_of(c);
+          const index k0 = plan.keys.begin(g), keys = plan.keys.size(g);
+          detail::flash::pack_panels<G>(group_k, keys, E, [&](index t) {
+            return kv.row(key_order[k0 + t]).data();
+          });
+          for (index t = 0; t < keys; ++t) group_v.row(t) = v.row(key_order[k0 + t]);
+          const index q0 = plan.queries.begin(c), q_end = q0 + plan.queries.size(c);
+          for (index i0 = q0; i0 < q_end; i0 += bq) {
+            const index rows = std::min(bq, q_end - i0);
+            for (index t = 0; t < rows; ++t)
+              Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>>(block.query(t), E) =
+                  qv.row(query_order[i0 + t]) * scale;
+            block.reset(rows);
+            for (index j0 = 0; j0 < keys; j0 += bk) {
+              const index cols = std::min(bk, keys - j0);
+              // Keys in a query's excluded band (banded's inner call) get weight 0.
+              auto exclude = [&](index t, T* scores) {
+                if (!ctx.exclude) return;
                 const index pos = ctx.query_offset + query_order[i0 + t] - ctx.key_offset;
                 for (index c2 = 0; c2 < cols; ++c2) {
                   const index d = key_order[k0 + j0 + c2] - pos;
                   if (d >= ctx.exclude->lower && d <= ctx.exclude->upper)
-                    scores(t, c2) = -std::numeric_limits<T>::infinity();
+                    scores[c2] = -std::numeric_limits<T>::infinity();
                 }
+              };
+              block.absorb(group_k + j0 * E, cols, group_v.data() + j0 * M, M,
+                           [&](index) { return std::pair<index, index>{0, cols}; }, exclude);
+            }
+            block.finish(block_out.topRows(rows), block_lse.data());
+            // Rounds merge by log-sum-exp (merge.hpp); a row that saw no key adds nothing, NaN
+            // (a non-finite input with check_finite off) stays NaN.
+            for (index t = 0; t < rows; ++t) {
+              const index i = query_order[i0 + t];
+              if (h == 0) {
+                out.row(i) = block_out.row(t);
+                run_lse[i] = block_lse(t);
+              } else {
+                detail::merge_row(out.row(i), run_lse[i], block_out.row(t), block_lse(t));
               }
-            softmax.absorb(cols, group_v.middleRows(j0, cols));
-          }
-          softmax.finish(block_out.topRows(rows), block_lse.data());
-          // Rounds merge by log-sum-exp (merge.hpp); a row that saw no key adds nothing, NaN
-          // (a non-finite input with check_finite off) stays NaN.
-          for (index t = 0; t < rows; ++t) {
-            const index i = query_order[i0 + t];
-            if (h == 0) {
-              out.row(i) = block_out.row(t);
-              run_lse[i] = block_lse(t);
-            } else {
-              detail::merge_row(out.row(i), run_lse[i], block_out.row(t), block_lse(t));
             }
           }
         }
       }
-    }
+    });
     if (!lse.empty() && hashes > 1) {
       const T rounds = std::log(static_cast<T>(hashes));
       for (index i = 0; i < Lv; ++i) run_lse[i] -= rounds;
@@ -208,7 +212,7 @@ struct smyrf {
 
  private:
   static constexpr index query_block = 64;  // queries per score block inside a cluster
-  static constexpr index key_block = 256;   // keys per score block inside a cluster
+  static constexpr index key_block = 256;   // keys per block inside a cluster (rounded to panels)
 };
 
 }  // namespace fastattn

@@ -1,0 +1,384 @@
+// Fused exact attention in the FlashAttention-2 manner (Dao 2023), for CPUs: each group of query
+// rows computes its scores against a block of keys in registers, folds them into its online
+// softmax while they are in L1, and multiplies them into its value accumulators, without a
+// general matrix product per tile (which packs both operands on every call and leaves the score
+// tile to round-trip through L2).
+//
+// Written on Eigen's packet math, so the instruction set is the one the user's flags enable:
+// AVX-512 (16 floats or 8 doubles per packet, 32 registers), AVX/AVX2 (8 or 4, 16 registers),
+// SSE2 (4 or 2), NEON. Without vectorisation, or when the value dimension is not a whole number
+// of packets, `exact_attention` keeps its Eigen-product path (exact_attention.hpp).
+//
+// Layout:
+// - the keys are packed once per call, scaled by nothing, as K^T in panels of `panel` keys
+//   (panel p holds keys [p * panel, (p + 1) * panel), E rows of `panel` contiguous values);
+// - queries are taken a block at a time (the block shares each key block while it is in L2),
+//   scaled, and padded with zero rows to a multiple of `group`;
+// - for each key block and each group of `group` rows: a score tile of `score_rows` x `panel`
+//   in registers per panel, E broadcasts and 2 loads per step; the online softmax on each row
+//   (one exp per visible packet); then acc += P V in register tiles of R rows x W packets.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <limits>
+#include <type_traits>
+#include <optional>
+#include <utility>
+
+#include <Eigen/Core>
+
+#include "../policy.hpp"
+#include "scratch.hpp"
+
+// Eigen's packet types are vector types with attributes (__m512 ...), which GCC warns about as
+// template arguments (-Wignored-attributes); Eigen silences the same warning in its own headers.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"
+#endif
+
+namespace fastattn::detail {
+
+/// Register-tile geometry of the fused kernel for scalar type T computed in packets of type
+/// Packet (Eigen's packet for T under the enabled instruction set, a half or quarter of it, or T
+/// itself for the scalar path).
+template <class T, class Packet = typename Eigen::internal::packet_traits<T>::type>
+struct flash_geometry {
+  using scalar = T;
+  using packet = Packet;
+  static constexpr int size = Eigen::internal::unpacket_traits<packet>::size;  ///< lanes
+  static constexpr int registers = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS;
+  static constexpr index group = 8;                             ///< rows per pass over a key block
+  static constexpr int score_rows = registers >= 32 ? 8 : 4;  ///< rows of a score register tile
+  static constexpr index panel = 2 * size;                      ///< keys of a score register tile
+  static constexpr int accumulators = registers >= 32 ? 24 : 12;  ///< P V accumulator budget
+
+  /// Whether this geometry takes value dimension m: a whole number of packets.
+  static constexpr bool takes(index m) noexcept { return m > 0 && m % size == 0; }
+};
+
+/// Calls f(G{}) with the widest geometry G for T that takes value dimension m: Eigen's packet,
+/// then its half and quarter (when the packets have an exp), then scalars.
+template <class T, class F>
+decltype(auto) with_flash_geometry(index m, F&& f) {
+  namespace ei = Eigen::internal;
+  using full = typename ei::packet_traits<T>::type;
+  using half = typename ei::unpacket_traits<full>::half;
+  using quarter = typename ei::unpacket_traits<half>::half;
+  if constexpr (ei::packet_traits<T>::Vectorizable && ei::packet_traits<T>::HasExp) {
+    if (flash_geometry<T, full>::takes(m)) return f(flash_geometry<T, full>{});
+    if (flash_geometry<T, half>::takes(m)) return f(flash_geometry<T, half>{});
+    if (flash_geometry<T, quarter>::takes(m)) return f(flash_geometry<T, quarter>{});
+  }
+  return f(flash_geometry<T, T>{});
+}
+
+namespace flash {
+
+/// Calls f(std::integral_constant<int, 0>) ... f(std::integral_constant<int, N - 1>): loops whose
+/// bodies index register arrays must be unrolled for the arrays to stay in registers.
+template <int N, class F>
+inline void unroll(F&& f) {
+  [&]<int... I>(std::integer_sequence<int, I...>) {
+    (f(std::integral_constant<int, I>{}), ...);
+  }(std::make_integer_sequence<int, N>{});
+}
+
+/// s[r][0, panel) = q[r] . panel keys, r < R: q rows of length e with stride ldq, kt the panel
+/// (e rows of `panel` values), s rows with stride lds (64-byte aligned).
+template <class G, int R, class T = typename G::scalar>
+inline void score_tile(const T* q, index ldq, const T* kt, index e, T* s, index lds) {
+  using P = typename G::packet;
+  namespace ei = Eigen::internal;
+  P c0[R], c1[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) c0[r] = c1[r] = ei::pset1<P>(T(0));
+  for (index d = 0; d < e; ++d) {
+    const P a = ei::pload<P>(kt + d * G::panel);
+    const P b = ei::pload<P>(kt + d * G::panel + G::size);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const P x = ei::pset1<P>(q[r * ldq + d]);
+      c0[r] = ei::pmadd(x, a, c0[r]);
+      c1[r] = ei::pmadd(x, b, c1[r]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    ei::pstore(s + r * lds, c0[r]);
+    ei::pstore(s + r * lds + G::size, c1[r]);
+  }
+}
+
+/// acc[r][0, W packets) = alpha[r] acc[r] + sum_{j in [j0, j1)} p[r][j] v[j], r < R: p rows with
+/// stride ldp, v rows with stride ldv (any alignment), acc rows with stride lda (aligned).
+template <class G, int R, int W, class T = typename G::scalar>
+inline void value_tile(const T* p, index ldp, const T* alpha, const T* v, index ldv, index j0,
+                       index j1, T* acc, index lda) {
+  using P = typename G::packet;
+  namespace ei = Eigen::internal;
+  P c[R * W];
+#pragma GCC unroll 32
+  for (int i = 0; i < R * W; ++i)
+    c[i] = ei::pmul(ei::pset1<P>(alpha[i / W]), ei::pload<P>(acc + (i / W) * lda + (i % W) * G::size));
+  for (index j = j0; j < j1; ++j) {
+    P x[W];
+#pragma GCC unroll 16
+    for (int w = 0; w < W; ++w) x[w] = ei::ploadu<P>(v + j * ldv + w * G::size);
+#pragma GCC unroll 32
+    for (int i = 0; i < R * W; ++i)
+      c[i] = ei::pmadd(ei::pset1<P>(p[(i / W) * ldp + j]), x[i % W], c[i]);
+  }
+#pragma GCC unroll 32
+  for (int i = 0; i < R * W; ++i) ei::pstore(acc + (i / W) * lda + (i % W) * G::size, c[i]);
+}
+
+/// value_tile over a whole group of G::group rows and all m values: chunks of W packets (as many
+/// as the accumulator budget allows), each over the rows in tiles of R.
+template <class G, class T = typename G::scalar>
+inline void value_group(const T* p, index ldp, const T* alpha, const T* v, index ldv, index j0,
+                        index j1, T* acc, index lda, index m) {
+  constexpr int max_w = G::accumulators / 4;
+  for (index w0 = 0; w0 < m; w0 += max_w * G::size) {
+    const int w = static_cast<int>(std::min<index>(max_w, (m - w0) / G::size));
+    auto run = [&]<int W>(std::integral_constant<int, W>) {
+      constexpr int R = W * G::group <= G::accumulators ? G::group : 4;
+      for (int r0 = 0; r0 < G::group; r0 += R)
+        value_tile<G, R, W>(p + r0 * ldp, ldp, alpha + r0, v + w0, ldv, j0, j1,
+                            acc + r0 * lda + w0, lda);
+    };
+    bool done = false;
+    unroll<max_w>([&](auto i) {
+      constexpr int width = decltype(i)::value + 1;
+      if (!done && w == width) {
+        run(std::integral_constant<int, width>{});
+        done = true;
+      }
+    });
+  }
+}
+
+/// Packs `count` keys as K^T panels into dst (ceil(count / panel) panels of e x panel values):
+/// key t is row_of(t), a pointer to its e features, or null for a key of zeros; the lanes past
+/// `count` are zeros.
+template <class G, class RowOf, class T = typename G::scalar>
+void pack_panels(T* dst, index count, index e, RowOf&& row_of) {
+  const index panels = (count + G::panel - 1) / G::panel;
+  for (index p = 0; p < panels; ++p) {
+    T* const panel = dst + p * G::panel * e;
+    for (int lane = 0; lane < G::panel; ++lane) {
+      const index t = p * G::panel + lane;
+      const T* const src = t < count ? row_of(t) : nullptr;
+      if (src)
+        for (index d = 0; d < e; ++d) panel[d * G::panel + lane] = src[d];
+      else
+        for (index d = 0; d < e; ++d) panel[d * G::panel + lane] = T(0);
+    }
+  }
+}
+
+/// A mask that masks nothing (flash_block::absorb's default).
+struct no_mask {
+  template <class T>
+  void operator()(index, T*) const noexcept {}
+};
+
+}  // namespace flash
+
+/// The fused block engine: the online-softmax state of up to `max_rows` query rows, fed packed
+/// key blocks of up to `max_keys` keys. Its scratch comes from the calling thread's arena (the
+/// caller holds an `arena::scope`).
+///
+///   flash_block<T> b(max_rows, max_keys, e, m);
+///   write scale * q_r into b.query(r) for r < n; b.reset(n);
+///   b.absorb(panels, cols, values, ldv, range[, mask]) for each key block;
+///   b.finish(out, lse);
+template <class G>
+class flash_block {
+ public:
+  using geometry = G;
+  using T = typename G::scalar;
+
+  flash_block(index max_rows, index max_keys, index e, index m)
+      : e_(e),
+        m_(m),
+        lds_(round_up(std::max<index>(max_keys, 1), geometry::panel)),
+        rows_cap_(round_up(std::max<index>(max_rows, 1), geometry::group)),
+        q_(arena::local().take<T>(static_cast<std::size_t>(rows_cap_ * e))),
+        acc_(arena::local().take<T>(static_cast<std::size_t>(rows_cap_ * m))),
+        s_(arena::local().take<T>(static_cast<std::size_t>(geometry::group * lds_))),
+        max_(arena::local().take<T>(static_cast<std::size_t>(rows_cap_))),
+        sum_(arena::local().take<T>(static_cast<std::size_t>(rows_cap_))) {}
+
+  /// Row r of the query block (e values), to be filled with the scaled query before reset.
+  T* query(index r) noexcept { return q_ + r * e_; }
+
+  /// Starts a block of `rows` queries (their rows already written through `query`).
+  void reset(index rows) {
+    rows_ = rows;
+    const index padded = round_up(rows, geometry::group);
+    std::fill(q_ + rows * e_, q_ + padded * e_, T(0));
+    std::fill(acc_, acc_ + padded * m_, T(0));
+    std::fill(max_, max_ + padded, neg_inf);
+    std::fill(sum_, sum_ + padded, T(0));
+  }
+
+  /// Folds `cols` keys (at most max_keys) into the state: `panels` their packed K^T
+  /// (flash::pack_panels), `values` their values (key t's M values at values + t * ldv).
+  /// range(r) gives the keys [first, last) of the block that row r sees (clamped to
+  /// [0, cols)); mask(r, scores) may then set more of row r's scores (columns relative to the
+  /// block) to -inf. Keys outside a row's range get exactly zero weight.
+  template <class Range, class Mask = flash::no_mask>
+  void absorb(const T* panels, index cols, const T* values, index ldv, Range&& range,
+              Mask&& mask = {}) {
+    using P = typename geometry::packet;
+    namespace ei = Eigen::internal;
+    constexpr index group = geometry::group, panel = geometry::panel, size = geometry::size;
+    T alpha[group];
+    index first[group], last[group];
+    for (index g0 = 0; g0 < rows_; g0 += group) {
+      const index rows_here = std::min(group, rows_ - g0);
+      // Keys of the block that some row of the group sees: [ga, gb).
+      index ga = cols, gb = 0;
+      for (index r = 0; r < group; ++r) {
+        first[r] = last[r] = 0;
+        if (r >= rows_here) continue;
+        const auto [a, b] = range(g0 + r);
+        first[r] = std::clamp<index>(a, 0, cols);
+        last[r] = std::clamp<index>(b, first[r], cols);
+        if (first[r] < last[r]) ga = std::min(ga, first[r]), gb = std::max(gb, last[r]);
+      }
+      if (ga >= gb) continue;  // no row of the group sees a key of this block
+      const index w0 = ga / panel * panel, w1 = round_up(gb, panel);
+
+      const T* const qg = q_ + g0 * e_;
+      for (index c = w0; c < w1; c += panel)
+        for (int r0 = 0; r0 < group; r0 += geometry::score_rows)
+          flash::score_tile<G, geometry::score_rows>(qg + r0 * e_, e_, panels + c * e_, e_,
+                                                     s_ + r0 * lds_ + c, lds_);
+
+      // Online softmax, row by row; P overwrites the scores on [w0, w1).
+      for (index r = 0; r < group; ++r) {
+        T* const row = s_ + r * lds_;
+        const index i = g0 + r, a = first[r], b = last[r];
+        alpha[r] = T(1);
+        if (a == b) {  // sees nothing here (or a padding row): contributes nothing
+          std::fill(row + w0, row + w1, T(0));
+          continue;
+        }
+        mask(i, row);
+        // The packets covering [a, b); their entries outside [a, b) are masked.
+        const index qa = a / size * size, qb = round_up(b, size);
+        std::fill(row + w0, row + qa, T(0));
+        std::fill(row + qb, row + w1, T(0));
+        std::fill(row + qa, row + a, neg_inf);
+        std::fill(row + b, row + qb, neg_inf);
+        P mp = ei::pset1<P>(neg_inf);
+        for (index c = qa; c < qb; c += size) mp = ei::pmax(mp, ei::pload<P>(row + c));
+        const T m_new = std::max(max_[i], ei::predux_max(mp));
+        if (m_new == neg_inf) {  // every score so far is -inf or NaN
+          bool nan = false;
+          for (index c = a; c < b; ++c) nan = nan || std::isnan(row[c]);
+          if (nan) sum_[i] = std::numeric_limits<T>::quiet_NaN();  // propagate
+          std::fill(row + qa, row + qb, T(0));
+          continue;
+        }
+        const P mm = ei::pset1<P>(m_new);
+        P total = ei::pset1<P>(T(0));
+        for (index c = qa; c < qb; c += size) {
+          const P x = ei::pexp(ei::psub(ei::pload<P>(row + c), mm));
+          ei::pstore(row + c, x);
+          total = ei::padd(total, x);
+        }
+        alpha[r] = std::exp(max_[i] - m_new);  // 0 when the row had nothing yet
+        sum_[i] = sum_[i] * alpha[r] + ei::predux(total);
+        max_[i] = m_new;
+      }
+
+      flash::value_group<G>(s_, lds_, alpha, values, ldv, ga, gb, acc_ + g0 * m_, m_, m_);
+    }
+  }
+
+  /// Writes the normalised rows into out.row(r), r < rows (rows that saw no key get zeros), and
+  /// when `lse` is given log(sum_j exp(score_j)) into lse[r] (-inf for empty rows).
+  template <class Out>
+  void finish(Out&& out, T* lse = nullptr) const {
+    for (index r = 0; r < rows_; ++r) {
+      auto o = out.row(r);
+      if (sum_[r] != T(0)) {  // 0 only when no key was visible; NaN propagates
+        const T inv = T(1) / sum_[r];
+        for (index c = 0; c < m_; ++c) o(c) = acc_[r * m_ + c] * inv;
+        if (lse) lse[r] = max_[r] + std::log(sum_[r]);
+      } else {
+        o.setZero();
+        if (lse) lse[r] = neg_inf;
+      }
+    }
+  }
+
+ private:
+  static constexpr T neg_inf = -std::numeric_limits<T>::infinity();
+  static constexpr index round_up(index n, index to) noexcept { return (n + to - 1) / to * to; }
+
+  index e_, m_, lds_, rows_cap_;
+  T* q_;
+  T* acc_;
+  T* s_;
+  T* max_;
+  T* sum_;
+  index rows_ = 0;
+};
+
+/// The fused kernel behind `exact_attention` (same contract: rows [0, rows) of `out`, keys
+/// [0, keys), optional band `visible`, optional `lse`), for value dimensions that
+/// flash_geometry<T>::takes. Extra memory: the packed keys (about keys x E) and
+/// O(query_block (E + M) + group key_block) per block, from the calling thread's arena.
+template <class G, class T = typename G::scalar>
+void flash_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> out, index rows,
+                     index keys, double scale, std::optional<band> visible, index query_block,
+                     index key_block, T* lse) {
+  const index e = q.cols();
+  const arena::scope scratch;
+
+  // The keys some row sees, packed once from the panel boundary at or below the first.
+  const auto [kfirst, klast] =
+      visible ? visible->keys_of(0, rows, keys) : std::pair<index, index>{0, keys};
+  const index kbase = kfirst / G::panel * G::panel;
+  const index packed = klast > kfirst ? klast - kbase : 0;
+  T* const kt = arena::local().take<T>(static_cast<std::size_t>(
+      std::max<index>((packed + G::panel - 1) / G::panel, 1) * G::panel * e));
+  flash::pack_panels<G>(kt, packed, e, [&](index t) -> const T* {
+    const index j = kbase + t;
+    return j >= kfirst ? k.data() + j * k.outerStride() : nullptr;
+  });
+
+  const index bq = std::clamp<index>(query_block, 1, rows);
+  const index bk = (std::max<index>(key_block, 1) + G::panel - 1) / G::panel * G::panel;
+  flash_block<G> block(bq, bk, e, v.cols());
+  const T sc = static_cast<T>(scale);
+  for (index i0 = 0; i0 < rows; i0 += bq) {
+    const index n = std::min(bq, rows - i0);
+    for (index r = 0; r < n; ++r)
+      Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>>(block.query(r), e) = q.row(i0 + r) * sc;
+    block.reset(n);
+    const auto [f, l] = visible ? visible->keys_of(i0, n, keys) : std::pair<index, index>{0, keys};
+    for (index j0 = f / G::panel * G::panel; j0 < l; j0 += bk) {
+      const index cols = std::min(bk, l - j0);
+      block.absorb(kt + (j0 - kbase) * e, cols, v.data() + j0 * v.outerStride(), v.outerStride(),
+                   [&](index r) {
+                     if (!visible) return std::pair<index, index>{0, cols};
+                     const auto [a, b] = visible->keys_of(i0 + r, 1, keys);
+                     return std::pair<index, index>{a - j0, b - j0};
+                   });
+    }
+    block.finish(out.middleRows(i0, n), lse ? lse + i0 : nullptr);
+  }
+}
+
+}  // namespace fastattn::detail
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
