@@ -69,6 +69,36 @@ TYPED_TEST(Determinism, SameSeedSameBitsOnOneAndTwoThreads) {
   for (const T x : one) ASSERT_TRUE(std::isfinite(static_cast<double>(x)));
 }
 
+// One long head (B = H = 1) on 2 threads: the head's own query blocks, hash blocks, k-means
+// chunks and clusters are shared by the threads (detail/parallel.hpp), and the bits must not
+// move. L is past the k-means chunk (1024 hashes) and many query blocks; plain and causal.
+TYPED_TEST(Determinism, OneHeadSplitAcrossThreadsGivesTheSameBits) {
+  using P = typename TypeParam::policy;
+  using T = typename TypeParam::scalar;
+  const index L = 1500, E = 16, M = 16;
+  const auto in = fa::testing::make_peaked<T>(L, L, E, M, 91, 8);
+  const P policy = with_seed<P>(7);
+  const std::vector<index> lengths{L - 3};
+  for (const bool causal : {false, true}) {
+    if (causal && !fa::causal_capable<P>) continue;
+    auto run = [&](int threads) {
+      std::vector<T> out(static_cast<std::size_t>(L * M), T(-1));
+      fa::multihead_options opt;
+      opt.threads = threads;
+      opt.common.causal = causal;
+      opt.query_lengths = lengths;
+      fa::multihead_attention(policy, fa::tensor_view<const T>{in.q.data(), 1, L, 1, E},
+                              fa::tensor_view<const T>{in.k.data(), 1, L, 1, E},
+                              fa::tensor_view<const T>{in.v.data(), 1, L, 1, M},
+                              fa::tensor_view<T>{out.data(), 1, L, 1, M}, opt);
+      return out;
+    };
+    const auto one = run(1), two = run(2);
+    EXPECT_TRUE(same_bits(one, two)) << "causal=" << causal;
+    for (const T x : one) ASSERT_TRUE(std::isfinite(static_cast<double>(x)));
+  }
+}
+
 TYPED_TEST(Determinism, DifferentSeedsDiffer) {
   using P = typename TypeParam::policy;
   using T = typename TypeParam::scalar;

@@ -12,6 +12,7 @@
 #include "detail/causal.hpp"
 #include "detail/clustering.hpp"
 #include "detail/exact_attention.hpp"
+#include "detail/parallel.hpp"
 #include "detail/scratch.hpp"
 
 namespace fastattn {
@@ -85,7 +86,8 @@ struct clustered {
     if (lse.empty()) {
       auto rows = detail::scratch_matrix<T>(C, M);
       detail::exact_attention<T>(const_view<T>(groups.centroids()), k, v, view<T>(rows), C, Sv,
-                                 ctx.scale, std::nullopt, {std::min<index>(C, 128), 512});
+                                 ctx.scale, std::nullopt,
+                                 {detail::rows_per_thread(C, ctx.threads), 512, ctx.threads});
       groups.broadcast(rows, out);
       return;
     }
@@ -100,20 +102,24 @@ struct clustered {
     T* const row_lse = detail::arena::local().take<T>(static_cast<std::size_t>(C));
     detail::exact_attention<T>(const_view<T>(groups.centroids()), k, const_view<T>(values),
                                view<T>(rows), C, Sv, ctx.scale, std::nullopt,
-                               {std::min<index>(C, 128), 512}, row_lse);
+                               {detail::rows_per_thread(C, ctx.threads), 512, ctx.threads},
+                               row_lse);
     groups.broadcast(rows.leftCols(M), out);
     const T scale = static_cast<T>(ctx.scale);
     const T tiny = 16 * std::numeric_limits<T>::epsilon();
     // Rows of `work`: 0, a correction [sum p v | sum p k]; 1, the member's gradient; 2, the scaled
     // centroid; 3, the member's scaled offset from it (scaled before any dot product, so that no
     // unscaled q.k can overflow where the scores do not).
-    auto& work = detail::workspace<matrix<T>>();
-    work.resize(4, M + E);
     // The centroid's weights on one member's excluded keys (at most the band's width of them).
     const index widest =
         ctx.exclude ? std::min<index>(Sv, ctx.exclude->upper - ctx.exclude->lower + 1) : 0;
-    auto weights = detail::scratch_vector<T>(std::max<index>(widest, 1));
-    for (index j = 0; j < C; ++j) {
+    // Clusters are independent (disjoint members): they share ctx.threads, each with the
+    // executing thread's workspace and arena.
+    detail::parallel_for(ctx.threads, C, [&](index j) {
+      const detail::arena::scope cluster_scratch;
+      auto& work = detail::workspace<matrix<T>>();
+      work.resize(4, M + E);
+      auto weights = detail::scratch_vector<T>(std::max<index>(widest, 1));
       const auto c = groups.centroids().row(j);
       auto scaled_c = work.row(2).head(E);
       scaled_c = c * scale;
@@ -152,7 +158,7 @@ struct clustered {
         offset = q.row(i) * scale - scaled_c;
         lse[static_cast<std::size_t>(i)] = row_lse[j] + std::log(kept) + offset.dot(grad);
       }
-    }
+    });
   }
 };
 

@@ -53,7 +53,7 @@ struct dense {
                std::span<T> lse = {}) const {
     detail::exact_attention<T>(q, k, v, out, ctx.query_length, ctx.key_length, ctx.scale,
                                ctx.causal ? std::optional(band::causal()) : std::nullopt,
-                               {query_block, key_block}, lse.empty() ? nullptr : lse.data());
+                               {query_block, key_block, ctx.threads}, lse.empty() ? nullptr : lse.data());
   }
 };
 

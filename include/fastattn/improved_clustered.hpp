@@ -14,6 +14,7 @@
 #include "attention.hpp"
 #include "detail/causal.hpp"
 #include "detail/clustering.hpp"
+#include "detail/parallel.hpp"
 #include "detail/scratch.hpp"
 #include "detail/topk.hpp"
 
@@ -90,7 +91,6 @@ struct improved_clustered {
     const T scale = T(ctx.scale);
     const auto keys = k.topRows(Sv);
     const auto values = v.topRows(Sv);
-    auto& select = detail::workspace<detail::top_k<T>>();
 
     // Clusters are processed in blocks of `centroid_block`, and each cluster's members in blocks
     // of `member_block`, so the scratch is O((centroid_block + top) S + member_block top) whatever
@@ -103,22 +103,12 @@ struct improved_clustered {
     index* const selected = detail::arena::local().take<index>(static_cast<std::size_t>(cb * top));
     T* const mass = detail::arena::local().take<T>(static_cast<std::size_t>(cb));
     auto residual = detail::scratch_matrix<T>(cb, M);
-    auto member_q = detail::scratch_matrix<T>(bm, E);
-    auto top_keys = detail::scratch_matrix<T>(top, E);
-    auto top_values = detail::scratch_matrix<T>(top, M);
-    auto scores = detail::scratch_matrix<T>(bm, top);
-    auto member_out = detail::scratch_matrix<T>(bm, M);
     // For context::exclude (banded's inner call): each cluster's top-k probabilities and
-    // log-sum-exp, which top-k slot a key holds (-1: none), and each member's removed residual.
+    // log-sum-exp.
     const bool excluding = ctx.exclude.has_value();
     T* const top_prob =
         detail::arena::local().take<T>(static_cast<std::size_t>(excluding ? cb * top : 0));
     T* const centroid_lse = detail::arena::local().take<T>(static_cast<std::size_t>(cb));
-    index* const slot_of =
-        detail::arena::local().take<index>(static_cast<std::size_t>(excluding ? Sv : 0));
-    if (excluding) std::fill(slot_of, slot_of + Sv, index{-1});
-    auto removed = detail::scratch_matrix<T>(excluding ? bm : 0, M);
-    T* const kept = detail::arena::local().take<T>(static_cast<std::size_t>(bm));
 
     for (index c0 = 0; c0 < C; c0 += cb) {
       const index n = std::min(cb, C - c0);
@@ -127,17 +117,18 @@ struct improved_clustered {
       // unscaled could overflow where the scaled scores do not.
       scaled_centroids.topRows(n) = groups.centroids().middleRows(c0, n) * scale;
       probabilities.topRows(n).noalias() = scaled_centroids.topRows(n) * keys.transpose();
-      for (index j = 0; j < n; ++j) {
+      // Rows are independent: they share ctx.threads.
+      detail::parallel_for(ctx.threads, n, [&](index j) {
         auto row = probabilities.row(j);
         index* chosen = selected + j * top;
-        select(row.data(), Sv, top, chosen);
+        detail::workspace<detail::top_k<T>>()(row.data(), Sv, top, chosen);  // this thread's
         const T peak = row.maxCoeff();
         if (!(peak > -std::numeric_limits<T>::infinity())) {  // no finite score: zero row
           row.setZero();
           mass[j] = T(0);
           centroid_lse[j] = -std::numeric_limits<T>::infinity();
           if (excluding) std::fill(top_prob + j * top, top_prob + (j + 1) * top, T(0));
-          continue;
+          return;
         }
         row = (row.array() - peak).exp();
         const T sum = row.sum();
@@ -150,17 +141,32 @@ struct improved_clustered {
           row(chosen[t]) = T(0);
         }
         mass[j] = m;
-      }
+      });
       // The centroid's attention on the keys outside its top-k.
       residual.topRows(n).noalias() = probabilities.topRows(n) * values;
 
       // Members against their cluster's top-k keys: small products per block of members.
-      for (index j = 0; j < n; ++j) {
+      // Clusters are independent (disjoint members): they share ctx.threads, each with the
+      // executing thread's arena and slot table.
+      detail::parallel_for(ctx.threads, n, [&](index j) {
+        const detail::arena::scope cluster_scratch;
+        auto& local = detail::arena::local();
+        auto member_q = detail::scratch_matrix<T>(bm, E, local);
+        auto top_keys = detail::scratch_matrix<T>(top, E, local);
+        auto top_values = detail::scratch_matrix<T>(top, M, local);
+        auto scores = detail::scratch_matrix<T>(bm, top, local);
+        auto member_out = detail::scratch_matrix<T>(bm, M, local);
+        auto removed = detail::scratch_matrix<T>(excluding ? bm : 0, M, local);
+        T* const kept = local.take<T>(static_cast<std::size_t>(bm));
+        // Which top-k slot a key holds (-1: none), for the exclusion; all -1 between clusters.
+        std::vector<index>& slot_of = detail::workspace<slot_table>().slots;
+        if (excluding && static_cast<index>(slot_of.size()) < Sv)
+          slot_of.resize(static_cast<std::size_t>(Sv), -1);
         const index* chosen = selected + j * top;
         for (index t = 0; t < top; ++t) {
           top_keys.row(t) = keys.row(chosen[t]);
           top_values.row(t) = values.row(chosen[t]);
-          if (excluding) slot_of[chosen[t]] = t;
+          if (excluding) slot_of[static_cast<std::size_t>(chosen[t])] = t;
         }
         const T m = mass[j];
         const index first = groups.begin(c0 + j), last = groups.end(c0 + j);
@@ -177,8 +183,8 @@ struct improved_clustered {
             T member_mass = m;  // m_i: the centroid's mass on the top-k keys this member sees
             kept[r] = T(1);     // mu_i: its mass on all the keys this member sees
             if (excluding)
-              exclude_keys(ctx, i, Sv, slot_of, top_prob + j * top, probabilities.row(j), values,
-                           row, member_mass, kept[r], removed.row(r));
+              exclude_keys(ctx, i, Sv, slot_of.data(), top_prob + j * top, probabilities.row(j),
+                           values, row, member_mass, kept[r], removed.row(r));
             const T peak = row.maxCoeff();
             T top_lse = -std::numeric_limits<T>::infinity();
             // (A NaN score, from a non-finite input with check_finite off, propagates.)
@@ -216,8 +222,8 @@ struct improved_clustered {
           }
         }
         if (excluding)
-          for (index t = 0; t < top; ++t) slot_of[chosen[t]] = -1;
-      }
+          for (index t = 0; t < top; ++t) slot_of[static_cast<std::size_t>(chosen[t])] = -1;
+      });
     }
   }
 
@@ -251,6 +257,11 @@ struct improved_clustered {
     member_mass = std::max(member_mass, T(0));
     kept = std::max(T(1) - gone, T(0));
   }
+
+  // Each thread's key -> top-k slot table (-1: none), grown to the largest S seen.
+  struct slot_table {
+    std::vector<index> slots;
+  };
 
   static constexpr index centroid_block = 64;  // clusters whose S scores are held at once
   static constexpr index member_block = 128;   // member queries scored at once

@@ -53,7 +53,7 @@ struct local {
     const index bq = std::clamp<index>(window, 16, 64);
     detail::exact_attention<T>(q, k, v, out, ctx.query_length, ctx.key_length, ctx.scale,
                                band{b.lower + shift, b.upper + shift},
-                               {bq, std::min<index>(bq + 2 * window, 8192)},
+                               {bq, std::min<index>(bq + 2 * window, 8192), ctx.threads},
                                lse.empty() ? nullptr : lse.data());
   }
 };

@@ -281,6 +281,13 @@ void multihead_attention(const Policy& policy, tensor_view<const T> q, tensor_vi
   std::exception_ptr error;
 #if defined(_OPENMP)
   const int threads = opt.threads > 0 ? opt.threads : omp_get_max_threads();
+#else
+  const int threads = 1;
+#endif
+  // Fewer heads than threads (one long sequence): each head gets the idle threads for its own
+  // query blocks and clusters (detail/parallel.hpp; the result does not depend on them).
+  const int inner = tasks > 0 && tasks < threads ? static_cast<int>(threads / tasks) : 1;
+#if defined(_OPENMP)
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (tasks > 1 && threads > 1)
 #endif
   for (index task = 0; task < tasks; ++task) {
@@ -288,6 +295,7 @@ void multihead_attention(const Policy& policy, tensor_view<const T> q, tensor_vi
     try {
       context ctx = contexts[static_cast<std::size_t>(b)];
       ctx.stream = static_cast<std::uint64_t>(task);
+      ctx.threads = inner;
       const detail::serial_products_scope serial;
       detail::run_head(policy, const_view<T>(detail::head_map(q, b, h)),
                        const_view<T>(detail::head_map(k, b, h / group)),

@@ -77,6 +77,10 @@ struct context {
   std::optional<band> exclude{};
   index query_offset = 0;  ///< position of query row 0 (sub-problems of a decomposition)
   index key_offset = 0;    ///< position of key row 0
+  /// Threads the kernel may use inside this one head (detail/parallel.hpp), >= 1: the
+  /// multi-head driver gives a head the threads that batch x heads leaves idle. A kernel's
+  /// result never depends on it (bit-identical on any count).
+  int threads = 1;
 };
 
 /// What a kernel policy provides. Built-in policies are listed in `fastattn::kernels`

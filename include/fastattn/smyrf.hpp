@@ -16,6 +16,7 @@
 #include "detail/causal.hpp"
 #include "detail/e2lsh.hpp"
 #include "detail/flash_block.hpp"
+#include "detail/parallel.hpp"
 #include "detail/rng.hpp"
 #include "detail/scratch.hpp"
 #include "detail/xbox.hpp"
@@ -149,17 +150,20 @@ struct smyrf {
       const index max_keys = plan.keys.max_size();
       const index bk = (std::min(key_block, max_keys) + G::panel - 1) / G::panel * G::panel;
       const index panels = (max_keys + G::panel - 1) / G::panel;
-      detail::flash_block<G> block(bq, bk, E, M);
-      T* const group_k = pool.take<T>(static_cast<std::size_t>(panels * G::panel * E));
-      auto group_v = detail::scratch_matrix<T>(max_keys, M);
-      auto block_out = detail::scratch_matrix<T>(bq, M);
-      auto block_lse = detail::scratch_vector<T>(bq);
 
       for (index h = 0; h < hashes; ++h) {
         detail::sort_by_hash(query_hash.col(h), entries, entries_scratch, query_order);
         detail::sort_by_hash(key_hash.col(h), entries, entries_scratch, key_order);
 
-        for (index c = 0; c < plan.clusters(); ++c) {
+        // Clusters are independent (each query is in one per round): they share ctx.threads.
+        detail::parallel_for(ctx.threads, plan.clusters(), [&](index c) {
+          const detail::arena::scope cluster_scratch;  // the executing thread's
+          auto& local = detail::arena::local();
+          detail::flash_block<G> block(bq, bk, E, M);
+          T* const group_k = local.take<T>(static_cast<std::size_t>(panels * G::panel * E));
+          auto group_v = detail::scratch_matrix<T>(max_keys, M, local);
+          auto block_out = detail::scratch_matrix<T>(bq, M, local);
+          auto block_lse = detail::scratch_vector<T>(bq, local);
           const index g = plan.key_group_of(c);
           const index k0 = plan.keys.begin(g), keys = plan.keys.size(g);
           detail::flash::pack_panels<G>(group_k, keys, E, [&](index t) {
@@ -201,7 +205,7 @@ struct smyrf {
               }
             }
           }
-        }
+        });
       }
     });
     if (!lse.empty() && hashes > 1) {

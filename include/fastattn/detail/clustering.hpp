@@ -48,15 +48,16 @@ class query_clustering {
  public:
   /// Clusters rows [0, valid) of q into min(knobs.clusters, valid) k-means clusters, drawing from
   /// `gen` (hyperplanes first, then k-means). Preconditions: valid >= 1, knobs checked.
-  void run(const_view<T> q, index valid, const clustering_knobs& knobs, rng& gen) {
+  void run(const_view<T> q, index valid, const clustering_knobs& knobs, rng& gen,
+           int threads = 1) {
     const index E = q.cols();
     const index clusters = std::min(knobs.clusters, valid);
     const auto n = static_cast<std::size_t>(valid);
 
     hashes_.resize(n);
     hash_.draw(E, knobs.bits, knobs.hash_bias, gen);
-    hash_(q.topRows(valid), hashes_.data());
-    kmeans_.run(hashes_.data(), valid, clusters, knobs.bits, knobs.iterations, gen);
+    hash_(q.topRows(valid), hashes_.data(), threads);
+    kmeans_.run(hashes_.data(), valid, clusters, knobs.bits, knobs.iterations, gen, threads);
     const std::vector<index>& assignment = kmeans_.assignment();
 
     // Counting sort of the queries by cluster; empty clusters are dropped.
@@ -96,7 +97,7 @@ class query_clustering {
   template <class P>
   void run(const P& p, const_view<T> q, const context& ctx) {
     rng gen(p.seed, ctx.stream);
-    run(q, ctx.query_length, {p.clusters, p.bits, p.iterations, p.hash_bias}, gen);
+    run(q, ctx.query_length, {p.clusters, p.bits, p.iterations, p.hash_bias}, gen, ctx.threads);
   }
 
   /// Non-empty clusters.

@@ -17,7 +17,17 @@ namespace fastattn::detail {
 struct tiles {
   index query_block = 128;  ///< queries per tile
   index key_block = 512;    ///< keys per tile
+  int threads = 1;          ///< threads sharing the query blocks (the result does not change)
 };
+
+/// Query rows per block for `rows` rows on `threads` threads: at most `most`, and small enough
+/// that every thread gets a block. Without a band, a row's result does not depend on the query
+/// blocks (each row's scores, softmax and accumulation see the same key blocks in the same
+/// order), so this choice never changes the output.
+inline index rows_per_thread(index rows, int threads, index most = 128) {
+  const index share = (rows + threads - 1) / std::max(threads, 1);
+  return std::clamp<index>((share + 7) / 8 * 8, 1, most);
+}
 
 /// out.row(i) = softmax(scale q_i K^T + mask) V for i in [0, rows), over keys [0, keys), where
 /// `visible` (when set) restricts query i to keys i + lower <= j <= i + upper; a row that sees no
@@ -32,7 +42,8 @@ void exact_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> 
                      T* lse = nullptr) {
   if (rows == 0) return;
   with_flash_geometry<T>(v.cols(), [&]<class G>(G) {
-    flash_attention<G>(q, k, v, out, rows, keys, scale, visible, t.query_block, t.key_block, lse);
+    flash_attention<G>(q, k, v, out, rows, keys, scale, visible, t.query_block, t.key_block,
+                       t.threads, lse);
   });
 }
 

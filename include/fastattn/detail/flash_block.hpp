@@ -6,8 +6,8 @@
 //
 // Written on Eigen's packet math, so the instruction set is the one the user's flags enable:
 // AVX-512 (16 floats or 8 doubles per packet, 32 registers), AVX/AVX2 (8 or 4, 16 registers),
-// SSE2 (4 or 2), NEON. Without vectorisation, or when the value dimension is not a whole number
-// of packets, `exact_attention` keeps its Eigen-product path (exact_attention.hpp).
+// SSE2 (4 or 2), NEON. A value dimension that is not a whole number of packets takes the half or
+// quarter packet that divides it, else scalars (with_flash_geometry): the same code, narrower.
 //
 // Layout:
 // - the keys are packed once per call, scaled by nothing, as K^T in panels of `panel` keys
@@ -30,6 +30,7 @@
 #include <Eigen/Core>
 
 #include "../policy.hpp"
+#include "parallel.hpp"
 #include "scratch.hpp"
 
 // Eigen's packet types are vector types with attributes (__m512 ...), which GCC warns about as
@@ -332,13 +333,14 @@ class flash_block {
 };
 
 /// The fused kernel behind `exact_attention` (same contract: rows [0, rows) of `out`, keys
-/// [0, keys), optional band `visible`, optional `lse`), for value dimensions that
-/// flash_geometry<T>::takes. Extra memory: the packed keys (about keys x E) and
-/// O(query_block (E + M) + group key_block) per block, from the calling thread's arena.
+/// [0, keys), optional band `visible`, optional `lse`), for value dimensions that G takes. The
+/// query blocks are shared by up to `threads` threads (each block is computed the same way by
+/// any of them). Extra memory: the packed keys (about keys x E) and O(query_block (E + M) +
+/// group key_block) per thread, from the arenas.
 template <class G, class T = typename G::scalar>
 void flash_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> out, index rows,
                      index keys, double scale, std::optional<band> visible, index query_block,
-                     index key_block, T* lse) {
+                     index key_block, int threads, T* lse) {
   const index e = q.cols();
   const arena::scope scratch;
 
@@ -356,10 +358,11 @@ void flash_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> 
 
   const index bq = std::clamp<index>(query_block, 1, rows);
   const index bk = (std::max<index>(key_block, 1) + G::panel - 1) / G::panel * G::panel;
-  flash_block<G> block(bq, bk, e, v.cols());
   const T sc = static_cast<T>(scale);
-  for (index i0 = 0; i0 < rows; i0 += bq) {
-    const index n = std::min(bq, rows - i0);
+  parallel_for(threads, (rows + bq - 1) / bq, [&](index b) {
+    const arena::scope block_scratch;  // the executing thread's
+    flash_block<G> block(bq, bk, e, v.cols());
+    const index i0 = b * bq, n = std::min(bq, rows - i0);
     for (index r = 0; r < n; ++r)
       Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>>(block.query(r), e) = q.row(i0 + r) * sc;
     block.reset(n);
@@ -369,12 +372,12 @@ void flash_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> 
       block.absorb(kt + (j0 - kbase) * e, cols, v.data() + j0 * v.outerStride(), v.outerStride(),
                    [&](index r) {
                      if (!visible) return std::pair<index, index>{0, cols};
-                     const auto [a, b] = visible->keys_of(i0 + r, 1, keys);
-                     return std::pair<index, index>{a - j0, b - j0};
+                     const auto [a, z] = visible->keys_of(i0 + r, 1, keys);
+                     return std::pair<index, index>{a - j0, z - j0};
                    });
     }
     block.finish(out.middleRows(i0, n), lse ? lse + i0 : nullptr);
-  }
+  });
 }
 
 }  // namespace fastattn::detail

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "../attention.hpp"
+#include "parallel.hpp"
 #include "rng.hpp"
 
 namespace fastattn::detail {
@@ -67,7 +68,7 @@ class hamming_kmeans {
   /// Clusters hashes[0..n). Preconditions: 1 <= clusters <= n, clusters < 2^32,
   /// 1 <= bits <= 64, iterations >= 1, and every hash has no bit set at or above `bits`.
   void run(const std::uint64_t* hashes, index n, index clusters, int bits, int iterations,
-           rng& gen) {
+           rng& gen, int threads = 1) {
     const auto count = static_cast<std::size_t>(clusters);
     centroids_.resize(count);
     sizes_.assign(count, 0u);
@@ -88,7 +89,7 @@ class hamming_kmeans {
     passes_ = 0;
     refills_ = 0;
     for (int pass = 0; pass < iterations; ++pass) {
-      const bool changed = assign(hashes, n);
+      const bool changed = assign(hashes, n, threads);
       ++passes_;
       if (pass + 1 == iterations || !changed) break;
       refills_ += update(hashes, n, bits, gen);
@@ -111,45 +112,51 @@ class hamming_kmeans {
     return masks;
   }();
 
-  // One assignment pass; returns whether any hash changed cluster.
-  bool assign(const std::uint64_t* hashes, index n) {
+  // One assignment pass; returns whether any hash changed cluster. The nearest centroids are
+  // found on `threads` threads (chunks of hashes, each independent), then stored in order.
+  bool assign(const std::uint64_t* hashes, index n, int threads) {
     const std::uint64_t* centroids = centroids_.data();
     const auto clusters = static_cast<std::uint64_t>(centroids_.size());
-    bool changed = false;
-    auto store = [&](index i, std::uint64_t best) {
-      const auto cluster = static_cast<index>(best & 0xFFFFFFFFu);
-      auto& slot = assignment_[static_cast<std::size_t>(i)];
-      if (slot == cluster) return;
-      move(hashes[i], slot, cluster);
-      slot = cluster;
-      changed = true;
-    };
+    nearest_.resize(static_cast<std::size_t>(n));
+    std::uint64_t* const nearest = nearest_.data();
     // Keys (distance << 32 | cluster): the minimum key is the nearest centroid with the lowest
     // index, a plain min-reduction. Blocks of `lanes` hashes against one centroid at a time: the
     // inner loop is what the compiler vectorises (vpopcntq and vpminuq with AVX-512).
-    constexpr index lanes = 16;
-    index i = 0;
-    for (; i + lanes <= n; i += lanes) {
-      std::uint64_t best[lanes], h[lanes];
-      for (index t = 0; t < lanes; ++t) {
-        best[t] = ~std::uint64_t{0};
-        h[t] = hashes[i + t];
+    constexpr index lanes = 16, chunk = 64 * lanes;
+    parallel_for(threads, (n + chunk - 1) / chunk, [&](index c) {
+      const index begin = c * chunk, end = std::min(n, begin + chunk);
+      index i = begin;
+      for (; i + lanes <= end; i += lanes) {
+        std::uint64_t best[lanes], h[lanes];
+        for (index t = 0; t < lanes; ++t) {
+          best[t] = ~std::uint64_t{0};
+          h[t] = hashes[i + t];
+        }
+        for (std::uint64_t j = 0; j < clusters; ++j) {
+          const std::uint64_t cj = centroids[j];
+          for (index t = 0; t < lanes; ++t)
+            best[t] =
+                std::min(best[t], (static_cast<std::uint64_t>(std::popcount(h[t] ^ cj)) << 32) | j);
+        }
+        for (index t = 0; t < lanes; ++t) nearest[i + t] = best[t];
       }
-      for (std::uint64_t j = 0; j < clusters; ++j) {
-        const std::uint64_t c = centroids[j];
-        for (index t = 0; t < lanes; ++t)
-          best[t] =
-              std::min(best[t], (static_cast<std::uint64_t>(std::popcount(h[t] ^ c)) << 32) | j);
+      for (; i < end; ++i) {
+        const std::uint64_t h = hashes[i];
+        std::uint64_t best = ~std::uint64_t{0};
+        for (std::uint64_t j = 0; j < clusters; ++j)
+          best = std::min(best,
+                          (static_cast<std::uint64_t>(std::popcount(h ^ centroids[j])) << 32) | j);
+        nearest[i] = best;
       }
-      for (index t = 0; t < lanes; ++t) store(i + t, best[t]);
-    }
-    for (; i < n; ++i) {
-      const std::uint64_t h = hashes[i];
-      std::uint64_t best = ~std::uint64_t{0};
-      for (std::uint64_t j = 0; j < clusters; ++j)
-        best =
-            std::min(best, (static_cast<std::uint64_t>(std::popcount(h ^ centroids[j])) << 32) | j);
-      store(i, best);
+    });
+    bool changed = false;
+    for (index i = 0; i < n; ++i) {
+      const auto cluster = static_cast<index>(nearest[i] & 0xFFFFFFFFu);
+      auto& slot = assignment_[static_cast<std::size_t>(i)];
+      if (slot == cluster) continue;
+      move(hashes[i], slot, cluster);
+      slot = cluster;
+      changed = true;
     }
     return changed;
   }
@@ -239,6 +246,7 @@ class hamming_kmeans {
   std::vector<std::uint32_t> bit_counts_;  // clusters x 64
   std::vector<index> assignment_;
   std::vector<index> order_;
+  std::vector<std::uint64_t> nearest_;  // per hash: (distance << 32 | cluster) of this pass
   int passes_ = 0;
   index refills_ = 0;
 };

@@ -6,7 +6,9 @@
 #include <cstdint>
 
 #include "../policy.hpp"
+#include "parallel.hpp"
 #include "rng.hpp"
+#include "scratch.hpp"
 
 namespace fastattn::detail {
 
@@ -53,22 +55,23 @@ class hyperplane_hash {
   /// at and above B are zero. All projections of a block of rows are one (rows x E) * (E x B)
   /// product. Cost: 2 n E B flops.
   template <class Rows>
-  void operator()(const Rows& x, std::uint64_t* out) {
+  void operator()(const Rows& x, std::uint64_t* out, int threads = 1) const {
     const index n = x.rows(), B = bits_;
     if (n == 0) return;
-    auto& projections = projections_;
-    projections.resize(std::min(block, n), planes_.cols());
-    for (index i0 = 0; i0 < n; i0 += block) {
-      const index rows = std::min(block, n - i0);
-      projections.topRows(rows).noalias() = x.middleRows(i0, rows) * planes_;
+    // Blocks are independent: on `threads` threads, each from its own arena.
+    parallel_for(threads, (n + block - 1) / block, [&](index b) {
+      const arena::scope scratch;
+      const index i0 = b * block, rows = std::min(block, n - i0);
+      auto projections = scratch_matrix<T>(rows, planes_.cols());
+      projections.noalias() = x.middleRows(i0, rows) * planes_;
       for (index r = 0; r < rows; ++r) {
         const T* p = projections.row(r).data();
         const T* t = thresholds_.data();
         std::uint64_t h = 0;
-        for (index b = 0; b < B; ++b) h |= static_cast<std::uint64_t>(p[b] > t[b]) << b;
+        for (index b2 = 0; b2 < B; ++b2) h |= static_cast<std::uint64_t>(p[b2] > t[b2]) << b2;
         out[i0 + r] = h;
       }
-    }
+    });
   }
 
  private:
@@ -79,7 +82,6 @@ class hyperplane_hash {
   matrix<T> planes_;  // E x padded(B)
   Eigen::Matrix<T, 1, Eigen::Dynamic> thresholds_;
   int bits_ = 0;
-  matrix<T> projections_;  // block x padded(B), reused
 };
 
 }  // namespace fastattn::detail
