@@ -154,6 +154,34 @@ TEST(Multihead, RejectsBadArgumentsBeforeAnyWork) {
   for (float x : out) ASSERT_EQ(x, 5.f);
 }
 
+// One head on two threads checks its values in chunks of rows on both (attention.hpp): the
+// first non-finite value is still the one reported, in the same words as on one thread, and in
+// whichever chunk the bad value and the larger finite values sit.
+TEST(Multihead, OneHeadOnTwoThreadsReportsTheSameNonFiniteValue) {
+  const index L = 9000;  // three chunks of 4096 rows
+  for (const index bad_row : {index{10}, index{5000}, index{8999}}) {
+    buffers in(1, L, L, 1, 4, 4);
+    in.v[static_cast<std::size_t>(bad_row * 4 + 2)] = std::numeric_limits<float>::quiet_NaN();
+    in.v[static_cast<std::size_t>(((bad_row + 4500) % L) * 4)] = 1e6f;  // elsewhere, large
+    std::vector<float> out(static_cast<std::size_t>(L * 4), -1.0f);
+    std::string words[2];
+    for (const int threads : {1, 2}) {
+      fa::multihead_options opt;
+      opt.threads = threads;
+      const auto e = fa::testing::error_of([&] {
+        fa::multihead_attention(fa::dense{}, in.qv(), in.kv(), in.vv(),
+                                fa::tensor_view<float>{out.data(), 1, L, 1, 4}, opt);
+      });
+      EXPECT_EQ(e.argument(), "v");
+      words[threads - 1] = e.what();
+    }
+    EXPECT_EQ(words[0], words[1]);
+    EXPECT_NE(words[0].find("at row " + std::to_string(bad_row) + ", column 2"), std::string::npos)
+        << words[0];
+    for (const float x : out) ASSERT_EQ(x, -1.0f);  // refused before any work
+  }
+}
+
 TEST(Multihead, ErrorsNameTheSampleAndHeadAndOmitTheSampleWhenThereIsOne) {
   // A non-finite value in head (1, 1): located at sample 1, head 1.
   buffers in(2, 6, 6, 2, 4, 4);

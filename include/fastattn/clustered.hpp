@@ -88,7 +88,7 @@ struct clustered {
       detail::exact_attention<T>(const_view<T>(groups.centroids()), k, v, view<T>(rows), C, Sv,
                                  ctx.scale, std::nullopt,
                                  {detail::rows_per_thread(C, ctx.threads), 512, ctx.threads});
-      groups.broadcast(rows, out);
+      groups.broadcast(rows, out, ctx.threads);
       return;
     }
     // With lse: each centroid also attends to the keys themselves ([V | K] as values), giving
@@ -104,7 +104,7 @@ struct clustered {
                                view<T>(rows), C, Sv, ctx.scale, std::nullopt,
                                {detail::rows_per_thread(C, ctx.threads), 512, ctx.threads},
                                row_lse);
-    groups.broadcast(rows.leftCols(M), out);
+    groups.broadcast(rows.leftCols(M), out, ctx.threads);
     const T scale = static_cast<T>(ctx.scale);
     const T tiny = 16 * std::numeric_limits<T>::epsilon();
     // Rows of `work`: 0, a correction [sum p v | sum p k]; 1, the member's gradient; 2, the scaled

@@ -116,7 +116,14 @@ struct improved_clustered {
       // Scale the centroids first: Eigen folds a scalar factor out of a product, and C K^T
       // unscaled could overflow where the scaled scores do not.
       scaled_centroids.topRows(n) = groups.centroids().middleRows(c0, n) * scale;
-      probabilities.topRows(n).noalias() = scaled_centroids.topRows(n) * keys.transpose();
+      // In fixed chunks of keys and, below, of rows: the chunks are the same on any thread
+      // count, so the products (and the result) are too, and they share ctx.threads.
+      constexpr index key_chunk = 1024, row_chunk = 32;
+      detail::parallel_for(ctx.threads, (Sv + key_chunk - 1) / key_chunk, [&](index c) {
+        const index j0 = c * key_chunk, cols = std::min(key_chunk, Sv - j0);
+        probabilities.topRows(n).middleCols(j0, cols).noalias() =
+            scaled_centroids.topRows(n) * keys.middleRows(j0, cols).transpose();
+      });
       // Rows are independent: they share ctx.threads.
       detail::parallel_for(ctx.threads, n, [&](index j) {
         auto row = probabilities.row(j);
@@ -143,7 +150,10 @@ struct improved_clustered {
         mass[j] = m;
       });
       // The centroid's attention on the keys outside its top-k.
-      residual.topRows(n).noalias() = probabilities.topRows(n) * values;
+      detail::parallel_for(ctx.threads, (n + row_chunk - 1) / row_chunk, [&](index c) {
+        const index r0 = c * row_chunk, rows = std::min(row_chunk, n - r0);
+        residual.middleRows(r0, rows).noalias() = probabilities.middleRows(r0, rows) * values;
+      });
 
       // Members against their cluster's top-k keys: small products per block of members.
       // Clusters are independent (disjoint members): they share ctx.threads, each with the

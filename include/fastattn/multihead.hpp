@@ -265,6 +265,17 @@ void multihead_attention(const Policy& policy, tensor_view<const T> q, tensor_vi
     }
   }
 
+  const index tasks = q.batch * H;
+#if defined(_OPENMP)
+  const int threads = opt.threads > 0 ? opt.threads : omp_get_max_threads();
+#else
+  const int threads = 1;
+#endif
+  // Fewer heads than threads (one long sequence): each head gets the idle threads for its own
+  // checks, query blocks and clusters (detail/parallel.hpp; the result does not depend on them).
+  const int inner = tasks > 0 && tasks < threads ? static_cast<int>(threads / tasks) : 1;
+  for (auto& ctx : contexts) ctx.threads = inner;
+
   if (opt.common.check_finite)
     for (index b = 0; b < q.batch; ++b)
       for (index h = 0; h < H; ++h) {
@@ -277,41 +288,23 @@ void multihead_attention(const Policy& policy, tensor_view<const T> q, tensor_vi
         }
       }
 
-  const index tasks = q.batch * H;
-  std::exception_ptr error;
-#if defined(_OPENMP)
-  const int threads = opt.threads > 0 ? opt.threads : omp_get_max_threads();
-#else
-  const int threads = 1;
-#endif
-  // Fewer heads than threads (one long sequence): each head gets the idle threads for its own
-  // query blocks and clusters (detail/parallel.hpp; the result does not depend on them).
-  const int inner = tasks > 0 && tasks < threads ? static_cast<int>(threads / tasks) : 1;
-#if defined(_OPENMP)
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (tasks > 1 && threads > 1)
-#endif
-  for (index task = 0; task < tasks; ++task) {
+  // Heads on the threads (dynamically: heads differ in cost), each in its own try (allocation
+  // failures; policies are checked before this point), the first failure rethrown. One head
+  // opens no parallel region here: a region of one thread would make the head's own regions
+  // nested ones, which OpenMP runtimes may serve with new threads each time.
+  detail::parallel_for(tasks > 1 ? threads : 1, tasks, [&](index task) {
     const index b = task / H, h = task % H;
-    try {
-      context ctx = contexts[static_cast<std::size_t>(b)];
-      ctx.stream = static_cast<std::uint64_t>(task);
-      ctx.threads = inner;
-      const detail::serial_products_scope serial;
-      detail::run_head(policy, const_view<T>(detail::head_map(q, b, h)),
-                       const_view<T>(detail::head_map(k, b, h / group)),
-                       const_view<T>(detail::head_map(v, b, h / group)),
-                       view<T>(detail::head_map(out, b, h)), ctx,
-                       lse.empty() ? lse
-                                   : lse.subspan(static_cast<std::size_t>(task * q.length),
-                                                 static_cast<std::size_t>(q.length)));
-    } catch (...) {  // allocation failures (policies are checked before the region)
-#if defined(_OPENMP)
-#pragma omp critical(fastattn_multihead_error)
-#endif
-      if (!error) error = std::current_exception();
-    }
-  }
-  if (error) std::rethrow_exception(error);
+    context ctx = contexts[static_cast<std::size_t>(b)];
+    ctx.stream = static_cast<std::uint64_t>(task);
+    const detail::serial_products_scope serial;
+    detail::run_head(policy, const_view<T>(detail::head_map(q, b, h)),
+                     const_view<T>(detail::head_map(k, b, h / group)),
+                     const_view<T>(detail::head_map(v, b, h / group)),
+                     view<T>(detail::head_map(out, b, h)), ctx,
+                     lse.empty() ? lse
+                                 : lse.subspan(static_cast<std::size_t>(task * q.length),
+                                               static_cast<std::size_t>(q.length)));
+  });
 }
 
 }  // namespace fastattn

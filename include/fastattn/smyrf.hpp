@@ -166,16 +166,32 @@ struct smyrf {
           auto block_lse = detail::scratch_vector<T>(bq, local);
           const index g = plan.key_group_of(c);
           const index k0 = plan.keys.begin(g), keys = plan.keys.size(g);
+          // The rows are scattered over q, k, v and out: each gather asks for the row
+          // `ahead` places on (a hardware prefetcher cannot guess a permutation).
+          constexpr index ahead = 8;
+          const auto row_bytes = [](index n) { return static_cast<std::size_t>(n) * sizeof(T); };
           detail::flash::pack_panels<G>(group_k, keys, E, [&](index t) {
+            if (t + ahead < keys)
+              detail::flash::prefetch(kv.row(key_order[k0 + t + ahead]).data(), row_bytes(E));
             return kv.row(key_order[k0 + t]).data();
           });
-          for (index t = 0; t < keys; ++t) group_v.row(t) = v.row(key_order[k0 + t]);
+          for (index t = 0; t < keys; ++t) {
+            if (t + ahead < keys)
+              detail::flash::prefetch(v.row(key_order[k0 + t + ahead]).data(), row_bytes(M));
+            group_v.row(t) = v.row(key_order[k0 + t]);
+          }
           const index q0 = plan.queries.begin(c), q_end = q0 + plan.queries.size(c);
           for (index i0 = q0; i0 < q_end; i0 += bq) {
             const index rows = std::min(bq, q_end - i0);
-            for (index t = 0; t < rows; ++t)
+            for (index t = 0; t < rows; ++t) {
+              if (t + ahead < rows) {
+                const index next = query_order[i0 + t + ahead];
+                detail::flash::prefetch(qv.row(next).data(), row_bytes(E));
+                detail::flash::prefetch(out.row(next).data(), row_bytes(M));
+              }
               Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>>(block.query(t), E) =
                   qv.row(query_order[i0 + t]) * scale;
+            }
             block.reset(rows);
             for (index j0 = 0; j0 < keys; j0 += bk) {
               const index cols = std::min(bk, keys - j0);

@@ -12,6 +12,7 @@
 #include "../policy.hpp"
 #include "hamming_kmeans.hpp"
 #include "hyperplane_hash.hpp"
+#include "parallel.hpp"
 #include "rng.hpp"
 
 namespace fastattn::detail {
@@ -83,13 +84,15 @@ class query_clustering {
     // (q is streamed once, the C x E sums stay in cache) as sum_i q_i / n, so that no partial
     // sum exceeds the largest member in magnitude: a centroid never overflows when its members
     // do not.
+    // A cluster's members are listed in query order (the counting sort is stable), so summing
+    // them cluster by cluster adds the same terms in the same order: clusters share `threads`.
     centroids_.resize(count, E);  // no allocation when the size repeats
-    centroids_.setZero();
-    for (index i = 0; i < valid; ++i) {
-      const index j =
-          renumber_[static_cast<std::size_t>(assignment[static_cast<std::size_t>(i)])];
-      centroids_.row(j) += q.row(i) / static_cast<T>(size(j));
-    }
+    parallel_for(threads, count, [&](index j) {
+      auto c = centroids_.row(j);
+      c.setZero();
+      const T members = static_cast<T>(size(j));
+      for (index r = begin(j); r < end(j); ++r) c += q.row(member(r)) / members;
+    });
   }
 
   /// Clusters the valid queries for a clustering policy p (knobs as in clustering_knob_list)
@@ -121,9 +124,10 @@ class query_clustering {
 
   /// Writes row j of `rows` (count() x M) into the output row of every member of cluster j.
   template <class Rows>
-  void broadcast(const Rows& rows, view<T> out) const {
-    for (index j = 0; j < count(); ++j)
+  void broadcast(const Rows& rows, view<T> out, int threads = 1) const {
+    parallel_for(threads, count(), [&](index j) {
       for (index r = begin(j); r < end(j); ++r) out.row(member(r)) = rows.row(j);
+    });
   }
 
  private:

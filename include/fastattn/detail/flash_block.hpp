@@ -180,6 +180,18 @@ void pack_panels(T* dst, index count, index e, RowOf&& row_of) {
   }
 }
 
+/// Asks the caches for [p, p + bytes) ahead of a gather of scattered rows (a hint; nothing where
+/// the compiler has no prefetch).
+inline void prefetch(const void* p, std::size_t bytes) noexcept {
+#if defined(__GNUC__)
+  const char* const c = static_cast<const char*>(p);
+  for (std::size_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
 /// A mask that masks nothing (flash_block::absorb's default).
 struct no_mask {
   template <class T>
@@ -345,15 +357,21 @@ void flash_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> 
   const arena::scope scratch;
 
   // The keys some row sees, packed once from the panel boundary at or below the first.
-  const auto [kfirst, klast] =
+  const auto call_keys =
       visible ? visible->keys_of(0, rows, keys) : std::pair<index, index>{0, keys};
+  const index kfirst = call_keys.first, klast = call_keys.second;  // (lambdas capture these)
   const index kbase = kfirst / G::panel * G::panel;
   const index packed = klast > kfirst ? klast - kbase : 0;
   T* const kt = arena::local().take<T>(static_cast<std::size_t>(
       std::max<index>((packed + G::panel - 1) / G::panel, 1) * G::panel * e));
-  flash::pack_panels<G>(kt, packed, e, [&](index t) -> const T* {
-    const index j = kbase + t;
-    return j >= kfirst ? k.data() + j * k.outerStride() : nullptr;
+  constexpr index panels_per_chunk = 64;
+  const index chunk = panels_per_chunk * G::panel;
+  parallel_for(threads, (packed + chunk - 1) / chunk, [&](index c) {
+    flash::pack_panels<G>(kt + c * chunk * e, std::min(chunk, packed - c * chunk), e,
+                          [&](index t) -> const T* {
+                            const index j = kbase + c * chunk + t;
+                            return j >= kfirst ? k.data() + j * k.outerStride() : nullptr;
+                          });
   });
 
   const index bq = std::clamp<index>(query_block, 1, rows);
