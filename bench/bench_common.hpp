@@ -8,13 +8,14 @@
 // them: the baselines `gemm_bound/N:<N>`, `dense_naive/N:<N>` and `fma_peak`
 // (bench_baselines.cpp), the variants `<kernel>/N:<N>/causal`, `/window:<W>`, `/estimate` and
 // `/E:<E>` (other head sizes; bench_variants.cpp), the thread-scaling pairs
-// `multihead/<kernel>/threads:<1|2>`, the knob sweeps `sweep/<kernel>/<setting>/N:4096`
-// (bench_sweeps.cpp) and the mixed-layer frontier `mix/<kernel>/<setting>` (bench_mix.cpp).
+// `multihead/<kernel>/threads:<1|2>` and `multihead/<kernel>/heads:1/threads:<1|2>`, the knob sweeps `sweep/<kernel>/<setting>/N:4096`
+// (bench_sweeps.cpp), the mixed-layer frontier `mix/<kernel>/<setting>` (bench_mix.cpp) and the
+// user-shaped `<kernel>/N:<N>/iid` (iid N(0, 1) inputs, a new output per call; bench_process.cpp).
 // scripts/bench.sh and scripts/report.sh derive the kernels from these names, so a kernel added
 // to `fastattn::kernels` is benchmarked and reported without edits.
 //
 // bench_main.cpp registers everything, in this order: fma_peak, the kernels, the variants, the
-// other baselines, multihead, sweeps, mix.
+// iid variants, the other baselines, multihead, sweeps, mix.
 #pragma once
 
 #include <benchmark/benchmark.h>
@@ -111,13 +112,17 @@ void run_kernel(benchmark::State& state, const Policy& policy, index n, FlopFn f
 inline constexpr index scaling_n = 4096;   // thread-scaling problem: B = 1, L = S = 4096,
 inline constexpr index scaling_heads = 8;  // H = 8, through the multi-head driver
 
-/// Times multihead_attention over (1, scaling_n, scaling_heads, head_dim) on `threads` threads
-/// (wall-clock time).
+inline constexpr index one_head_n = 16384;  // one long head: B = H = 1, L = S = 16384
+
+/// Times multihead_attention over (1, n, heads, head_dim) on `threads` threads (wall-clock time).
 template <attention_policy Policy>
-void run_multihead(benchmark::State& state, const Policy& policy, int threads) {
-  static const auto buffers = [] {
+void run_multihead(benchmark::State& state, const Policy& policy, int threads,
+                   index n = scaling_n, index H = scaling_heads) {
+  // Inputs per (n, H), built once per process.
+  static std::map<std::pair<index, index>, std::array<std::vector<float>, 3>> cache;
+  auto& buffers = cache[{n, H}];
+  if (buffers[0].empty()) {
     std::vector<float> q, k, v;
-    const index H = scaling_heads, n = scaling_n;
     q.resize(static_cast<std::size_t>(n * H * head_dim));
     k.resize(q.size());
     v.resize(q.size());
@@ -132,17 +137,15 @@ void run_multihead(benchmark::State& state, const Policy& policy, int threads) {
           v[at] = in.v(t, e);
         }
     }
-    return std::array<std::vector<float>, 3>{std::move(q), std::move(k), std::move(v)};
-  }();
+    buffers = {std::move(q), std::move(k), std::move(v)};
+  }
   std::vector<float> out(buffers[0].size());
   multihead_options opt;
   opt.threads = threads;
-  const tensor_view<const float> q{buffers[0].data(), 1, scaling_n, scaling_heads, head_dim},
-      k{buffers[1].data(), 1, scaling_n, scaling_heads, head_dim},
-      v{buffers[2].data(), 1, scaling_n, scaling_heads, head_dim};
+  const tensor_view<const float> q{buffers[0].data(), 1, n, H, head_dim},
+      k{buffers[1].data(), 1, n, H, head_dim}, v{buffers[2].data(), 1, n, H, head_dim};
   for (auto _ : state) {
-    multihead_attention(policy, q, k, v,
-                        tensor_view<float>{out.data(), 1, scaling_n, scaling_heads, head_dim}, opt);
+    multihead_attention(policy, q, k, v, tensor_view<float>{out.data(), 1, n, H, head_dim}, opt);
     benchmark::DoNotOptimize(out.data());
   }
   state.counters["threads"] = threads;
@@ -192,23 +195,28 @@ void register_head_dims(std::string_view name, Policy policy) {
     }
 }
 
-/// Registers the thread-scaling pair `multihead/<name>/threads:<1|2>`.
+/// Registers the thread-scaling pairs `multihead/<name>/threads:<1|2>` (B = 1, H = 8,
+/// N = 4096: heads spread over the threads) and `multihead/<name>/heads:1/threads:<1|2>` (B = H = 1,
+/// N = 16384: one head split across the threads).
 template <attention_policy Policy, class FlopFn>
 void register_multihead(std::string_view name, Policy policy, FlopFn flops) {
-  for (int threads : {1, 2}) {
-    const std::string full =
-        "multihead/" + std::string(name) + "/threads:" + std::to_string(threads);
-    benchmark::RegisterBenchmark(
-        full.c_str(),
-        [policy, flops, threads](benchmark::State& state) {
-          run_multihead(state, policy, threads);
-          state.counters["flops"] = benchmark::Counter(
-              static_cast<double>(scaling_heads) * static_cast<double>(flops(scaling_n)),
-              benchmark::Counter::kIsIterationInvariantRate);
-        })
-        ->Unit(benchmark::kMillisecond)
-        ->UseRealTime();
-  }
+  for (const index heads : {scaling_heads, index{1}})
+    for (int threads : {1, 2}) {
+      const index n = heads == 1 ? one_head_n : scaling_n;
+      const std::string full = "multihead/" + std::string(name) +
+                               (heads == 1 ? "/heads:1" : "") + "/threads:" +
+                               std::to_string(threads);
+      benchmark::RegisterBenchmark(
+          full.c_str(),
+          [policy, flops, threads, n, heads](benchmark::State& state) {
+            run_multihead(state, policy, threads, n, heads);
+            state.counters["flops"] = benchmark::Counter(
+                static_cast<double>(heads) * static_cast<double>(flops(n)),
+                benchmark::Counter::kIsIterationInvariantRate);
+          })
+          ->Unit(benchmark::kMillisecond)
+          ->UseRealTime();
+    }
 }
 
 /// Registers one point of a knob sweep, `sweep/<name>/<setting>/N:<n>` (for error_vs_time).
@@ -231,5 +239,6 @@ void register_kernels_multihead();
 void register_sweeps();
 void register_variants();
 void register_mix();
+void register_iid();  // bench_process.cpp
 
 }  // namespace fastattn::bench

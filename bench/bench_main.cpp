@@ -19,6 +19,7 @@ int main(int argc, char** argv) {
   bench::register_fma_peak();
   bench::register_kernels();
   bench::register_variants();
+  bench::register_iid();
   bench::register_baselines();
   bench::register_kernels_multihead();
   bench::register_sweeps();

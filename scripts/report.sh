@@ -39,6 +39,7 @@ awk -F'\t' -v approx="$approx" -v kernels="$kernels" -v out="$dir" '
   {
     name = $1
     if (name == "fma_peak") { peak = $3; next }
+    if (name ~ /^multihead\/[^\/]+\/heads:1\//) { split(name, p, "/"); sub(/threads:/, "", p[4]); m1[p[2], p[4]] = $2; next }
     if (name ~ /^multihead\//) { split(name, p, "/"); sub(/threads:/, "", p[3]); mt[p[2], p[3]] = $2; mk[p[2]] = 1; next }
     if (name ~ /^sweep\//) { print name "\t" $2 "\t" $4 > (out "/sweep.tsv"); next }
     if (name !~ /^[^\/]+\/N:[0-9]+$/) next  # variants (/causal, /window:W, ...) are not tabled
@@ -107,6 +108,13 @@ awk -F'\t' -v approx="$approx" -v kernels="$kernels" -v out="$dir" '
         printf "| %s | %s | %s | %.2fx |\n", k, fmt_ms(mt[k, 1]), fmt_ms(mt[k, 2]), mt[k, 1] / mt[k, 2] > (out "/threads.md") }
     for (k in mk) if (!(k in done) && mt[k, 1] != "" && mt[k, 2] != "")
       printf "| %s | %s | %s | %.2fx |\n", k, fmt_ms(mt[k, 1]), fmt_ms(mt[k, 2]), mt[k, 1] / mt[k, 2] > (out "/threads.md")
+    # one head split across the threads
+    print "" > (out "/threads.md")
+    print "| kernel (B = 1, H = 1, N = 16384) | 1 thread ms | 2 threads ms | speed-up |" > (out "/threads.md")
+    print "|---|---|---|---|" > (out "/threads.md")
+    for (a = 1; a <= nk; a++) { k = K[a]
+      if (m1[k, 1] != "" && m1[k, 2] != "")
+        printf "| %s | %s | %s | %.2fx |\n", k, fmt_ms(m1[k, 1]), fmt_ms(m1[k, 2]), m1[k, 1] / m1[k, 2] > (out "/threads.md") }
     if (peak != "") printf "fma_peak: %.1f GFLOP/s (one core, fp32)\n", peak / 1e9 > (out "/peak.txt")
   }' "$dir/results.tsv"
 
@@ -173,6 +181,16 @@ awk -F'\t' -v out="$dir" '
       for (a = 1; a <= nk; a++) for (i = 1; i <= nn; i++) { k = kl[a]; n = list[i]
         if (vt[k, n, "estimate"] == "" || t[k, n] == "") continue
         printf "| %s | %d | %s | %s | %.1f%% |\n", k, n, fmt_ms(vt[k, n, "estimate"]), fmt_ms(t[k, n]), 100 * (vt[k, n, "estimate"] / t[k, n] - 1) > f }
+      print "" > f
+    }
+    if ("iid" in kinds) {
+      print "iid inputs (`<kernel>/N:<N>/iid`: q, k, v iid N(0, 1) and a new output per call, as a user calls it; modes between processes: scripts/bench_processes.sh):\n" > f
+      print "| kernel | N | iid ms | peaked ms | iid / peaked |" > f
+      print "|---|---|---|---|---|" > f
+      for (a = 1; a <= nk; a++) for (i = 1; i <= nn; i++) { k = kl[a]; n = list[i]
+        if (vt[k, n, "iid"] == "") continue
+        print "| " k " | " n " | " fmt_ms(vt[k, n, "iid"]) " | " fmt_ms(t[k, n]) " | " ratio(vt[k, n, "iid"], t[k, n]) " |" > f }
+      print "" > f
     }
   }' "$dir/results.tsv"
 
