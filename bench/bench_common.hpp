@@ -8,11 +8,12 @@
 // them: the baselines `gemm_bound/N:<N>`, `dense_naive/N:<N>` and `fma_peak`
 // (bench_baselines.cpp), the variants `<kernel>/N:<N>/causal`, `/window:<W>`, `/estimate` and
 // `/E:<E>` (other head sizes; bench_variants.cpp), the thread-scaling pairs
-// `multihead/<kernel>/threads:<1|2>` and `multihead/<kernel>/heads:1/threads:<1|2>`, the knob sweeps `sweep/<kernel>/<setting>/N:4096`
-// (bench_sweeps.cpp), the mixed-layer frontier `mix/<kernel>/<setting>` (bench_mix.cpp) and the
-// user-shaped `<kernel>/N:<N>/iid` (iid N(0, 1) inputs, a new output per call; bench_process.cpp).
-// scripts/bench.sh and scripts/report.sh derive the kernels from these names, so a kernel added
-// to `fastattn::kernels` is benchmarked and reported without edits.
+// `multihead/<kernel>/threads:<1|2>` and `multihead/<kernel>/heads:1/threads:<1|2>`, the knob
+// sweeps `sweep/<kernel>/<setting>/N:4096` (bench_sweeps.cpp), the mixed-layer frontier
+// `mix/<kernel>/<setting>` (bench_mix.cpp) and the user-shaped `<kernel>/N:<N>/iid` (iid N(0, 1)
+// inputs, a new output per call; bench_process.cpp). scripts/bench.sh and scripts/report.sh derive
+// the kernels from these names, so a kernel added to `fastattn::kernels` is benchmarked and
+// reported without edits.
 //
 // bench_main.cpp registers everything, in this order: fma_peak, the kernels, the variants, the
 // iid variants, the other baselines, multihead, sweeps, mix.
@@ -116,8 +117,8 @@ inline constexpr index one_head_n = 16384;  // one long head: B = H = 1, L = S =
 
 /// Times multihead_attention over (1, n, heads, head_dim) on `threads` threads (wall-clock time).
 template <attention_policy Policy>
-void run_multihead(benchmark::State& state, const Policy& policy, int threads,
-                   index n = scaling_n, index H = scaling_heads) {
+void run_multihead(benchmark::State& state, const Policy& policy, int threads, index n = scaling_n,
+                   index H = scaling_heads) {
   // Inputs per (n, H), built once per process.
   static std::map<std::pair<index, index>, std::array<std::vector<float>, 3>> cache;
   auto& buffers = cache[{n, H}];
@@ -196,24 +197,22 @@ void register_head_dims(std::string_view name, Policy policy) {
 }
 
 /// Registers the thread-scaling pairs `multihead/<name>/threads:<1|2>` (B = 1, H = 8,
-/// N = 4096: heads spread over the threads) and `multihead/<name>/heads:1/threads:<1|2>` (B = H = 1,
-/// N = 16384: one head split across the threads).
+/// N = 4096: heads spread over the threads) and `multihead/<name>/heads:1/threads:<1|2>` (B = H =
+/// 1, N = 16384: one head split across the threads).
 template <attention_policy Policy, class FlopFn>
 void register_multihead(std::string_view name, Policy policy, FlopFn flops) {
   for (const index heads : {scaling_heads, index{1}})
     for (int threads : {1, 2}) {
       const index n = heads == 1 ? one_head_n : scaling_n;
-      const std::string full = "multihead/" + std::string(name) +
-                               (heads == 1 ? "/heads:1" : "") + "/threads:" +
-                               std::to_string(threads);
-      benchmark::RegisterBenchmark(
-          full.c_str(),
-          [policy, flops, threads, n, heads](benchmark::State& state) {
-            run_multihead(state, policy, threads, n, heads);
-            state.counters["flops"] = benchmark::Counter(
-                static_cast<double>(heads) * static_cast<double>(flops(n)),
-                benchmark::Counter::kIsIterationInvariantRate);
-          })
+      const std::string full = "multihead/" + std::string(name) + (heads == 1 ? "/heads:1" : "") +
+                               "/threads:" + std::to_string(threads);
+      benchmark::RegisterBenchmark(full.c_str(),
+                                   [policy, flops, threads, n, heads](benchmark::State& state) {
+                                     run_multihead(state, policy, threads, n, heads);
+                                     state.counters["flops"] = benchmark::Counter(
+                                         static_cast<double>(heads) * static_cast<double>(flops(n)),
+                                         benchmark::Counter::kIsIterationInvariantRate);
+                                   })
           ->Unit(benchmark::kMillisecond)
           ->UseRealTime();
     }

@@ -51,11 +51,6 @@ const layer& mix_layer() {
   return l;
 }
 
-template <class T>
-inline constexpr bool is_guarded = false;
-template <class P>
-inline constexpr bool is_guarded<guarded<P>> = true;
-
 template <attention_policy Policy>
 void run_layer(benchmark::State& state, const Policy& policy) {
   const layer& l = mix_layer();
@@ -67,7 +62,7 @@ void run_layer(benchmark::State& state, const Policy& policy) {
     fell_back = 0;
     for (index h = 0; h < mix_heads; ++h) {
       const auto i = static_cast<std::size_t>(h);
-      if constexpr (is_guarded<Policy>) {
+      if constexpr (fastattn::is_guarded<Policy>) {
         Policy p = policy;
         p.report = report;
         attention(p, l.q[i], l.k[i], l.v[i], view<float>(out[i]));

@@ -133,10 +133,8 @@ TYPED_TEST(DenseTyped, WithoutCheckNaNReachesExactlyTheAffectedRows) {
   // TODO(issue #7, dense owner): a NaN value row under causal masking should reach queries
   // i >= 5 only (it enters no other row's softmax), but dense multiplies the masked keys' zero
   // weights with their values in the diagonal block (0 * NaN = NaN), so rows 0..4 of that query
-  // block become NaN too. Re-enable once the block kernel (flash_block) skips masked columns of P V.
-  // q(4, 1) = T(0);
-  // v(5, 0) = std::numeric_limits<T>::quiet_NaN();
-  // unchecked.causal = true;
+  // block become NaN too. Re-enable once the block kernel (flash_block) skips masked columns of P
+  // V. q(4, 1) = T(0); v(5, 0) = std::numeric_limits<T>::quiet_NaN(); unchecked.causal = true;
   // const auto oc = fa::attention(fa::dense{}, q, k, v, unchecked);
   // for (index i = 0; i < L; ++i) EXPECT_EQ(oc.row(i).allFinite(), i < 5) << "row " << i;
 }

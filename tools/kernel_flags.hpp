@@ -230,15 +230,6 @@ constexpr bool has_knob(std::string_view name) {
   return found;
 }
 
-template <class P>
-inline constexpr bool is_banded = false;
-template <class P>
-inline constexpr bool is_banded<fastattn::banded<P>> = true;
-template <class P>
-inline constexpr bool is_guarded = false;
-template <class P>
-inline constexpr bool is_guarded<fastattn::guarded<P>> = true;
-
 }  // namespace detail
 
 /// The option group of the knob flags. `formatter` leaves it out of CLI11's option list: the
@@ -456,8 +447,8 @@ class basic_kernel_flags {
   template <class P>
   static std::string describe(const P& policy) {
     std::string out;
-    if constexpr (detail::is_banded<P> || detail::is_guarded<P>) out = describe(policy.inner);
-    if constexpr (!detail::is_guarded<P>)
+    if constexpr (fastattn::is_banded<P> || fastattn::is_guarded<P>) out = describe(policy.inner);
+    if constexpr (!fastattn::is_guarded<P>)
       fastattn::for_each_knob<P>([&](const auto& k) {
         out += (out.empty() ? "" : " ") + std::string(k.name) + "=" + format_value(k.get(policy));
       });

@@ -106,4 +106,10 @@ struct banded {
   }
 };
 
+/// Whether P is a `banded<...>` (for code that reads its inner kernel).
+template <class P>
+inline constexpr bool is_banded = false;
+template <class Inner>
+inline constexpr bool is_banded<banded<Inner>> = true;
+
 }  // namespace fastattn

@@ -13,11 +13,12 @@ namespace fastattn {
 
 /// Exact attention: O = softmax(scale * Q K^T + masks) V.
 ///
-/// Queries are processed in blocks of `query_block` rows; for each block the keys are streamed in
-/// blocks of `key_block` rows through an online softmax, so the extra memory is
-/// O(query_block * (key_block + M + E)) whatever L and S are: no L x S matrix is ever formed. The
-/// scratch comes from the calling thread's reusable arena (detail/scratch.hpp), so repeated calls
-/// allocate nothing.
+/// The fused block kernel (detail/flash_block.hpp): the keys are packed once as K^T panels, then
+/// queries are processed in blocks of `query_block` rows, each streaming the keys in blocks of
+/// `key_block` through register tiles of Q K^T, the online softmax and P V, so the extra memory
+/// is O(S E + query_block (key_block + M + E)) whatever L and S are: no L x S matrix is ever
+/// formed. Query blocks are shared by context::threads. The scratch comes from the calling
+/// thread's reusable arena (detail/scratch.hpp), so repeated calls allocate nothing.
 /// Cost: 4 L S E flops for E = M (2 L S E for Q K^T, 2 L S M for P V) plus L S exponentials;
 /// causal skips the key blocks above the diagonal (about half). A row with no visible key
 /// outputs zeros.
@@ -53,7 +54,8 @@ struct dense {
                std::span<T> lse = {}) const {
     detail::exact_attention<T>(q, k, v, out, ctx.query_length, ctx.key_length, ctx.scale,
                                ctx.causal ? std::optional(band::causal()) : std::nullopt,
-                               {query_block, key_block, ctx.threads}, lse.empty() ? nullptr : lse.data());
+                               {query_block, key_block, ctx.threads},
+                               lse.empty() ? nullptr : lse.data());
   }
 };
 

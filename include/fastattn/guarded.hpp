@@ -400,4 +400,10 @@ struct guarded {
   }
 };
 
+/// Whether P is a `guarded<...>` (for code that reads its report or its inner kernel).
+template <class P>
+inline constexpr bool is_guarded = false;
+template <class Inner>
+inline constexpr bool is_guarded<guarded<Inner>> = true;
+
 }  // namespace fastattn

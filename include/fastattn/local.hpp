@@ -18,8 +18,8 @@ namespace fastattn {
 /// b = clamp(2 window, 16, 64) rows, each streaming only its b + 2 window keys.
 ///
 /// Cost: 2 Lv (b + 2 window) (E + M) flops at most, i.e. O(N window d); extra memory
-/// O(b (b + 2 window + E + M)). Keys at and beyond key_length are never seen; a query whose
-/// window holds no valid key outputs zeros (lse -inf).
+/// O(S E + b (b + 2 window + E + M)) (the keys packed once, as dense). Keys at and beyond
+/// key_length are never seen; a query whose window holds no valid key outputs zeros (lse -inf).
 struct local {
   static constexpr std::string_view name = "local";  ///< its name in tools and messages
   static constexpr bool is_exact = false;            ///< exact on its window only

@@ -205,8 +205,12 @@ struct smyrf {
                     scores[c2] = -std::numeric_limits<T>::infinity();
                 }
               };
-              block.absorb(group_k + j0 * E, cols, group_v.data() + j0 * M, M,
-                           [&](index) { return std::pair<index, index>{0, cols}; }, exclude);
+              block.absorb(
+                  group_k + j0 * E, cols, group_v.data() + j0 * M, M,
+                  [&](index) {
+                    return std::pair<index, index>{0, cols};
+                  },
+                  exclude);
             }
             block.finish(block_out.topRows(rows), block_lse.data());
             // Rounds merge by log-sum-exp (merge.hpp); a row that saw no key adds nothing, NaN

@@ -49,8 +49,7 @@ class query_clustering {
  public:
   /// Clusters rows [0, valid) of q into min(knobs.clusters, valid) k-means clusters, drawing from
   /// `gen` (hyperplanes first, then k-means). Preconditions: valid >= 1, knobs checked.
-  void run(const_view<T> q, index valid, const clustering_knobs& knobs, rng& gen,
-           int threads = 1) {
+  void run(const_view<T> q, index valid, const clustering_knobs& knobs, rng& gen, int threads = 1) {
     const index E = q.cols();
     const index clusters = std::min(knobs.clusters, valid);
     const auto n = static_cast<std::size_t>(valid);

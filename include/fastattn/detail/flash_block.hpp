@@ -51,9 +51,9 @@ struct flash_geometry {
   using packet = Packet;
   static constexpr int size = Eigen::internal::unpacket_traits<packet>::size;  ///< lanes
   static constexpr int registers = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS;
-  static constexpr index group = 8;                             ///< rows per pass over a key block
+  static constexpr index group = 8;                           ///< rows per pass over a key block
   static constexpr int score_rows = registers >= 32 ? 8 : 4;  ///< rows of a score register tile
-  static constexpr index panel = 2 * size;                      ///< keys of a score register tile
+  static constexpr index panel = 2 * size;                    ///< keys of a score register tile
   static constexpr int accumulators = registers >= 32 ? 24 : 12;  ///< P V accumulator budget
 
   /// Whether this geometry takes value dimension m: a whole number of packets.
@@ -82,9 +82,8 @@ namespace flash {
 /// bodies index register arrays must be unrolled for the arrays to stay in registers.
 template <int N, class F>
 inline void unroll(F&& f) {
-  [&]<int... I>(std::integer_sequence<int, I...>) {
-    (f(std::integral_constant<int, I>{}), ...);
-  }(std::make_integer_sequence<int, N>{});
+  [&]<int... I>(std::integer_sequence<int, I...>) { (f(std::integral_constant<int, I>{}), ...); }
+  (std::make_integer_sequence<int, N>{});
 }
 
 /// s[r][0, panel) = q[r] . panel keys, r < R: q rows of length e with stride ldq, kt the panel
@@ -123,7 +122,8 @@ inline void value_tile(const T* p, index ldp, const T* alpha, const T* v, index 
   P c[R * W];
 #pragma GCC unroll 32
   for (int i = 0; i < R * W; ++i)
-    c[i] = ei::pmul(ei::pset1<P>(alpha[i / W]), ei::pload<P>(acc + (i / W) * lda + (i % W) * G::size));
+    c[i] =
+        ei::pmul(ei::pset1<P>(alpha[i / W]), ei::pload<P>(acc + (i / W) * lda + (i % W) * G::size));
   for (index j = j0; j < j1; ++j) {
     P x[W];
 #pragma GCC unroll 16
@@ -147,8 +147,8 @@ inline void value_group(const T* p, index ldp, const T* alpha, const T* v, index
     auto run = [&]<int W>(std::integral_constant<int, W>) {
       constexpr int R = W * G::group <= G::accumulators ? G::group : 4;
       for (int r0 = 0; r0 < G::group; r0 += R)
-        value_tile<G, R, W>(p + r0 * ldp, ldp, alpha + r0, v + w0, ldv, j0, j1,
-                            acc + r0 * lda + w0, lda);
+        value_tile<G, R, W>(p + r0 * ldp, ldp, alpha + r0, v + w0, ldv, j0, j1, acc + r0 * lda + w0,
+                            lda);
     };
     bool done = false;
     unroll<max_w>([&](auto i) {

@@ -67,8 +67,8 @@ class hamming_kmeans {
  public:
   /// Clusters hashes[0..n). Preconditions: 1 <= clusters <= n, clusters < 2^32,
   /// 1 <= bits <= 64, iterations >= 1, and every hash has no bit set at or above `bits`.
-  void run(const std::uint64_t* hashes, index n, index clusters, int bits, int iterations,
-           rng& gen, int threads = 1) {
+  void run(const std::uint64_t* hashes, index n, index clusters, int bits, int iterations, rng& gen,
+           int threads = 1) {
     const auto count = static_cast<std::size_t>(clusters);
     centroids_.resize(count);
     sizes_.assign(count, 0u);
