@@ -189,8 +189,7 @@ struct smyrf {
                 detail::flash::prefetch(qv.row(next).data(), row_bytes(E));
                 detail::flash::prefetch(out.row(next).data(), row_bytes(M));
               }
-              Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>>(block.query(t), E) =
-                  qv.row(query_order[i0 + t]) * scale;
+              block.set_query(t, qv.row(query_order[i0 + t]), scale);
             }
             block.reset(rows);
             for (index j0 = 0; j0 < keys; j0 += bk) {

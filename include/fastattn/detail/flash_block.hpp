@@ -228,6 +228,12 @@ class flash_block {
   /// Row r of the query block (e values), to be filled with the scaled query before reset.
   T* query(index r) noexcept { return q_ + r * e_; }
 
+  /// Writes row r of the query block: `row` (e values) times `scale`.
+  template <class Row>
+  void set_query(index r, const Row& row, T scale) {
+    Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>>(query(r), e_) = row * scale;
+  }
+
   /// Starts a block of `rows` queries (their rows already written through `query`).
   void reset(index rows) {
     rows_ = rows;
@@ -382,7 +388,7 @@ void flash_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> 
     flash_block<G> block(bq, bk, e, v.cols());
     const index i0 = b * bq, n = std::min(bq, rows - i0);
     for (index r = 0; r < n; ++r)
-      Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>>(block.query(r), e) = q.row(i0 + r) * sc;
+      block.set_query(r, q.row(i0 + r), sc);
     block.reset(n);
     const auto [f, l] = visible ? visible->keys_of(i0, n, keys) : std::pair<index, index>{0, keys};
     for (index j0 = f / G::panel * G::panel; j0 < l; j0 += bk) {
