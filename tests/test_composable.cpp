@@ -4,9 +4,12 @@
 
 #include <fastattn/fastattn.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <span>
+#include <stdexcept>
+#include <utility>
 #include <vector>
 
 #include "reference.hpp"
@@ -159,7 +162,8 @@ TEST(Causal, UserPolicyWithLogSumExpGetsCausalForFree) {
 }
 
 // Causal error of the approximate kernels at their defaults is at most their non-causal error
-// (the knobs apply per off-diagonal block, a smaller problem; the diagonal leaves are exact).
+// (each off-diagonal block is a smaller problem at the block's knobs, for_block; the diagonal
+// leaves are exact).
 // Threshold: 1.1 x non-causal + 0.01, the target, on the mean over 5 seeds of peaked
 // inputs at N = 1024 (seed-to-seed spread of clustered's error is about +-0.05).
 TEST(Causal, ErrorIsAtMostTheNonCausalError) {
@@ -179,6 +183,64 @@ TEST(Causal, ErrorIsAtMostTheNonCausalError) {
   check(fa::clustered{});
   check(fa::improved_clustered{});
   check(fa::smyrf{});
+}
+
+// The knobs of an off-diagonal block of r of the N causal rows: the clustering kernels take
+// ceil(C sqrt(r / N)) clusters, in [1, C]; their other knobs and smyrf's stay.
+TEST(Causal, BlockKnobsScaleTheClustersByTheSquareRoot) {
+  const fa::clustered c{.clusters = 100, .bits = 17};
+  EXPECT_EQ(fa::for_block(c, 16384, 16384).clusters, 100);
+  EXPECT_EQ(fa::for_block(c, 8192, 16384).clusters, 71);  // ceil(70.71)
+  EXPECT_EQ(fa::for_block(c, 256, 16384).clusters, 13);   // ceil(12.5)
+  EXPECT_EQ(fa::for_block(c, 256, 16384).bits, 17);
+  EXPECT_EQ(fa::for_block(fa::clustered{.clusters = 1}, 1, 1 << 20).clusters, 1);
+  EXPECT_EQ(fa::for_block(fa::clustered{.clusters = 0xFFFFFFFF}, 1, fa::index{1} << 40).clusters,
+            4096);  // ceil(2^32 2^-20 - 2^-20)
+  // clusters >= N keeps every query its own cluster in every block (>= r clusters).
+  EXPECT_GE(fa::for_block(fa::clustered{.clusters = 700}, 129, 700).clusters, 129);
+  const fa::improved_clustered ic{.clusters = 100, .topk = 48};
+  EXPECT_EQ(fa::for_block(ic, 1024, 4096).clusters, 50);
+  EXPECT_EQ(fa::for_block(ic, 1024, 4096).topk, 48);
+  const fa::smyrf s{.hashes = 3, .cluster_size = 40};
+  EXPECT_EQ(fa::for_block(s, 512, 4096).hashes, 3);
+  EXPECT_EQ(fa::for_block(s, 512, 4096).cluster_size, 40);
+}
+
+// A user policy's for_block is what solves each off-diagonal block: the decomposition asks it
+// for exactly the blocks' sizes (rows of the N causal rows), and the result stays exact.
+struct exact_with_block_knobs {
+  static constexpr std::string_view name = "exact_with_block_knobs";
+  static constexpr bool is_exact = true;
+  static constexpr bool supports_causal = false;
+  static inline std::vector<std::pair<fa::index, fa::index>> asked;  // (rows, of)
+  fa::index block_rows = 0;  // the block this copy was made for (0: the whole problem)
+  exact_with_block_knobs for_block(fa::index rows, fa::index of) const {
+    asked.emplace_back(rows, of);
+    return {.block_rows = rows};
+  }
+  template <class T>
+  void compute(fa::const_view<T> q, fa::const_view<T> k, fa::const_view<T> v, fa::view<T> out,
+               const fa::context& ctx, std::span<T> lse = {}) const {
+    if (block_rows != 0 && block_rows != ctx.query_length)
+      throw std::logic_error("a block solved with another block's knobs");
+    fa::context plain = ctx;
+    plain.causal = false;
+    fa::dense{}.compute(q, k, v, out, plain, lse);
+  }
+};
+
+TEST(Causal, UserPolicyScalesItsKnobsPerBlock) {
+  const auto in = fa::testing::make_peaked<double>(1024, 1030, 16, 8, 12);
+  exact_with_block_knobs::asked.clear();
+  const fa::options opt{.causal = true};
+  EXPECT_LT(relative_error(fa::attention(exact_with_block_knobs{}, in.q, in.k, in.v, opt),
+                           reference_attention(in.q, in.k, in.v, opt)),
+            1e-12);
+  auto asked = exact_with_block_knobs::asked;
+  std::sort(asked.begin(), asked.end());
+  const std::vector<std::pair<fa::index, fa::index>> blocks = {
+      {128, 1024}, {128, 1024}, {128, 1024}, {128, 1024}, {256, 1024}, {256, 1024}, {512, 1024}};
+  EXPECT_EQ(asked, blocks);
 }
 
 TEST(Local, EqualsNaiveBandedAttention) {

@@ -37,7 +37,8 @@ namespace fastattn {
 /// Padding: queries at and beyond ctx.query_length take no part in hashing or clustering; keys at
 /// and beyond ctx.key_length get zero weight and are never read (the front door zeroes padded
 /// rows and handles the empty cases). Causal attention runs by the recursive decomposition of
-/// detail/causal.hpp: exact diagonal blocks, `clusters` clusters per off-diagonal block.
+/// detail/causal.hpp: exact diagonal blocks, ceil(C sqrt(r / L)) clusters on an off-diagonal
+/// block of r rows (for_block).
 ///
 /// Determinism: every random draw (hyperplanes, initial centroids, refills of empty clusters)
 /// comes from detail::rng(seed, ctx.stream), so the same seed gives the same bits, and
@@ -66,13 +67,22 @@ struct clustered {
   /// Seed of every random draw (split per head by ctx.stream), any value.
   std::uint64_t seed = 0;
 
+  /// The knobs on an off-diagonal block of the causal decomposition that holds `rows` of the
+  /// causal problem's `of` queries: ceil(clusters sqrt(rows / of)) clusters, at least 1 (see
+  /// detail/causal.hpp, causal_blocks); the other knobs unchanged.
+  clustered for_block(index rows, index of) const {
+    clustered p = *this;
+    p.clusters = detail::clusters_for_block(clusters, rows, of);
+    return p;
+  }
+
   /// The knobs and their ranges, checked by the front door (see make_knob).
   static constexpr auto knobs() { return detail::clustering_knob_list<clustered>(); }
 
   /// Preconditions (ensured by the front door): knobs in range, Lv >= 1, Sv >= 1. `lse`, when
   /// not empty, receives each valid row's log normaliser: its centroid's log-sum-exp expanded to
   /// first order around the centroid (see below; 2 C S E more flops). Causal by the recursive
-  /// decomposition of detail/causal.hpp (the knobs apply per off-diagonal block).
+  /// decomposition of detail/causal.hpp (see for_block).
   template <class T>
   void compute(const_view<T> q, const_view<T> k, const_view<T> v, view<T> out, const context& ctx,
                std::span<T> lse = {}) const {

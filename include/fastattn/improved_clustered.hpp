@@ -65,6 +65,15 @@ struct improved_clustered {
   /// where the kernel becomes exact.
   index topk = 32;
 
+  /// The knobs on an off-diagonal block of the causal decomposition that holds `rows` of the
+  /// causal problem's `of` queries: ceil(clusters sqrt(rows / of)) clusters, at least 1 (see
+  /// detail/causal.hpp, causal_blocks); the other knobs unchanged.
+  improved_clustered for_block(index rows, index of) const {
+    improved_clustered p = *this;
+    p.clusters = detail::clusters_for_block(clusters, rows, of);
+    return p;
+  }
+
   /// The knobs and their ranges (clustered's plus topk), checked by the front door.
   static constexpr auto knobs() {
     return std::tuple_cat(
@@ -78,7 +87,7 @@ struct improved_clustered {
   /// not empty, receives each valid row's log normaliser: member i's output puts weight
   /// e^(s_il) / Z_i on each of its cluster's top-k keys l with Z_i = (sum over the top-k of
   /// e^(s_il)) / m_j, so log Z_i is returned (the exact log-sum-exp when topk >= S). Causal by the
-  /// recursive decomposition of detail/causal.hpp (the knobs apply per off-diagonal block).
+  /// recursive decomposition of detail/causal.hpp (see for_block).
   template <class T>
   void compute(const_view<T> q, const_view<T> k, const_view<T> v, view<T> out, const context& ctx,
                std::span<T> lse = {}) const {

@@ -40,7 +40,7 @@ inline std::optional<band> excluded_in(const context& ctx, index query_pos, inde
 template <class Policy, class T>
 void causal_diagonal(const Policy& policy, const const_view<T>& q, const const_view<T>& k,
                      const const_view<T>& v, view<T>& out, T* lse, const context& ctx, index a,
-                     index b, std::uint64_t node) {
+                     index b, index of, std::uint64_t node) {
   const index n = b - a;
   if (n <= causal_leaf) {  // exact, causal, without the excluded keys
     exact_attention_excluding<T>(q.middleRows(a, n), k.middleRows(a, n), v.middleRows(a, n),
@@ -50,8 +50,8 @@ void causal_diagonal(const Policy& policy, const const_view<T>& q, const const_v
     return;
   }
   const index m = a + n / 2;
-  causal_diagonal(policy, q, k, v, out, lse, ctx, a, m, 2 * node);
-  causal_diagonal(policy, q, k, v, out, lse, ctx, m, b, 2 * node + 1);
+  causal_diagonal(policy, q, k, v, out, lse, ctx, a, m, of, 2 * node);
+  causal_diagonal(policy, q, k, v, out, lse, ctx, m, b, of, 2 * node + 1);
   // Rows [m, b) see every key of [a, m): the kernel's (non-causal) approximation of that block,
   // or exact attention when the block is below the kernel's crossover with dense (faster there,
   // and exact).
@@ -78,23 +78,27 @@ void causal_diagonal(const Policy& policy, const const_view<T>& q, const const_v
   block.stream = block_stream(ctx.stream, node);
   block.query_offset = ctx.query_offset + m;
   block.key_offset = ctx.key_offset + a;
-  policy.compute(const_view<T>(q.middleRows(m, rows)), const_view<T>(k.middleRows(a, keys)),
-                 const_view<T>(v.middleRows(a, keys)), view<T>(part), block,
-                 std::span<T>(part_lse, static_cast<std::size_t>(rows)));
+  for_block(policy, rows, of)
+      .compute(const_view<T>(q.middleRows(m, rows)), const_view<T>(k.middleRows(a, keys)),
+               const_view<T>(v.middleRows(a, keys)), view<T>(part), block,
+               std::span<T>(part_lse, static_cast<std::size_t>(rows)));
   for (index r = 0; r < rows; ++r) merge_row(out.row(m + r), lse[m + r], part.row(r), part_lse[r]);
 }
 
 /// Causal attention of rows [0, ctx.query_length) over keys [0, ctx.key_length) for a policy
-/// with log-sum-exp, by the recursive decomposition above. The kernel's knobs apply unchanged to
-/// each off-diagonal block (e.g. `clusters` clusters of that block's queries, clamped to them;
-/// `topk` of that block's keys; `cluster_size`): a block is a smaller problem of the same kind, so
-/// its error is at most the kernel's error on a problem of that size, and the cost is the
-/// kernel's cost summed over log2(N / 128) levels of blocks that together hold N / 2 queries:
-/// O(N log N) for a kernel linear in N. Diagonal leaves of at most 128 rows are exact, and so
-/// are off-diagonal blocks below the kernel's `dense_crossover` (where exact attention is
-/// faster). Rows
-/// at and beyond the key count (L > S) see every key: one non-causal call of the kernel.
-/// `lse`, when not empty, receives each valid row's log-sum-exp.
+/// with log-sum-exp, by the recursive decomposition above, on the D = min(Lv, Sv) rows that see
+/// a causal prefix. Diagonal leaves of at most 128 rows are exact, and so are off-diagonal
+/// blocks below the kernel's `dense_crossover` (where exact attention is faster). Every other
+/// off-diagonal block of r rows is solved by the kernel with the knobs for_block(policy, r, D)
+/// (policy.hpp): the knobs unchanged unless the kernel scales them. smyrf's are per-cluster sizes
+/// and stay; the clustering kernels take ceil(C sqrt(r / D)) clusters, between keeping C (whose
+/// cost is C per block, O(C N log N) over the log2(N / 128) levels, with many clusters on a few
+/// queries in the small blocks) and keeping the queries per cluster (C r / D: O(C N) but coarse
+/// small blocks, measured 2.4x the non-causal error at N = 4096). The square root keeps the cost
+/// a geometric series, O(C N) plus the exact leaves, O(128 N), and the error below the
+/// non-causal kernel's (README, "Causal attention"). Rows at and beyond the key count (L > S)
+/// see every key: one non-causal call of the kernel with its own knobs. `lse`, when not empty,
+/// receives each valid row's log-sum-exp.
 template <class Policy, class T>
 void causal_blocks(const Policy& policy, const_view<T> q, const_view<T> k, const_view<T> v,
                    view<T> out, const context& ctx, std::span<T> lse) {
@@ -111,7 +115,7 @@ void causal_blocks(const Policy& policy, const_view<T> q, const_view<T> k, const
                    view<T>(out.middleRows(D, Lv - D)), rest,
                    std::span<T>(row_lse + D, static_cast<std::size_t>(Lv - D)));
   }
-  causal_diagonal(policy, q, k, v, out, row_lse, ctx, 0, D, 1);
+  causal_diagonal(policy, q, k, v, out, row_lse, ctx, 0, D, D, 1);
 }
 
 }  // namespace fastattn::detail

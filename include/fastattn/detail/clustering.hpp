@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -38,6 +39,17 @@ constexpr auto clustering_knob_list() {
                 std::numeric_limits<int>::max()),
       make_knob("hash_bias", &P::hash_bias, "random thresholds on the hyperplanes (true/false)"),
       make_knob("seed", &P::seed, "seed of every random draw"));
+}
+
+/// Clusters for an off-diagonal block of the causal decomposition holding `rows` of the causal
+/// problem's `of` queries (1 <= rows <= of): ceil(clusters sqrt(rows / of)), in [1, clusters]
+/// (why the square root: detail/causal.hpp, causal_blocks). clusters >= of gives >= rows: every
+/// query its own cluster, as in the whole problem.
+inline index clusters_for_block(index clusters, index rows, index of) {
+  const double scaled = std::ceil(static_cast<double>(clusters) *
+                                  std::sqrt(static_cast<double>(rows) / static_cast<double>(of)));
+  return std::clamp<index>(static_cast<index>(std::min(scaled, static_cast<double>(clusters))), 1,
+                           clusters);
 }
 
 /// Clusters of the valid queries: hash (hyperplane_hash), Hamming k-means (hamming_kmeans),
