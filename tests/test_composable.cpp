@@ -213,14 +213,18 @@ struct exact_with_block_knobs {
   static constexpr bool is_exact = true;
   static constexpr bool supports_causal = false;
   static inline std::vector<std::pair<fa::index, fa::index>> asked;  // (rows, of)
+  static inline std::vector<fa::index> computed;                     // rows of each call
   fa::index block_rows = 0;  // the block this copy was made for (0: the whole problem)
   exact_with_block_knobs for_block(fa::index rows, fa::index of) const {
     asked.emplace_back(rows, of);
     return {.block_rows = rows};
   }
+  // Blocks below 200 rows are solved exactly by the decomposition, not by this policy.
+  fa::index crossover() const noexcept { return 200; }
   template <class T>
   void compute(fa::const_view<T> q, fa::const_view<T> k, fa::const_view<T> v, fa::view<T> out,
                const fa::context& ctx, std::span<T> lse = {}) const {
+    computed.push_back(ctx.query_length);
     if (block_rows != 0 && block_rows != ctx.query_length)
       throw std::logic_error("a block solved with another block's knobs");
     fa::context plain = ctx;
@@ -232,6 +236,7 @@ struct exact_with_block_knobs {
 TEST(Causal, UserPolicyScalesItsKnobsPerBlock) {
   const auto in = fa::testing::make_peaked<double>(1024, 1030, 16, 8, 12);
   exact_with_block_knobs::asked.clear();
+  exact_with_block_knobs::computed.clear();
   const fa::options opt{.causal = true};
   EXPECT_LT(relative_error(fa::attention(exact_with_block_knobs{}, in.q, in.k, in.v, opt),
                            reference_attention(in.q, in.k, in.v, opt)),
@@ -241,6 +246,24 @@ TEST(Causal, UserPolicyScalesItsKnobsPerBlock) {
   const std::vector<std::pair<fa::index, fa::index>> blocks = {
       {128, 1024}, {128, 1024}, {128, 1024}, {128, 1024}, {256, 1024}, {256, 1024}, {512, 1024}};
   EXPECT_EQ(asked, blocks);
+  auto computed = exact_with_block_knobs::computed;
+  std::sort(computed.begin(), computed.end());
+  EXPECT_EQ(computed, (std::vector<fa::index>{256, 256, 512}));  // the 128-row blocks are exact
+}
+
+// The crossover with dense at a policy's knobs: the clustering kernels scale the measured one
+// (at 100 clusters) by clusters / 100, never below 256; the others state a constant.
+TEST(Causal, CrossoverFollowsTheClusters) {
+  EXPECT_EQ(fa::crossover(fa::clustered{}), 256);
+  EXPECT_EQ(fa::crossover(fa::clustered{.clusters = 400}), 1024);
+  EXPECT_EQ(fa::crossover(fa::clustered{.clusters = 13}), 256);
+  EXPECT_EQ(fa::crossover(fa::improved_clustered{}), 1024);
+  EXPECT_EQ(fa::crossover(fa::improved_clustered{.clusters = 50}), 512);
+  EXPECT_EQ(fa::crossover(fa::improved_clustered{.clusters = 18}), 256);  // ceil(184.32) -> 256
+  EXPECT_EQ(fa::crossover(fa::improved_clustered{.clusters = 0xFFFFFFFF}),
+            fa::index{43980465101});  // ceil(1024 (2^32 - 1) / 100)
+  EXPECT_EQ(fa::crossover(fa::smyrf{}), fa::smyrf::dense_crossover);
+  EXPECT_EQ(fa::crossover(fa::dense{}), 0);
 }
 
 TEST(Local, EqualsNaiveBandedAttention) {

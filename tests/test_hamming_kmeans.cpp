@@ -523,40 +523,50 @@ std::vector<index> brute_top_k(const std::vector<T>& v, index k) {
   return idx;
 }
 
-TEST(TopK, MatchesSortingWithTiesAndNaN) {
+// Float and double (their packets differ: 16 and 8 lanes under AVX-512, so a 32-value chunk is
+// 2 or 4 packets), every chunk position of NaN, ties and infinities.
+template <class T>
+void check_top_k_matches_sorting() {
   std::mt19937_64 gen(5);
-  fa::detail::top_k<float> select;
-  const float nan = std::numeric_limits<float>::quiet_NaN(),
-              inf = std::numeric_limits<float>::infinity();
+  fa::detail::top_k<T> select;
+  const T nan = std::numeric_limits<T>::quiet_NaN(), inf = std::numeric_limits<T>::infinity();
   for (int trial = 0; trial < 400; ++trial) {
     const index n = std::uniform_int_distribution<index>(0, 700)(gen);
     const index k = std::uniform_int_distribution<index>(0, 80)(gen);
-    const int kind = trial % 5;
-    std::vector<float> v(static_cast<std::size_t>(n));
+    const int kind = trial % 6;
+    std::vector<T> v(static_cast<std::size_t>(n));
     for (auto& x : v) {
       switch (kind) {
         case 0:
-          x = std::normal_distribution<float>()(gen);
+          x = std::normal_distribution<T>()(gen);
           break;
         case 1:
-          x = static_cast<float>(gen() % 4);
+          x = static_cast<T>(gen() % 4);
           break;  // heavy ties
         case 2:
-          x = gen() % 3 == 0 ? nan : static_cast<float>(gen() % 5);
+          x = gen() % 3 == 0 ? nan : static_cast<T>(gen() % 5);
           break;
         case 3:
-          x = gen() % 2 == 0 ? -inf : (gen() % 7 == 0 ? nan : 1.f);
+          x = gen() % 2 == 0 ? -inf : (gen() % 7 == 0 ? nan : T(1));
+          break;
+        case 4:  // mostly NaN (whole chunks of it), a few values, +inf among them
+          x = gen() % 9 != 0 ? nan : (gen() % 4 == 0 ? inf : std::normal_distribution<T>()(gen));
           break;
         default:
-          x = static_cast<float>(&x - v.data());
+          x = static_cast<T>(&x - v.data());
           break;  // sorted ascending
       }
     }
-    if (kind == 4 && trial % 2 == 0) std::reverse(v.begin(), v.end());
+    if (kind == 5 && trial % 2 == 0) std::reverse(v.begin(), v.end());
     std::vector<index> got(static_cast<std::size_t>(std::min(k, n)));
     select(v.data(), n, k, got.data());
     ASSERT_EQ(got, brute_top_k(v, k)) << "trial " << trial << " n=" << n << " k=" << k;
   }
+}
+
+TEST(TopK, MatchesSortingWithTiesAndNaN) {
+  check_top_k_matches_sorting<float>();
+  check_top_k_matches_sorting<double>();
 }
 
 }  // namespace

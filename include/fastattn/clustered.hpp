@@ -76,6 +76,11 @@ struct clustered {
     return p;
   }
 
+  /// Below this many queries (and keys) exact attention is faster at these knobs:
+  /// dense_crossover (measured at the default 100 clusters) scaled by clusters / 100, at least
+  /// 256 (detail::crossover_at). The causal decomposition solves its blocks below it exactly.
+  index crossover() const noexcept { return detail::crossover_at(dense_crossover, clusters); }
+
   /// The knobs and their ranges, checked by the front door (see make_knob).
   static constexpr auto knobs() { return detail::clustering_knob_list<clustered>(); }
 

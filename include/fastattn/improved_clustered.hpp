@@ -14,6 +14,7 @@
 #include "attention.hpp"
 #include "detail/causal.hpp"
 #include "detail/clustering.hpp"
+#include "detail/flash_block.hpp"
 #include "detail/parallel.hpp"
 #include "detail/scratch.hpp"
 #include "detail/topk.hpp"
@@ -36,9 +37,10 @@ namespace fastattn {
 /// and topk >= Sv makes it exact whatever the clustering.
 ///
 /// Cost: clustered's hashing and k-means + 2 C S (E + M) (centroid scores and residual rows, in
-/// blocks of 64 centroids) + O(C S) top-k selection + 2 Lv k (E + M) (members against their
-/// cluster's k keys, in blocks of up to 128 members). Linear in L and S for fixed C and k; extra
-/// memory O((64 + k) (S + E + M) + 128 k + Lv), never L x S whatever C and k are.
+/// blocks of 64 centroids, by the fused kernel's register tiles on keys packed once) + O(C S)
+/// top-k selection + 2 Lv k (E + M) (members against their cluster's k keys, in blocks of up to
+/// 128 members). Linear in L and S for fixed C and k; extra memory O(S E) (the packed keys) +
+/// O((64 + k) (S + E + M) + 128 k + Lv), never L x S whatever C and k are.
 ///
 /// Padding, determinism and the clamp of `clusters` to the valid queries are as for clustered.
 /// Causal attention runs by the recursive decomposition of detail/causal.hpp.
@@ -74,6 +76,11 @@ struct improved_clustered {
     return p;
   }
 
+  /// Below this many queries (and keys) exact attention is faster at these knobs:
+  /// dense_crossover (measured at the default 100 clusters) scaled by clusters / 100, at least
+  /// 256 (detail::crossover_at). The causal decomposition solves its blocks below it exactly.
+  index crossover() const noexcept { return detail::crossover_at(dense_crossover, clusters); }
+
   /// The knobs and their ranges (clustered's plus topk), checked by the front door.
   static constexpr auto knobs() {
     return std::tuple_cat(
@@ -107,7 +114,14 @@ struct improved_clustered {
     // and topk >= S.
     const index cb = std::min(C, centroid_block);
     const index bm = std::min(groups.largest(), member_block);
-    auto probabilities = detail::scratch_matrix<T>(cb, Sv);
+    // The keys, packed once for the centroid scores; the scores in rows padded for the kernel's
+    // register tiles (detail::score_rows).
+    const detail::score_rows<T> centroid_scores(k, Sv, ctx.threads);
+    const index lds = centroid_scores.stride();
+    T* const score_buffer = detail::arena::local().take<T>(
+        static_cast<std::size_t>(centroid_scores.padded_rows(cb) * lds));
+    Eigen::Map<matrix<T>, 0, Eigen::OuterStride<>> probabilities(score_buffer, cb, Sv,
+                                                                 Eigen::OuterStride<>(lds));
     auto scaled_centroids = detail::scratch_matrix<T>(cb, E);
     index* const selected = detail::arena::local().take<index>(static_cast<std::size_t>(cb * top));
     T* const mass = detail::arena::local().take<T>(static_cast<std::size_t>(cb));
@@ -125,14 +139,8 @@ struct improved_clustered {
       // Scale the centroids first: Eigen folds a scalar factor out of a product, and C K^T
       // unscaled could overflow where the scaled scores do not.
       scaled_centroids.topRows(n) = groups.centroids().middleRows(c0, n) * scale;
-      // In fixed chunks of keys and, below, of rows: the chunks are the same on any thread
-      // count, so the products (and the result) are too, and they share ctx.threads.
-      constexpr index key_chunk = 1024, row_chunk = 32;
-      detail::parallel_for(ctx.threads, (Sv + key_chunk - 1) / key_chunk, [&](index c) {
-        const index j0 = c * key_chunk, cols = std::min(key_chunk, Sv - j0);
-        probabilities.topRows(n).middleCols(j0, cols).noalias() =
-            scaled_centroids.topRows(n) * keys.middleRows(j0, cols).transpose();
-      });
+      // The products share ctx.threads and give the same result on any thread count.
+      centroid_scores(const_view<T>(scaled_centroids.topRows(n)), n, score_buffer, ctx.threads);
       // Rows are independent: they share ctx.threads.
       detail::parallel_for(ctx.threads, n, [&](index j) {
         auto row = probabilities.row(j);
@@ -159,10 +167,8 @@ struct improved_clustered {
         mass[j] = m;
       });
       // The centroid's attention on the keys outside its top-k.
-      detail::parallel_for(ctx.threads, (n + row_chunk - 1) / row_chunk, [&](index c) {
-        const index r0 = c * row_chunk, rows = std::min(row_chunk, n - r0);
-        residual.middleRows(r0, rows).noalias() = probabilities.middleRows(r0, rows) * values;
-      });
+      detail::weighted_values<T>(score_buffer, lds, n, const_view<T>(values), Sv,
+                                 view<T>(residual.topRows(n)), ctx.threads);
 
       // Members against their cluster's top-k keys: small products per block of members.
       // Clusters are independent (disjoint members): they share ctx.threads, each with the

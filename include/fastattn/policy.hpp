@@ -143,6 +143,20 @@ inline constexpr index dense_crossover = [] {
     return index{0};
 }();
 
+/// The problem size below which exact attention is faster than `policy` at its knob values:
+/// P's `index crossover() const` when P defines one (a kernel whose cost moves with a knob, as
+/// the clustering kernels' with their clusters), else dense_crossover<P>. The causal
+/// decomposition solves the off-diagonal blocks below it exactly.
+template <class P>
+index crossover(const P& policy) {
+  if constexpr (requires {
+                  { policy.crossover() } -> std::convertible_to<index>;
+                })
+    return policy.crossover();
+  else
+    return dense_crossover<P>;
+}
+
 /// P's knobs on an off-diagonal block of the causal decomposition (detail/causal.hpp) that holds
 /// `rows` of the `of` queries of the whole causal problem (1 <= rows <= of): P's
 /// `P for_block(index rows, index of) const` when P defines one, else P unchanged. A kernel whose

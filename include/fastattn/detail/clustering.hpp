@@ -52,6 +52,16 @@ inline index clusters_for_block(index clusters, index rows, index of) {
                            clusters);
 }
 
+/// The crossover with dense of a clustering kernel with `clusters` clusters whose crossover the
+/// benchmark measured at the default 100 clusters is `measured`: scaled by clusters / 100 (its
+/// cost is linear in the clusters where exact attention's is quadratic in the size), and never
+/// below 256, the smallest size the benchmark measures (no speed-up is claimed below it).
+inline index crossover_at(index measured, index clusters) {
+  const double scaled =
+      std::ceil(static_cast<double>(measured) * static_cast<double>(clusters) / 100.0);
+  return static_cast<index>(std::clamp(scaled, 256.0, 0x1p62));
+}
+
 /// Clusters of the valid queries: hash (hyperplane_hash), Hamming k-means (hamming_kmeans),
 /// then the non-empty clusters renumbered 0..count()-1 in order of their k-means index, their
 /// members listed in ascending query order, and their centroids in query space (the mean of the

@@ -180,6 +180,30 @@ void pack_panels(T* dst, index count, index e, RowOf&& row_of) {
   }
 }
 
+/// n rounded up to a multiple of `to`.
+constexpr index round_up(index n, index to) noexcept { return (n + to - 1) / to * to; }
+
+/// Keys [first, last) of k packed as K^T panels (pack_panels) from the panel boundary at or
+/// below `first` (keys before `first` in that panel are zeros), in chunks of 64 panels shared by
+/// up to `threads` threads; from the calling thread's arena (the caller holds a scope). Panel p
+/// holds keys [base + p panel, base + (p + 1) panel), base = first / panel * panel.
+template <class G, class T = typename G::scalar>
+T* pack_keys(const const_view<T>& k, index first, index last, int threads) {
+  const index e = k.cols(), base = first / G::panel * G::panel;
+  const index packed = last > first ? last - base : 0;
+  T* const kt = arena::local().take<T>(
+      static_cast<std::size_t>(std::max<index>(round_up(packed, G::panel), G::panel) * e));
+  constexpr index chunk = 64 * G::panel;
+  parallel_for(threads, (packed + chunk - 1) / chunk, [&](index c) {
+    pack_panels<G>(kt + c * chunk * e, std::min(chunk, packed - c * chunk), e,
+                   [&](index t) -> const T* {
+                     const index j = base + c * chunk + t;
+                     return j >= first ? k.data() + j * k.outerStride() : nullptr;
+                   });
+  });
+  return kt;
+}
+
 /// Asks the caches for [p, p + bytes) ahead of a gather of scattered rows (a hint; nothing where
 /// the compiler has no prefetch).
 inline void prefetch(const void* p, std::size_t bytes) noexcept {
@@ -339,7 +363,7 @@ class flash_block {
 
  private:
   static constexpr T neg_inf = -std::numeric_limits<T>::infinity();
-  static constexpr index round_up(index n, index to) noexcept { return (n + to - 1) / to * to; }
+  static constexpr index round_up(index n, index to) noexcept { return flash::round_up(n, to); }
 
   index e_, m_, lds_, rows_cap_;
   T* q_;
@@ -363,22 +387,10 @@ void flash_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> 
   const arena::scope scratch;
 
   // The keys some row sees, packed once from the panel boundary at or below the first.
-  const auto call_keys =
+  const auto [kfirst, klast] =
       visible ? visible->keys_of(0, rows, keys) : std::pair<index, index>{0, keys};
-  const index kfirst = call_keys.first, klast = call_keys.second;  // (lambdas capture these)
   const index kbase = kfirst / G::panel * G::panel;
-  const index packed = klast > kfirst ? klast - kbase : 0;
-  T* const kt = arena::local().take<T>(static_cast<std::size_t>(
-      std::max<index>((packed + G::panel - 1) / G::panel, 1) * G::panel * e));
-  constexpr index panels_per_chunk = 64;
-  const index chunk = panels_per_chunk * G::panel;
-  parallel_for(threads, (packed + chunk - 1) / chunk, [&](index c) {
-    flash::pack_panels<G>(kt + c * chunk * e, std::min(chunk, packed - c * chunk), e,
-                          [&](index t) -> const T* {
-                            const index j = kbase + c * chunk + t;
-                            return j >= kfirst ? k.data() + j * k.outerStride() : nullptr;
-                          });
-  });
+  T* const kt = flash::pack_keys<G>(k, kfirst, klast, threads);
 
   const index bq = std::clamp<index>(query_block, 1, rows);
   const index bk = (std::max<index>(key_block, 1) + G::panel - 1) / G::panel * G::panel;
@@ -387,8 +399,7 @@ void flash_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> 
     const arena::scope block_scratch;  // the executing thread's
     flash_block<G> block(bq, bk, e, v.cols());
     const index i0 = b * bq, n = std::min(bq, rows - i0);
-    for (index r = 0; r < n; ++r)
-      block.set_query(r, q.row(i0 + r), sc);
+    for (index r = 0; r < n; ++r) block.set_query(r, q.row(i0 + r), sc);
     block.reset(n);
     const auto [f, l] = visible ? visible->keys_of(i0, n, keys) : std::pair<index, index>{0, keys};
     for (index j0 = f / G::panel * G::panel; j0 < l; j0 += bk) {
@@ -401,6 +412,81 @@ void flash_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> 
                    });
     }
     block.finish(out.middleRows(i0, n), lse ? lse + i0 : nullptr);
+  });
+}
+
+/// Whole score rows of a few queries against many keys, s(r, j) = q.row(r) . k_j (no scale, no
+/// softmax), for a kernel that needs every score of a row (improved_clustered's top-k): the
+/// product Q K^T by the fused kernel's score tiles on keys packed once, without a general matrix
+/// product that packs both operands on every call. The keys are packed on construction (from
+/// the calling thread's arena: the caller holds a scope for the object's lifetime).
+template <class T>
+class score_rows {
+  using G = flash_geometry<T>;
+
+ public:
+  /// Packs keys [0, keys) of k, sharing the panels among up to `threads` threads.
+  score_rows(const const_view<T>& k, index keys, int threads)
+      : keys_(keys), e_(k.cols()), kt_(flash::pack_keys<G>(k, 0, keys, threads)) {}
+
+  /// Row stride of a score matrix: keys rounded up to whole panels.
+  index stride() const noexcept { return flash::round_up(keys_, G::panel); }
+  /// Rows a score matrix for `rows` queries must have: rounded up to whole groups.
+  static index padded_rows(index rows) noexcept { return flash::round_up(rows, G::group); }
+
+  /// s.row(r)[0, keys) = scores of q.row(r), r < rows; s 64-byte aligned with padded_rows(rows)
+  /// rows of stride() values (the columns past `keys` and the rows past `rows` receive the
+  /// scores of zero padding). Shared by up to `threads` threads in fixed chunks of panels; each
+  /// score is the same on any thread count.
+  void operator()(const const_view<T>& q, index rows, T* s, int threads) const {
+    const index padded = padded_rows(rows), lds = stride(), e = e_;
+    const arena::scope scratch;
+    T* const qp = arena::local().take<T>(static_cast<std::size_t>(padded * e));  // rows, then 0
+    for (index r = 0; r < rows; ++r)
+      Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>>(qp + r * e, e) = q.row(r);
+    std::fill(qp + rows * e, qp + padded * e, T(0));
+    const index panels = lds / G::panel;
+    constexpr index chunk = 16;  // panels per task; each panel serves every row from L1
+    parallel_for(threads, (panels + chunk - 1) / chunk, [&](index c) {
+      for (index p = c * chunk; p < std::min(panels, (c + 1) * chunk); ++p)
+        for (index r0 = 0; r0 < padded; r0 += G::score_rows)
+          flash::score_tile<G, G::score_rows>(qp + r0 * e, e, kt_ + p * G::panel * e, e,
+                                              s + r0 * lds + p * G::panel, lds);
+    });
+  }
+
+ private:
+  index keys_, e_;
+  const T* kt_;
+};
+
+/// out.row(r) = sum_{j < keys} p(r, j) v.row(j) for r < rows: the product P V by the fused
+/// kernel's value tiles (the widest geometry that takes v.cols()), keys in blocks of 512 shared
+/// by every row while in L2. p: at least score_rows<T>::padded_rows(rows) rows of stride ldp
+/// (the rows past `rows` are read, their results dropped). Each row's sum runs over the keys in
+/// order, so the result does not depend on `threads`, which share the rows.
+template <class T>
+void weighted_values(const T* p, index ldp, index rows, const const_view<T>& v, index keys,
+                     view<T> out, int threads) {
+  with_flash_geometry<T>(v.cols(), [&]<class G>(G) {
+    const index m = v.cols(), groups = flash::round_up(rows, G::group) / G::group;
+    const index lda = flash::round_up(m, G::size);
+    const arena::scope scratch;
+    T* const acc = arena::local().take<T>(static_cast<std::size_t>(groups * G::group * lda));
+    T* const ones = arena::local().take<T>(static_cast<std::size_t>(G::group));
+    std::fill(ones, ones + G::group, T(1));
+    constexpr index key_block = 512;
+    const index per_task = (groups + threads - 1) / std::max(threads, 1);
+    parallel_for(threads, (groups + per_task - 1) / per_task, [&](index c) {
+      const index g0 = c * per_task, g1 = std::min(groups, g0 + per_task);
+      std::fill(acc + g0 * G::group * lda, acc + g1 * G::group * lda, T(0));
+      for (index j0 = 0; j0 < keys; j0 += key_block)
+        for (index g = g0; g < g1; ++g)
+          flash::value_group<G>(p + g * G::group * ldp, ldp, ones, v.data(), v.outerStride(), j0,
+                                std::min(keys, j0 + key_block), acc + g * G::group * lda, lda, m);
+      for (index r = g0 * G::group; r < std::min(rows, g1 * G::group); ++r)
+        out.row(r) = Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>(acc + r * lda, m);
+    });
   });
 }
 

@@ -13,17 +13,17 @@ namespace fastattn::detail {
 /// Selects the indices of the k largest of n values, in ascending index order, with ties broken
 /// toward the lower index and NaN ranked below everything (so the result is a well-defined set).
 ///
-/// Two-level selection: the values are cut into chunks of 16 and each chunk's maximum is taken
+/// Two-level selection: the values are cut into chunks of 32 and each chunk's maximum is taken
 /// with vector instructions. The k-th largest chunk maximum is a lower bound of the k-th largest
 /// value (k distinct values reach it), so only the chunks whose maximum reaches that bound can
 /// hold a selected value; std::nth_element over their candidates gives the exact k-th largest
 /// value, and a last pass over the same chunks collects the indices. Cost O(n) vectorised
-/// comparisons plus O(n / 16 + candidates) selection, typically a few times k. Scratch is kept
+/// comparisons plus O(n / 32 + candidates) selection, typically a few times k. Scratch is kept
 /// across calls (O(n)).
 template <class T>
 class top_k {
  public:
-  static constexpr index chunk = 16;
+  static constexpr index chunk = 32;
 
   /// Writes the min(k, n) selected indices into out[0..min(k, n)). Preconditions: n, k >= 0.
   void operator()(const T* values, index n, index k, index* out) {
@@ -85,18 +85,24 @@ class top_k {
   static constexpr T lowest = -std::numeric_limits<T>::infinity();
   static T key(T x) noexcept { return x != x ? lowest : x; }
 
-  // Maximum of chunk c, NaN ignored (-inf for a chunk of NaN only).
+  // Maximum of chunk c, NaN ignored (-inf for a chunk of NaN only): a running maximum of the
+  // chunk's packets that never takes a NaN lane, then one horizontal reduction.
   static T chunk_max(const T* values, index n, index c) noexcept {
+    namespace ei = Eigen::internal;
+    using P = typename ei::packet_traits<T>::type;
+    constexpr int size = ei::packet_traits<T>::size;
     const T* x = values + c * chunk;
-    T m;
-    if ((c + 1) * chunk <= n) {
-      m = Eigen::Map<const Eigen::Array<T, chunk, 1>>(x)
-              .template maxCoeff<Eigen::PropagateNumbers>();
-    } else {
-      m = lowest;
-      for (index i = 0; i < n - c * chunk; ++i) m = std::max(m, key(x[i]));
+    if constexpr (ei::packet_traits<T>::Vectorizable && chunk % size == 0) {
+      if ((c + 1) * chunk <= n) {
+        P m = ei::pset1<P>(lowest);
+        for (int i = 0; i < chunk; i += size)
+          m = ei::pmax<Eigen::PropagateNumbers>(m, ei::ploadu<P>(x + i));
+        return ei::predux_max(m);  // m holds no NaN
+      }
     }
-    return key(m);
+    T m = lowest;
+    for (index i = 0; i < std::min(chunk, n - c * chunk); ++i) m = std::max(m, key(x[i]));
+    return m;
   }
 
   std::vector<T> maxima_, scratch_, candidates_;
