@@ -132,10 +132,11 @@ struct improved_clustered {
     T* const top_prob =
         detail::arena::local().take<T>(static_cast<std::size_t>(excluding ? cb * top : 0));
     T* const centroid_lse = detail::arena::local().take<T>(static_cast<std::size_t>(cb));
+    T* const normaliser = detail::arena::local().take<T>(static_cast<std::size_t>(cb));
 
     for (index c0 = 0; c0 < C; c0 += cb) {
       const index n = std::min(cb, C - c0);
-      // Centroid scores (n x Sv), their top-k, then probabilities with the top-k zeroed.
+      // Centroid scores (n x Sv), their top-k, then exp(score - peak) with the top-k zeroed.
       // Scale the centroids first: Eigen folds a scalar factor out of a product, and C K^T
       // unscaled could overflow where the scaled scores do not.
       scaled_centroids.topRows(n) = groups.centroids().middleRows(c0, n) * scale;
@@ -150,18 +151,22 @@ struct improved_clustered {
         if (!(peak > -std::numeric_limits<T>::infinity())) {  // no finite score: zero row
           row.setZero();
           mass[j] = T(0);
+          normaliser[j] = T(0);
           centroid_lse[j] = -std::numeric_limits<T>::infinity();
           if (excluding) std::fill(top_prob + j * top, top_prob + (j + 1) * top, T(0));
           return;
         }
+        // The row keeps exp(score - peak); 1 / sum, the softmax's normalisation, is applied to
+        // what is read from it (the mass, the top-k probabilities, the residual row).
         row = (row.array() - peak).exp();
         const T sum = row.sum();
-        row /= sum;
+        normaliser[j] = T(1) / sum;
         centroid_lse[j] = peak + std::log(sum);
         T m = 0;
         for (index t = 0; t < top; ++t) {
-          m += row(chosen[t]);
-          if (excluding) top_prob[j * top + t] = row(chosen[t]);
+          const T p = row(chosen[t]) * normaliser[j];
+          m += p;
+          if (excluding) top_prob[j * top + t] = p;
           row(chosen[t]) = T(0);
         }
         mass[j] = m;
@@ -169,6 +174,7 @@ struct improved_clustered {
       // The centroid's attention on the keys outside its top-k.
       detail::weighted_values<T>(score_buffer, lds, n, const_view<T>(values), Sv,
                                  view<T>(residual.topRows(n)), ctx.threads);
+      for (index j = 0; j < n; ++j) residual.row(j) *= normaliser[j];
 
       // Members against their cluster's top-k keys: small products per block of members.
       // Clusters are independent (disjoint members): they share ctx.threads, each with the
@@ -179,7 +185,6 @@ struct improved_clustered {
         auto member_q = detail::scratch_matrix<T>(bm, E, local);
         auto top_keys = detail::scratch_matrix<T>(top, E, local);
         auto top_values = detail::scratch_matrix<T>(top, M, local);
-        auto scores = detail::scratch_matrix<T>(bm, top, local);
         auto member_out = detail::scratch_matrix<T>(bm, M, local);
         auto removed = detail::scratch_matrix<T>(excluding ? bm : 0, M, local);
         T* const kept = local.take<T>(static_cast<std::size_t>(bm));
@@ -193,6 +198,12 @@ struct improved_clustered {
           top_values.row(t) = values.row(chosen[t]);
           if (excluding) slot_of[static_cast<std::size_t>(chosen[t])] = t;
         }
+        // The members' scores against the top-k keys (packed once per cluster) by the fused
+        // kernel's register tiles, their products with the top-k values likewise.
+        const detail::score_rows<T> top_scores(const_view<T>(top_keys), top, 1);
+        const index ldt = top_scores.stride();
+        T* const member_scores =
+            local.take<T>(static_cast<std::size_t>(top_scores.padded_rows(bm) * ldt));
         const T m = mass[j];
         const index first = groups.begin(c0 + j), last = groups.end(c0 + j);
         for (index r0 = first; r0 < last; r0 += bm) {
@@ -200,8 +211,9 @@ struct improved_clustered {
           // The members' queries are scaled, not the keys: the front door bounds |scale| max|q|,
           // while scale k may overflow (and 0 * inf is NaN) where every score is finite.
           for (index r = 0; r < rows; ++r) member_q.row(r) = q.row(groups.member(r0 + r)) * scale;
-          auto s = scores.topRows(rows);
-          s.noalias() = member_q.topRows(rows) * top_keys.transpose();
+          top_scores(const_view<T>(member_q.topRows(rows)), rows, member_scores, 1);
+          Eigen::Map<matrix<T>, 0, Eigen::OuterStride<>> s(member_scores, rows, top,
+                                                           Eigen::OuterStride<>(ldt));
           for (index r = 0; r < rows; ++r) {
             const index i = groups.member(r0 + r);
             auto row = s.row(r);
@@ -209,7 +221,7 @@ struct improved_clustered {
             kept[r] = T(1);     // mu_i: its mass on all the keys this member sees
             if (excluding)
               exclude_keys(ctx, i, Sv, slot_of.data(), top_prob + j * top, probabilities.row(j),
-                           values, row, member_mass, kept[r], removed.row(r));
+                           normaliser[j], values, row, member_mass, kept[r], removed.row(r));
             const T peak = row.maxCoeff();
             T top_lse = -std::numeric_limits<T>::infinity();
             // (A NaN score, from a non-finite input with check_finite off, propagates.)
@@ -231,7 +243,8 @@ struct improved_clustered {
                   kept[r] > T(0) ? base + std::log(kept[r]) : -std::numeric_limits<T>::infinity();
             }
           }
-          member_out.topRows(rows).noalias() = s * top_values;
+          detail::weighted_values<T>(member_scores, ldt, rows, const_view<T>(top_values), top,
+                                     view<T>(member_out.topRows(rows)), 1);
           for (index r = 0; r < rows; ++r) {
             auto o = out.row(groups.member(r0 + r));
             if (!excluding) {
@@ -255,11 +268,11 @@ struct improved_clustered {
  private:
   // Removes from member i's approximation the keys of its excluded band: their top-k scores
   // become -inf (and their probability leaves the top-k mass m_i), and their residual share
-  // (the centroid's probability times their value) is collected in `removed`; `kept` becomes
-  // the centroid's mass on the keys the member still sees.
+  // (the centroid's probability, its row's entry times `normaliser`, times their value) is
+  // collected in `removed`; `kept` becomes the centroid's mass on the keys the member still sees.
   template <class T, class Probabilities, class Values, class Row, class Removed>
   static void exclude_keys(const context& ctx, index i, index Sv, const index* slot_of,
-                           const T* top_prob, const Probabilities& probabilities,
+                           const T* top_prob, const Probabilities& probabilities, T normaliser,
                            const Values& values, Row&& scores, T& member_mass, T& kept,
                            Removed&& removed) {
     removed.setZero();
@@ -274,7 +287,7 @@ struct improved_clustered {
         member_mass -= top_prob[t];
         gone += top_prob[t];
       } else {
-        const T p = probabilities(key);
+        const T p = probabilities(key) * normaliser;
         removed += p * values.row(key);
         gone += p;
       }
