@@ -76,6 +76,50 @@ TYPED_TEST(DenseTyped, EveryPacketWidthMatchesReference) {
   }
 }
 
+// The fused kernel's tiles as plain products (improved_clustered's centroid and member rows):
+// score_rows is Q K^T and weighted_values is P V, against float64 products, for every value
+// width's geometry, ragged row and key counts, strided inputs, and the same bits on 1 and 2
+// threads.
+TYPED_TEST(DenseTyped, ScoreRowsAndWeightedValuesAreTheProducts) {
+  using T = TypeParam;
+  namespace fd = fa::detail;
+  int trial = 0;
+  for (const index M : {1, 3, 4, 8, 12, 16, 24, 64, 80}) {
+    const index rows = 1 + (11 * trial) % 37, keys = 1 + (29 * trial) % 300;
+    const index E = 1 + (7 * trial) % 70;
+    const auto q = gaussian<T>(rows, E + 3, 40 + trial), k = gaussian<T>(keys + 2, E, 50 + trial);
+    const auto v = gaussian<T>(keys, M + 5, 60 + trial);
+    const fa::const_view<T> qv(q.leftCols(E)), kv(k), vv(v.leftCols(M));  // strided rows
+    const fd::arena::scope scratch;
+    const fd::score_rows<T> scores(kv, keys, 2);
+    const index lds = scores.stride();
+    ASSERT_GE(lds, keys);
+    T* const s =
+        fd::arena::local().take<T>(static_cast<std::size_t>(scores.padded_rows(rows) * lds));
+    T* const s1 =
+        fd::arena::local().take<T>(static_cast<std::size_t>(scores.padded_rows(rows) * lds));
+    scores(qv, rows, s, 2);
+    scores(qv, rows, s1, 1);
+    const Eigen::Map<const fa::matrix<T>, 0, Eigen::OuterStride<>> got(s, rows, keys,
+                                                                       Eigen::OuterStride<>(lds));
+    const Eigen::Map<const fa::matrix<T>, 0, Eigen::OuterStride<>> got1(s1, rows, keys,
+                                                                        Eigen::OuterStride<>(lds));
+    const matd want =
+        qv.template cast<double>() * k.topRows(keys).template cast<double>().transpose();
+    EXPECT_LT(relative_error(got, want), tolerance<T>()) << "M=" << M << " trial " << trial;
+    EXPECT_EQ(fa::matrix<T>(got), fa::matrix<T>(got1));
+
+    // P: the scores as weights (any values: the product does not normalise).
+    fa::matrix<T> out(rows, M), out1(rows, M);
+    fd::weighted_values<T>(s, lds, rows, vv, keys, fa::view<T>(out), 2);
+    fd::weighted_values<T>(s, lds, rows, vv, keys, fa::view<T>(out1), 1);
+    const matd want_out = got.template cast<double>() * vv.template cast<double>();
+    EXPECT_LT(relative_error(out, want_out), tolerance<T>()) << "M=" << M << " trial " << trial;
+    EXPECT_EQ(out, out1);
+    ++trial;
+  }
+}
+
 TYPED_TEST(DenseTyped, PaddedKeysAreNeverRead) {
   using T = TypeParam;
   const index L = 40, S = 70, E = 8, M = 5;
