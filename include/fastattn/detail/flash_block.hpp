@@ -166,16 +166,39 @@ inline void value_group(const T* p, index ldp, const T* alpha, const T* v, index
 /// `count` are zeros.
 template <class G, class RowOf, class T = typename G::scalar>
 void pack_panels(T* dst, index count, index e, RowOf&& row_of) {
+  namespace ei = Eigen::internal;
+  using P = typename G::packet;
+  constexpr int size = G::size;
   const index panels = (count + G::panel - 1) / G::panel;
+  const T* rows[G::panel];
   for (index p = 0; p < panels; ++p) {
     T* const panel = dst + p * G::panel * e;
+    bool whole = true;  // every lane holds a key
     for (int lane = 0; lane < G::panel; ++lane) {
       const index t = p * G::panel + lane;
-      const T* const src = t < count ? row_of(t) : nullptr;
-      if (src)
-        for (index d = 0; d < e; ++d) panel[d * G::panel + lane] = src[d];
+      rows[lane] = t < count ? row_of(t) : nullptr;
+      whole = whole && rows[lane] != nullptr;
+    }
+    index d0 = 0;
+    // A whole panel, `size` features at a time: each half's size x size block is loaded by key
+    // rows and transposed in registers into feature rows.
+    if constexpr (size > 1 && requires(ei::PacketBlock<P, size> & b) { ei::ptranspose(b); }) {
+      if (whole)
+        for (; d0 + size <= e; d0 += size)
+          for (int half = 0; half < 2; ++half) {
+            ei::PacketBlock<P, size> block;
+            for (int i = 0; i < size; ++i)
+              block.packet[i] = ei::ploadu<P>(rows[half * size + i] + d0);
+            ei::ptranspose(block);
+            for (int i = 0; i < size; ++i)
+              ei::pstoreu(panel + (d0 + i) * G::panel + half * size, block.packet[i]);
+          }
+    }
+    for (int lane = 0; lane < G::panel; ++lane) {  // the rest, lane by lane
+      if (rows[lane])
+        for (index d = d0; d < e; ++d) panel[d * G::panel + lane] = rows[lane][d];
       else
-        for (index d = 0; d < e; ++d) panel[d * G::panel + lane] = T(0);
+        for (index d = d0; d < e; ++d) panel[d * G::panel + lane] = T(0);
     }
   }
 }
