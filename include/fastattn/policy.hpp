@@ -160,10 +160,9 @@ index crossover(const P& policy) {
 /// P's knobs on an off-diagonal block of the causal decomposition (detail/causal.hpp) that holds
 /// `rows` of the `of` queries of the whole causal problem (1 <= rows <= of): P's
 /// `P for_block(index rows, index of) const` when P defines one, else P unchanged. A kernel whose
-/// knob is a count relative to the problem's size (clusters for L queries) scales it here, so a
-/// block is solved at the resolution the whole problem asked for (the built-in clustering kernels
-/// keep L / C queries per cluster); one whose knobs are already per-cluster sizes (smyrf's
-/// cluster_size) needs none.
+/// knob is a count relative to the problem's size (clusters for L queries) scales it here (the
+/// built-in clustering kernels take ceil(C sqrt(rows / of)) clusters; why: detail/causal.hpp);
+/// one whose knobs are already per-cluster sizes (smyrf's cluster_size) needs none.
 template <class P>
 P for_block(const P& policy, index rows, index of) {
   if constexpr (requires {
