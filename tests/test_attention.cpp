@@ -179,6 +179,46 @@ TEST(NonFinite, RejectedByDefaultWithTheLocation) {
                               "k", {"k has a non-finite value (-inf)", "row 0"}));
 }
 
+// The check reads rows by packets, four at a time, then single packets, then a scalar tail, in
+// chunks of 4096 rows: a non-finite value is found, with its place, wherever it falls in that
+// geometry (every column of widths around the packet sizes, rows in the second chunk, strided
+// views), and the magnitude bound sees the largest |x| wherever it is.
+template <class T>
+void check_every_place() {
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  for (const index E : {1, 3, 8, 15, 16, 17, 31, 33, 64, 65, 80, 127}) {
+    for (const index L : {5, 4099}) {
+      fa::matrix<T> wide = fa::matrix<T>::Zero(L, E + 3);  // a view with a wider stride
+      auto q = wide.leftCols(E);
+      q.setConstant(T(0.5));
+      const fa::matrix<T> k = fa::matrix<T>::Constant(4, E, T(0.5)), v = k;
+      const index r = L - 2;
+      for (index c = 0; c < E; ++c) {
+        for (const T bad : {std::numeric_limits<T>::quiet_NaN(), inf, -inf}) {
+          q(r, c) = bad;
+          EXPECT_TRUE(throws_invalid_argument(
+              [&] { (void)fa::attention(fa::dense{}, fa::const_view<T>(q), k, v); }, "q",
+              {"q has a non-finite value", "row " + std::to_string(r),
+               "column " + std::to_string(c)}))
+              << "E = " << E << ", L = " << L << ", column " << c;
+        }
+        // The largest magnitude, here: scores of max|q| max|k| E scale overflow.
+        q(r, c) = -std::numeric_limits<T>::max() / 2;
+        EXPECT_TRUE(throws_invalid_argument(
+            [&] { (void)fa::attention(fa::dense{}, fa::const_view<T>(q), k, v); }, "q",
+            {"the scores could overflow"}))
+            << "E = " << E << ", L = " << L << ", column " << c;
+        q(r, c) = T(0.5);
+      }
+    }
+  }
+}
+
+TEST(NonFinite, FoundAtEveryColumnOfThePacketGeometry) {
+  check_every_place<float>();
+  check_every_place<double>();
+}
+
 TEST(NonFinite, DensePropagatesToExactlyTheAffectedRowsWhenUnchecked) {
   auto q = gaussian<double>(10, 4, 1), k = gaussian<double>(10, 4, 2);
   const auto v = gaussian<double>(10, 3, 3);

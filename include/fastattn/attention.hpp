@@ -121,28 +121,70 @@ context make_context(std::string_view name, bool supports_causal, index L, index
   return ctx;
 }
 
-/// The largest |x| among the first `rows` rows of m; throws invalid_argument naming `tensor`,
-/// the row and the column of the first non-finite value.
+/// Over `rows` rows of `cols` values (row r at data + r stride): the largest |x|, and through
+/// `finite` whether every x is finite. Packets with four independent accumulators (one
+/// dependency chain made the pass latency-bound: 0.7 ms of a 11 ms clustered call at N = 16384);
+/// finiteness by summing x - x, 0 for a finite x and NaN otherwise, so no compare sits on the
+/// chain. The maximum of the finite values is exact, so it does not depend on the order.
+template <class T>
+T max_abs_rows(const T* data, index stride, index rows, index cols, bool& finite) {
+  namespace ei = Eigen::internal;
+  using P = typename ei::packet_traits<T>::type;
+  constexpr index size = ei::packet_traits<T>::size;
+  P m[4], z[4];
+  for (int a = 0; a < 4; ++a) m[a] = z[a] = ei::pset1<P>(T(0));
+  T ms = 0, zs = 0;
+  for (index r = 0; r < rows; ++r) {
+    const T* const x = data + r * stride;
+    index c = 0;
+    for (; c + 4 * size <= cols; c += 4 * size)
+      for (int a = 0; a < 4; ++a) {
+        const P p = ei::ploadu<P>(x + c + a * size);
+        m[a] = ei::pmax(m[a], ei::pabs(p));
+        z[a] = ei::padd(z[a], ei::psub(p, p));
+      }
+    for (; c + size <= cols; c += size) {
+      const P p = ei::ploadu<P>(x + c);
+      m[0] = ei::pmax(m[0], ei::pabs(p));
+      z[0] = ei::padd(z[0], ei::psub(p, p));
+    }
+    for (; c < cols; ++c) {
+      ms = std::max(ms, std::abs(x[c]));
+      zs += x[c] - x[c];
+    }
+  }
+  const T zero = ei::predux(ei::padd(ei::padd(z[0], z[1]), ei::padd(z[2], z[3]))) + zs;
+  finite = zero == T(0);
+  return std::max(ei::predux_max(ei::pmax(ei::pmax(m[0], m[1]), ei::pmax(m[2], m[3]))), ms);
+}
+
+/// The largest |x| among the first `rows` rows of m (row-major); throws invalid_argument naming
+/// `tensor`, the row and the column of the first non-finite value.
 template <class Matrix>
 double checked_max_abs(const char* tensor, const Matrix& m, index rows, int threads = 1) {
   using T = typename Matrix::Scalar;
+  static_assert(Matrix::IsRowMajor, "checked_max_abs reads rows");
   if (rows == 0 || m.cols() == 0) return 0.0;
   const auto valid = m.topRows(rows);
-  // One vectorised pass: the largest |x|, NaN if any x is NaN, inf if any is infinite; by
-  // chunks of rows on `threads` threads (a maximum is exact: the same on any count).
+  // By chunks of rows on `threads` threads (a maximum is exact: the same on any count).
   constexpr index chunk = 4096;
   const index chunks = (rows + chunk - 1) / chunk;
   const arena::scope scratch;
   T* const part = arena::local().take<T>(static_cast<std::size_t>(chunks));
+  bool* const ok = arena::local().take<bool>(static_cast<std::size_t>(chunks));
   parallel_for(threads, chunks, [&](index c) {
-    part[c] = valid.middleRows(c * chunk, std::min(chunk, rows - c * chunk))
-                  .cwiseAbs()
-                  .template maxCoeff<Eigen::PropagateNaN>();
+    bool finite = true;
+    part[c] = max_abs_rows<T>(m.data() + c * chunk * m.outerStride(), m.outerStride(),
+                              std::min(chunk, rows - c * chunk), m.cols(), finite);
+    ok[c] = finite;
   });
   T largest = part[0];
-  for (index c = 1; c < chunks; ++c)
-    if (std::isnan(part[c]) || part[c] > largest) largest = part[c];
-  if (!(largest <= std::numeric_limits<T>::max())) {
+  bool finite = ok[0];
+  for (index c = 1; c < chunks; ++c) {
+    largest = std::max(largest, part[c]);
+    finite = finite && ok[c];
+  }
+  if (!finite) {
     for (index r = 0; r < rows; ++r) {
       if (valid.row(r).allFinite()) continue;
       for (index c = 0; c < valid.cols(); ++c)
