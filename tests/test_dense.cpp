@@ -174,13 +174,49 @@ TYPED_TEST(DenseTyped, WithoutCheckNaNReachesExactlyTheAffectedRows) {
   q(4, 1) = std::numeric_limits<T>::quiet_NaN();
   const auto o = fa::attention(fa::dense{}, q, k, v, unchecked);
   for (index i = 0; i < L; ++i) EXPECT_EQ(o.row(i).allFinite(), i != 4) << "row " << i;
-  // TODO(issue #7, dense owner): a NaN value row under causal masking should reach queries
-  // i >= 5 only (it enters no other row's softmax), but dense multiplies the masked keys' zero
-  // weights with their values in the diagonal block (0 * NaN = NaN), so rows 0..4 of that query
-  // block become NaN too. Re-enable once the block kernel (flash_block) skips masked columns of P
-  // V. q(4, 1) = T(0); v(5, 0) = std::numeric_limits<T>::quiet_NaN(); unchecked.causal = true;
-  // const auto oc = fa::attention(fa::dense{}, q, k, v, unchecked);
-  // for (index i = 0; i < L; ++i) EXPECT_EQ(oc.row(i).allFinite(), i < 5) << "row " << i;
+  // A NaN value row under causal masking reaches queries i >= 5 only (it enters no other row's
+  // softmax). Regression: the fused kernel multiplied the masked keys' zero weights with their
+  // values in the diagonal block (0 * NaN = NaN), so rows 0..4 of that query group were NaN too.
+  q(4, 1) = T(0);
+  v(5, 0) = std::numeric_limits<T>::quiet_NaN();
+  unchecked.causal = true;
+  const auto oc = fa::attention(fa::dense{}, q, k, v, unchecked);
+  for (index i = 0; i < L; ++i) EXPECT_EQ(oc.row(i).allFinite(), i < 5) << "row " << i;
+}
+
+// The class of that defect: wherever the non-finite value sits relative to the query groups (8
+// rows) and the key panels, for value widths of every packet geometry and the scalar path, under
+// causal masks and local bands (both sides, earlier side), and with several query and key blocks,
+// it reaches exactly the rows that see its key.
+TYPED_TEST(DenseTyped, WithoutCheckANonFiniteValueReachesExactlyTheRowsThatSeeIt) {
+  using T = TypeParam;
+  const index L = 45, E = 5, w = 3;
+  fa::options unchecked;
+  unchecked.check_finite = false;
+  const auto q = gaussian<T>(L, E, 31), k = gaussian<T>(L, E, 32);
+  for (const index M : {2, 4, 8, 16, 24, 32}) {
+    auto v = gaussian<T>(L, M, 33);
+    for (const index j : {0, 1, 5, 7, 8, 9, 15, 16, 31, 32, 33, 40, 44}) {
+      const T kept = v(j, M - 1);
+      v(j, M - 1) =
+          j % 2 ? std::numeric_limits<T>::quiet_NaN() : std::numeric_limits<T>::infinity();
+      for (const bool causal : {false, true}) {
+        unchecked.causal = causal;
+        const auto od =
+            fa::attention(fa::dense{.query_block = 16, .key_block = 32}, q, k, v, unchecked);
+        const auto ol = fa::attention(fa::local{.window = w}, q, k, v, unchecked);
+        for (index i = 0; i < L; ++i) {
+          const bool sees_dense = !causal || j <= i;
+          const bool sees_local = causal ? (j <= i && i - j <= w) : std::abs(i - j) <= w;
+          EXPECT_EQ(od.row(i).allFinite(), !sees_dense)
+              << "dense, M = " << M << ", key " << j << ", row " << i << ", causal " << causal;
+          EXPECT_EQ(ol.row(i).allFinite(), !sees_local)
+              << "local, M = " << M << ", key " << j << ", row " << i << ", causal " << causal;
+        }
+      }
+      v(j, M - 1) = kept;
+    }
+  }
 }
 
 TEST(Dense, FloatAgreesWithDouble) {

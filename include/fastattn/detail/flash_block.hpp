@@ -136,6 +136,21 @@ inline void value_tile(const T* p, index ldp, const T* alpha, const T* v, index 
   for (int i = 0; i < R * W; ++i) ei::pstore(acc + (i / W) * lda + (i % W) * G::size, c[i]);
 }
 
+/// acc[0, m) += sum_{j in [j0, j1)} p[j] v[j] for one row (v rows with stride ldv, any
+/// alignment; acc aligned, m a whole number of packets): the ragged keys of a group (absorb).
+template <class G, class T = typename G::scalar>
+inline void value_row(const T* p, const T* v, index ldv, index j0, index j1, T* acc, index m) {
+  using P = typename G::packet;
+  namespace ei = Eigen::internal;
+  if (j0 >= j1) return;
+  for (index w = 0; w < m; w += G::size) {
+    P c = ei::pload<P>(acc + w);
+    for (index j = j0; j < j1; ++j)
+      c = ei::pmadd(ei::pset1<P>(p[j]), ei::ploadu<P>(v + j * ldv + w), c);
+    ei::pstore(acc + w, c);
+  }
+}
+
 /// value_tile over a whole group of G::group rows and all m values: chunks of W packets (as many
 /// as the accumulator budget allows), each over the rows in tiles of R.
 template <class G, class T = typename G::scalar>
@@ -363,7 +378,28 @@ class flash_block {
         max_[i] = m_new;
       }
 
-      flash::value_group<G>(s_, lds_, alpha, values, ldv, ga, gb, acc_ + g0 * m_, m_, m_);
+      // P V. The keys every row of the group sees, [ca, cb), go through the register tiles; the
+      // ragged ones (seen by some rows only: a causal diagonal, a band's edges, at most
+      // group - 1 keys on each side there) are added row by row over the row's own range, so a
+      // key a row does not see is never multiplied in, not even by a zero weight (0 * NaN, a
+      // non-finite value with check_finite off, would reach rows that never see it).
+      index ca = ga, cb = gb;
+      bool shared = true;  // every row of the group sees a key of this block
+      for (index r = 0; r < rows_here; ++r) {
+        shared = shared && first[r] < last[r];
+        ca = std::max(ca, first[r]);
+        cb = std::min(cb, last[r]);
+      }
+      if (!shared || ca >= cb) ca = cb = ga;
+      flash::value_group<G>(s_, lds_, alpha, values, ldv, ca, cb, acc_ + g0 * m_, m_, m_);
+      if (ga < ca || cb < gb)
+        for (index r = 0; r < rows_here; ++r) {
+          if (first[r] == last[r]) continue;
+          T* const acc_row = acc_ + (g0 + r) * m_;
+          const T* const p_row = s_ + r * lds_;
+          flash::value_row<G>(p_row, values, ldv, first[r], std::min(last[r], ca), acc_row, m_);
+          flash::value_row<G>(p_row, values, ldv, std::max(first[r], cb), last[r], acc_row, m_);
+        }
     }
   }
 
