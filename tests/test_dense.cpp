@@ -3,6 +3,7 @@
 
 #include <limits>
 #include <random>
+#include <vector>
 
 namespace {
 
@@ -118,6 +119,27 @@ TYPED_TEST(DenseTyped, ScoreRowsAndWeightedValuesAreTheProducts) {
     EXPECT_EQ(out, out1);
     ++trial;
   }
+}
+
+// The weighted sum of a few rows that the band exclusions use: every width around the packet
+// sizes (four packets, one, scalars), strided rows, no rows at all.
+TYPED_TEST(DenseTyped, WeightedRowSumIsTheProduct) {
+  using T = TypeParam;
+  for (const index M : {1, 3, 4, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 80, 130})
+    for (const index n : {0, 1, 5, 33}) {
+      const auto v = gaussian<T>(std::max<index>(n, 1), M + 3, 70 + M);
+      const auto w = gaussian<T>(1, std::max<index>(n, 1), 80 + n);
+      std::vector<T> out(static_cast<std::size_t>(M), T(7));
+      fa::detail::weighted_row_sum<T>(w.data(), n, v.data(), v.cols(), M, out.data());
+      for (index c = 0; c < M; ++c) {
+        double want = 0;
+        for (index j = 0; j < n; ++j)
+          want += static_cast<double>(w(0, j)) * static_cast<double>(v(j, c));
+        EXPECT_NEAR(static_cast<double>(out[static_cast<std::size_t>(c)]), want,
+                    10 * tolerance<T>() * (1 + std::abs(want)))
+            << "M = " << M << ", n = " << n << ", column " << c;
+      }
+    }
 }
 
 TYPED_TEST(DenseTyped, PaddedKeysAreNeverRead) {

@@ -188,6 +188,8 @@ struct improved_clustered {
         auto member_out = detail::scratch_matrix<T>(bm, M, local);
         auto removed = detail::scratch_matrix<T>(excluding ? bm : 0, M, local);
         T* const kept = local.take<T>(static_cast<std::size_t>(bm));
+        T* const band_weights = local.take<T>(static_cast<std::size_t>(
+            excluding ? std::min<index>(Sv, ctx.exclude->upper - ctx.exclude->lower + 1) : 0));
         // Which top-k slot a key holds (-1: none), for the exclusion; all -1 between clusters.
         std::vector<index>& slot_of = detail::workspace<slot_table>().slots;
         if (excluding && static_cast<index>(slot_of.size()) < Sv)
@@ -221,7 +223,8 @@ struct improved_clustered {
             kept[r] = T(1);     // mu_i: its mass on all the keys this member sees
             if (excluding)
               exclude_keys(ctx, i, Sv, slot_of.data(), top_prob + j * top, probabilities.row(j),
-                           normaliser[j], values, row, member_mass, kept[r], removed.row(r));
+                           normaliser[j], values, row, member_mass, kept[r], removed.row(r),
+                           band_weights);
             const T peak = row.maxCoeff();
             T top_lse = -std::numeric_limits<T>::infinity();
             // (A NaN score, from a non-finite input with check_finite off, propagates.)
@@ -269,29 +272,35 @@ struct improved_clustered {
   // Removes from member i's approximation the keys of its excluded band: their top-k scores
   // become -inf (and their probability leaves the top-k mass m_i), and their residual share
   // (the centroid's probability, its row's entry times `normaliser`, times their value) is
-  // collected in `removed`; `kept` becomes the centroid's mass on the keys the member still sees.
+  // collected in `removed` (contiguous), as one weighted sum of the band's value rows (weights
+  // in `weights`, room for the band's width, zero on top-k keys; a row update per key took
+  // 0.9 ms of 3.4 at N = 4096, a general product 0.7); `kept` becomes the centroid's mass on the
+  // keys the member still sees.
   template <class T, class Probabilities, class Values, class Row, class Removed>
   static void exclude_keys(const context& ctx, index i, index Sv, const index* slot_of,
                            const T* top_prob, const Probabilities& probabilities, T normaliser,
                            const Values& values, Row&& scores, T& member_mass, T& kept,
-                           Removed&& removed) {
-    removed.setZero();
+                           Removed&& removed, T* weights) {
     const index pos = ctx.query_offset + i - ctx.key_offset;
     const index first = std::clamp<index>(pos + ctx.exclude->lower, 0, Sv);
     const index last = std::clamp<index>(pos + ctx.exclude->upper + 1, first, Sv);
     T gone = 0;
     for (index key = first; key < last; ++key) {
       const index t = slot_of[key];
+      T p = 0;
       if (t >= 0) {
         scores(t) = -std::numeric_limits<T>::infinity();
         member_mass -= top_prob[t];
         gone += top_prob[t];
       } else {
-        const T p = probabilities(key) * normaliser;
-        removed += p * values.row(key);
+        p = probabilities(key) * normaliser;
         gone += p;
       }
+      weights[key - first] = p;
     }
+    const index n = last - first;
+    detail::weighted_row_sum<T>(weights, n, values.data() + first * values.outerStride(),
+                                values.outerStride(), values.cols(), removed.data());
     member_mass = std::max(member_mass, T(0));
     kept = std::max(T(1) - gone, T(0));
   }

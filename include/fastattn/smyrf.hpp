@@ -143,6 +143,7 @@ struct smyrf {
     detail::hash_entry* entries_scratch = pool.take<detail::hash_entry>(most);
     index* query_order = pool.take<index>(static_cast<std::size_t>(Lv));
     index* key_order = pool.take<index>(static_cast<std::size_t>(Sv));
+    index* key_rank = ctx.exclude ? pool.take<index>(static_cast<std::size_t>(Sv)) : nullptr;
     const T scale = static_cast<T>(ctx.scale);
 
     detail::with_flash_geometry<T>(M, [&]<class G>(G) {
@@ -154,6 +155,11 @@ struct smyrf {
       for (index h = 0; h < hashes; ++h) {
         detail::sort_by_hash(query_hash.col(h), entries, entries_scratch, query_order);
         detail::sort_by_hash(key_hash.col(h), entries, entries_scratch, key_order);
+        // For context::exclude: each key's place in this round's order, so that a query finds
+        // its band's keys among a key block by looking up the band (at most its width of
+        // lookups) rather than by testing every key of the block.
+        if (key_rank)
+          for (index u = 0; u < Sv; ++u) key_rank[key_order[u]] = u;
 
         // Clusters are independent (each query is in one per round): they share ctx.threads.
         detail::parallel_for(ctx.threads, plan.clusters(), [&](index c) {
@@ -194,14 +200,22 @@ struct smyrf {
             block.reset(rows);
             for (index j0 = 0; j0 < keys; j0 += bk) {
               const index cols = std::min(bk, keys - j0);
-              // Keys in a query's excluded band (banded's inner call) get weight 0.
+              // Keys in a query's excluded band (banded's inner call) get weight 0: those of
+              // the band's keys whose place in the order falls in this key block.
               auto exclude = [&](index t, T* scores) {
                 if (!ctx.exclude) return;
                 const index pos = ctx.query_offset + query_order[i0 + t] - ctx.key_offset;
-                for (index c2 = 0; c2 < cols; ++c2) {
-                  const index d = key_order[k0 + j0 + c2] - pos;
-                  if (d >= ctx.exclude->lower && d <= ctx.exclude->upper)
-                    scores[c2] = -std::numeric_limits<T>::infinity();
+                const index first = std::max<index>(pos + ctx.exclude->lower, 0);
+                const index last = std::min<index>(pos + ctx.exclude->upper, Sv - 1);
+                // One unsigned test (a key of another block is below or above this one about
+                // equally often: two signed tests mispredicted half the time, 0.6 ms of 2.3 at
+                // N = 4096).
+                const index* const rank = key_rank;
+                const index base = k0 + j0;
+                const auto width = static_cast<std::size_t>(cols);
+                for (index j = first; j <= last; ++j) {
+                  const auto c2 = static_cast<std::size_t>(rank[j] - base);
+                  if (c2 < width) scores[c2] = -std::numeric_limits<T>::infinity();
                 }
               };
               block.absorb(

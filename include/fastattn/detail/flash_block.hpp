@@ -474,6 +474,39 @@ void flash_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> 
   });
 }
 
+/// out[0, m) = sum_{j < n} w[j] v[j * ldv + (0, m)]: a weighted sum of n rows (any alignment,
+/// any m), as the exclusions of banded's inner kernels need for each query's band (a few dozen
+/// rows): four packets of the row at a time in registers, then one, then scalars. A general
+/// vector-matrix product spent more time in its set-up than in these few rows.
+template <class T>
+void weighted_row_sum(const T* w, index n, const T* v, index ldv, index m, T* out) {
+  namespace ei = Eigen::internal;
+  using P = typename ei::packet_traits<T>::type;
+  constexpr index size = ei::packet_traits<T>::size;
+  index c = 0;
+  for (; c + 4 * size <= m; c += 4 * size) {
+    P acc[4];
+    for (int a = 0; a < 4; ++a) acc[a] = ei::pset1<P>(T(0));
+    for (index j = 0; j < n; ++j) {
+      const P x = ei::pset1<P>(w[j]);
+      for (int a = 0; a < 4; ++a)
+        acc[a] = ei::pmadd(x, ei::ploadu<P>(v + j * ldv + c + a * size), acc[a]);
+    }
+    for (int a = 0; a < 4; ++a) ei::pstoreu(out + c + a * size, acc[a]);
+  }
+  for (; c + size <= m; c += size) {
+    P acc = ei::pset1<P>(T(0));
+    for (index j = 0; j < n; ++j)
+      acc = ei::pmadd(ei::pset1<P>(w[j]), ei::ploadu<P>(v + j * ldv + c), acc);
+    ei::pstoreu(out + c, acc);
+  }
+  for (; c < m; ++c) {
+    T acc = 0;
+    for (index j = 0; j < n; ++j) acc += w[j] * v[j * ldv + c];
+    out[c] = acc;
+  }
+}
+
 /// Whole score rows of a few queries against many keys, s(r, j) = q.row(r) . k_j (no scale, no
 /// softmax), for a kernel that needs every score of a row (improved_clustered's top-k): the
 /// product Q K^T by the fused kernel's score tiles on keys packed once, without a general matrix
