@@ -121,9 +121,9 @@ TYPED_TEST(DenseTyped, ScoreRowsAndWeightedValuesAreTheProducts) {
   }
 }
 
-// The weighted sum of a few rows that the band exclusions use: every width around the packet
-// sizes (four packets, one, scalars), strided rows, no rows at all.
-TYPED_TEST(DenseTyped, WeightedRowSumIsTheProduct) {
+// The weighted sum of a few rows and their dots with one vector, which the band exclusions use:
+// every width around the packet sizes (four packets, one, scalars), strided rows, no rows at all.
+TYPED_TEST(DenseTyped, WeightedRowSumAndRowDotsAreTheProducts) {
   using T = TypeParam;
   for (const index M : {1, 3, 4, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 80, 130})
     for (const index n : {0, 1, 5, 33}) {
@@ -138,6 +138,19 @@ TYPED_TEST(DenseTyped, WeightedRowSumIsTheProduct) {
         EXPECT_NEAR(static_cast<double>(out[static_cast<std::size_t>(c)]), want,
                     10 * tolerance<T>() * (1 + std::abs(want)))
             << "M = " << M << ", n = " << n << ", column " << c;
+      }
+      const auto x = gaussian<T>(1, M, 90 + M);
+      std::vector<T> dots(static_cast<std::size_t>(std::max<index>(n, 1)), T(7));
+      fa::detail::row_dots<T>(v.data(), n, v.cols(), x.data(), M, dots.data());
+      for (index j = 0; j < n; ++j) {
+        double want = 0, size = 0;
+        for (index c = 0; c < M; ++c) {
+          want += static_cast<double>(v(j, c)) * static_cast<double>(x(0, c));
+          size += std::abs(static_cast<double>(v(j, c)) * static_cast<double>(x(0, c)));
+        }
+        EXPECT_NEAR(static_cast<double>(dots[static_cast<std::size_t>(j)]), want,
+                    10 * tolerance<T>() * (1 + size))
+            << "M = " << M << ", n = " << n << ", row " << j;
       }
     }
 }

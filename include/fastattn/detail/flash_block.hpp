@@ -507,6 +507,30 @@ void weighted_row_sum(const T* w, index n, const T* v, index ldv, index m, T* ou
   }
 }
 
+/// out[j] = rows[j * ld + (0, e)] . x[0, e) for j < n (any alignment): the scores of a few rows
+/// against one vector (a centroid against a query's band), four packets of the row at a time.
+template <class T>
+void row_dots(const T* rows, index n, index ld, const T* x, index e, T* out) {
+  namespace ei = Eigen::internal;
+  using P = typename ei::packet_traits<T>::type;
+  constexpr index size = ei::packet_traits<T>::size;
+  for (index j = 0; j < n; ++j) {
+    const T* const row = rows + j * ld;
+    P acc[4];
+    for (int a = 0; a < 4; ++a) acc[a] = ei::pset1<P>(T(0));
+    index c = 0;
+    for (; c + 4 * size <= e; c += 4 * size)
+      for (int a = 0; a < 4; ++a)
+        acc[a] =
+            ei::pmadd(ei::ploadu<P>(row + c + a * size), ei::ploadu<P>(x + c + a * size), acc[a]);
+    for (; c + size <= e; c += size)
+      acc[0] = ei::pmadd(ei::ploadu<P>(row + c), ei::ploadu<P>(x + c), acc[0]);
+    T dot = ei::predux(ei::padd(ei::padd(acc[0], acc[1]), ei::padd(acc[2], acc[3])));
+    for (; c < e; ++c) dot += row[c] * x[c];
+    out[j] = dot;
+  }
+}
+
 /// Whole score rows of a few queries against many keys, s(r, j) = q.row(r) . k_j (no scale, no
 /// softmax), for a kernel that needs every score of a row (improved_clustered's top-k): the
 /// product Q K^T by the fused kernel's score tiles on keys packed once, without a general matrix
