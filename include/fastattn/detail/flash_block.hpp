@@ -86,30 +86,31 @@ inline void unroll(F&& f) {
   (std::make_integer_sequence<int, N>{});
 }
 
-/// s[r][0, panel) = q[r] . panel keys, r < R: q rows of length e with stride ldq, kt the panel
-/// (e rows of `panel` values), s rows with stride lds (64-byte aligned).
-template <class G, int R, class T = typename G::scalar>
+/// s[r][0, W size) = q[r] . the first W packets' keys of a panel, r < R: q rows of length e
+/// with stride ldq, kt the panel (e rows of `panel` values, or a pointer a packet into one for
+/// its second half), s rows with stride lds (64-byte aligned). W = 2: the whole panel; W = 1:
+/// half of it, for a group whose keys end or start in the middle of a panel (a local band).
+template <class G, int R, int W = 2, class T = typename G::scalar>
 inline void score_tile(const T* q, index ldq, const T* kt, index e, T* s, index lds) {
   using P = typename G::packet;
   namespace ei = Eigen::internal;
-  P c0[R], c1[R];
+  static_assert(W == 1 || W == 2);
+  P c[W][R];
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) c0[r] = c1[r] = ei::pset1<P>(T(0));
+  for (int r = 0; r < R; ++r)
+    for (int w = 0; w < W; ++w) c[w][r] = ei::pset1<P>(T(0));
   for (index d = 0; d < e; ++d) {
-    const P a = ei::pload<P>(kt + d * G::panel);
-    const P b = ei::pload<P>(kt + d * G::panel + G::size);
+    P k[W];
+    for (int w = 0; w < W; ++w) k[w] = ei::pload<P>(kt + d * G::panel + w * G::size);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const P x = ei::pset1<P>(q[r * ldq + d]);
-      c0[r] = ei::pmadd(x, a, c0[r]);
-      c1[r] = ei::pmadd(x, b, c1[r]);
+      for (int w = 0; w < W; ++w) c[w][r] = ei::pmadd(x, k[w], c[w][r]);
     }
   }
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) {
-    ei::pstore(s + r * lds, c0[r]);
-    ei::pstore(s + r * lds + G::size, c1[r]);
-  }
+  for (int r = 0; r < R; ++r)
+    for (int w = 0; w < W; ++w) ei::pstore(s + r * lds + w * G::size, c[w][r]);
 }
 
 /// acc[r][0, W packets) = alpha[r] acc[r] + sum_{j in [j0, j1)} p[r][j] v[j], r < R: p rows with
@@ -335,10 +336,22 @@ class flash_block {
       const index w0 = ga / panel * panel, w1 = round_up(gb, panel);
 
       const T* const qg = q_ + g0 * e_;
-      for (index c = w0; c < w1; c += panel)
-        for (int r0 = 0; r0 < group; r0 += geometry::score_rows)
-          flash::score_tile<G, geometry::score_rows>(qg + r0 * e_, e_, panels + c * e_, e_,
-                                                     s_ + r0 * lds_ + c, lds_);
+      // Score tiles over the panels covering [ga, gb); a half panel where the other half is
+      // outside it (a band's group spans 40 keys of two panels at window 16: a quarter less).
+      for (index c = w0; c < w1; c += panel) {
+        const bool low = c + size > ga, high = c + size < gb;  // halves with keys in [ga, gb)
+        const T* const kt = panels + c * e_;
+        for (int r0 = 0; r0 < group; r0 += geometry::score_rows) {
+          T* const tile = s_ + r0 * lds_ + c;
+          if (low && high)
+            flash::score_tile<G, geometry::score_rows>(qg + r0 * e_, e_, kt, e_, tile, lds_);
+          else if (low)
+            flash::score_tile<G, geometry::score_rows, 1>(qg + r0 * e_, e_, kt, e_, tile, lds_);
+          else
+            flash::score_tile<G, geometry::score_rows, 1>(qg + r0 * e_, e_, kt + size, e_,
+                                                          tile + size, lds_);
+        }
+      }
 
       // Online softmax, row by row; P overwrites the scores on [w0, w1).
       for (index r = 0; r < group; ++r) {
@@ -350,14 +363,20 @@ class flash_block {
           continue;
         }
         mask(i, row);
-        // The packets covering [a, b); their entries outside [a, b) are masked.
+        // The packets covering [a, b), their lanes outside [a, b) set to -inf in registers.
+        // Only [a, b) of the row is read by P V below; storing -inf into the edge lanes and
+        // loading the packets back stalled store forwarding (a tenth of the local kernel).
         const index qa = a / size * size, qb = round_up(b, size);
-        std::fill(row + w0, row + qa, T(0));
-        std::fill(row + qb, row + w1, T(0));
-        std::fill(row + qa, row + a, neg_inf);
-        std::fill(row + b, row + qb, neg_inf);
+        const auto scores_at = [&](index c) {
+          const P x = ei::pload<P>(row + c);
+          if (c >= a && c + size <= b) return x;
+          const P at = ei::padd(ei::plset<P>(T(0)), ei::pset1<P>(static_cast<T>(c)));
+          const P outside = ei::por(ei::pcmp_lt(at, ei::pset1<P>(static_cast<T>(a))),
+                                    ei::pcmp_le(ei::pset1<P>(static_cast<T>(b)), at));
+          return ei::pselect(outside, ei::pset1<P>(neg_inf), x);
+        };
         P mp = ei::pset1<P>(neg_inf);
-        for (index c = qa; c < qb; c += size) mp = ei::pmax(mp, ei::pload<P>(row + c));
+        for (index c = qa; c < qb; c += size) mp = ei::pmax(mp, scores_at(c));
         const T m_new = std::max(max_[i], ei::predux_max(mp));
         if (m_new == neg_inf) {  // every score so far is -inf or NaN
           bool nan = false;
@@ -369,7 +388,7 @@ class flash_block {
         const P mm = ei::pset1<P>(m_new);
         P total = ei::pset1<P>(T(0));
         for (index c = qa; c < qb; c += size) {
-          const P x = ei::pexp(ei::psub(ei::pload<P>(row + c), mm));
+          const P x = ei::pexp(ei::psub(scores_at(c), mm));
           ei::pstore(row + c, x);
           total = ei::padd(total, x);
         }
