@@ -129,8 +129,7 @@ struct clustered {
     auto scaled_centroids = detail::scratch_matrix<T>(C, E);
     scaled_centroids = groups.centroids() * scale;
     index* const cluster_of = detail::arena::local().take<index>(static_cast<std::size_t>(Lv));
-    for (index j = 0; j < C; ++j)
-      for (index r = groups.begin(j); r < groups.end(j); ++r) cluster_of[groups.member(r)] = j;
+    groups.clusters_of(cluster_of);
     // The centroid's weights on one member's excluded keys (at most the band's width of them).
     const index widest =
         ctx.exclude ? std::min<index>(Sv, ctx.exclude->upper - ctx.exclude->lower + 1) : 0;

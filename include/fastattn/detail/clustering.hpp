@@ -143,6 +143,13 @@ class query_clustering {
   const std::vector<std::uint64_t>& hashes() const noexcept { return hashes_; }
   const hamming_kmeans& kmeans() const noexcept { return kmeans_; }
 
+  /// cluster[i] = the cluster of valid query i, i < the valid queries (for passes over the
+  /// queries in position order).
+  void clusters_of(index* cluster) const noexcept {
+    for (index j = 0; j < count(); ++j)
+      for (index r = begin(j); r < end(j); ++r) cluster[member(r)] = j;
+  }
+
   /// Writes row j of `rows` (count() x M) into the output row of every member of cluster j.
   template <class Rows>
   void broadcast(const Rows& rows, view<T> out, int threads = 1) const {
