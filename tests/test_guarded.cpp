@@ -119,6 +119,11 @@ TEST(Guarded, KnobsDefaultsAndValidation) {
   EXPECT_EQ(fa::guarded<fa::improved_clustered>{}.min_length, 1024);
   EXPECT_EQ(fa::guarded<fa::dense>{}.min_length, 0);
   EXPECT_EQ(fa::guarded<user_kernels::key_sample>{}.min_length, 0);
+  // The default follows the inner kernel's knobs: 400 clusters cost four times 100, so dense
+  // stays faster up to four times the length (policy.hpp, crossover).
+  EXPECT_EQ(fa::guarded<fa::clustered>{.inner = {.clusters = 400}}.min_length, 1024);
+  EXPECT_EQ(fa::guarded<fa::improved_clustered>{.inner = {.clusters = 50}}.min_length, 512);
+  EXPECT_EQ(fa::guarded<fa::clustered>{.inner = {.clusters = 10}}.min_length, 256);
   const fa::guarded<fa::clustered> g{};
   EXPECT_TRUE(std::isinf(g.tolerance));
   EXPECT_EQ(g.samples, 32);

@@ -215,8 +215,9 @@ struct guarded {
   double tolerance = std::numeric_limits<double>::infinity();
   index samples = 32;  ///< rows drawn and computed exactly per head, in [1, 2^20]
   /// Valid queries below which dense attention is used without running the kernel, in
-  /// [0, max index] (default: dense_crossover<Inner>).
-  index min_length = dense_crossover<Inner>;
+  /// [0, max index] (default: crossover(inner), the measured crossover at inner's knobs: for
+  /// the clustering kernels it grows with their clusters, see policy.hpp).
+  index min_length = fastattn::crossover(inner);
   std::uint64_t seed = 0;  ///< seed of the sampled rows (split per head by ctx.stream)
   /// Where each head's estimate goes (report[ctx.stream]); empty: no report. Not a knob. For
   /// multihead_attention it needs B * H entries; too short a span makes compute throw.
