@@ -115,25 +115,32 @@ inline constexpr index scaling_heads = 8;  // H = 8, through the multi-head driv
 
 inline constexpr index one_head_n = 16384;  // one long head: B = H = 1, L = S = 16384
 
-/// Times multihead_attention over (1, n, heads, head_dim) on `threads` threads (wall-clock time).
+/// Times multihead_attention over q (1, n, heads, head_dim) and k, v (1, n, kv_heads, head_dim)
+/// (grouped-query attention when kv_heads < heads: query head h attends with key/value head
+/// h / (heads / kv_heads)) on `threads` threads (wall-clock time). Key/value head g holds the
+/// keys and values of query head g (heads / kv_heads), so the grouped problem's heads are among
+/// the full problem's.
 template <attention_policy Policy>
 void run_multihead(benchmark::State& state, const Policy& policy, int threads, index n = scaling_n,
-                   index H = scaling_heads) {
-  // Inputs per (n, H), built once per process.
-  static std::map<std::pair<index, index>, std::array<std::vector<float>, 3>> cache;
-  auto& buffers = cache[{n, H}];
+                   index H = scaling_heads, index kv_heads = 0) {
+  const index Hkv = kv_heads > 0 ? kv_heads : H, group = H / Hkv;
+  // Inputs per (n, H, Hkv), built once per process.
+  static std::map<std::array<index, 3>, std::array<std::vector<float>, 3>> cache;
+  auto& buffers = cache[{n, H, Hkv}];
   if (buffers[0].empty()) {
     std::vector<float> q, k, v;
     q.resize(static_cast<std::size_t>(n * H * head_dim));
-    k.resize(q.size());
-    v.resize(q.size());
+    k.resize(static_cast<std::size_t>(n * Hkv * head_dim));
+    v.resize(k.size());
     for (index h = 0; h < H; ++h) {
       const auto in = testing::make_peaked<float>(n, n, head_dim, head_dim,
                                                   input_seed + 100 + static_cast<std::uint64_t>(h));
+      const bool kv = h % group == 0;  // this head's keys and values are key/value head h / group
       for (index t = 0; t < n; ++t)
         for (index e = 0; e < head_dim; ++e) {
-          const auto at = static_cast<std::size_t>((t * H + h) * head_dim + e);
-          q[at] = in.q(t, e);
+          q[static_cast<std::size_t>((t * H + h) * head_dim + e)] = in.q(t, e);
+          if (!kv) continue;
+          const auto at = static_cast<std::size_t>((t * Hkv + h / group) * head_dim + e);
           k[at] = in.k(t, e);
           v[at] = in.v(t, e);
         }
@@ -144,7 +151,7 @@ void run_multihead(benchmark::State& state, const Policy& policy, int threads, i
   multihead_options opt;
   opt.threads = threads;
   const tensor_view<const float> q{buffers[0].data(), 1, n, H, head_dim},
-      k{buffers[1].data(), 1, n, H, head_dim}, v{buffers[2].data(), 1, n, H, head_dim};
+      k{buffers[1].data(), 1, n, Hkv, head_dim}, v{buffers[2].data(), 1, n, Hkv, head_dim};
   for (auto _ : state) {
     multihead_attention(policy, q, k, v, tensor_view<float>{out.data(), 1, n, H, head_dim}, opt);
     benchmark::DoNotOptimize(out.data());
@@ -197,22 +204,31 @@ void register_head_dims(std::string_view name, Policy policy) {
 }
 
 /// Registers the thread-scaling pairs `multihead/<name>/threads:<1|2>` (B = 1, H = 8,
-/// N = 4096: heads spread over the threads) and `multihead/<name>/heads:1/threads:<1|2>` (B = H =
-/// 1, N = 16384: one head split across the threads).
+/// N = 4096: heads spread over the threads), `multihead/<name>/heads:1/threads:<1|2>` (B = H =
+/// 1, N = 16384: one head split across the threads) and the grouped-query pair
+/// `multihead/<name>/kv_heads:2/threads:<1|2>` (as the first pair with 2 key/value heads for the
+/// 8 query heads: it should cost no more than the first pair).
 template <attention_policy Policy, class FlopFn>
 void register_multihead(std::string_view name, Policy policy, FlopFn flops) {
-  for (const index heads : {scaling_heads, index{1}})
+  struct shape {
+    index heads, kv_heads;
+    const char* suffix;
+  };
+  for (const shape sh : {shape{scaling_heads, 0, ""}, shape{1, 0, "/heads:1"},
+                         shape{scaling_heads, 2, "/kv_heads:2"}})
     for (int threads : {1, 2}) {
+      const index heads = sh.heads, kv_heads = sh.kv_heads;
       const index n = heads == 1 ? one_head_n : scaling_n;
-      const std::string full = "multihead/" + std::string(name) + (heads == 1 ? "/heads:1" : "") +
-                               "/threads:" + std::to_string(threads);
-      benchmark::RegisterBenchmark(full.c_str(),
-                                   [policy, flops, threads, n, heads](benchmark::State& state) {
-                                     run_multihead(state, policy, threads, n, heads);
-                                     state.counters["flops"] = benchmark::Counter(
-                                         static_cast<double>(heads) * static_cast<double>(flops(n)),
-                                         benchmark::Counter::kIsIterationInvariantRate);
-                                   })
+      const std::string full =
+          "multihead/" + std::string(name) + sh.suffix + "/threads:" + std::to_string(threads);
+      benchmark::RegisterBenchmark(
+          full.c_str(),
+          [policy, flops, threads, n, heads, kv_heads](benchmark::State& state) {
+            run_multihead(state, policy, threads, n, heads, kv_heads);
+            state.counters["flops"] =
+                benchmark::Counter(static_cast<double>(heads) * static_cast<double>(flops(n)),
+                                   benchmark::Counter::kIsIterationInvariantRate);
+          })
           ->Unit(benchmark::kMillisecond)
           ->UseRealTime();
     }

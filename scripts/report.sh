@@ -39,6 +39,7 @@ awk -F'\t' -v approx="$approx" -v kernels="$kernels" -v out="$dir" '
   {
     name = $1
     if (name == "fma_peak") { peak = $3; next }
+    if (name ~ /^multihead\/[^\/]+\/kv_heads:[0-9]+\//) { split(name, p, "/"); sub(/threads:/, "", p[4]); gq[p[2], p[4]] = $2; next }
     if (name ~ /^multihead\/[^\/]+\/heads:1\//) { split(name, p, "/"); sub(/threads:/, "", p[4]); m1[p[2], p[4]] = $2; next }
     if (name ~ /^multihead\//) { split(name, p, "/"); sub(/threads:/, "", p[3]); mt[p[2], p[3]] = $2; mk[p[2]] = 1; next }
     if (name ~ /^sweep\//) { print name "\t" $2 "\t" $4 > (out "/sweep.tsv"); next }
@@ -115,6 +116,13 @@ awk -F'\t' -v approx="$approx" -v kernels="$kernels" -v out="$dir" '
     for (a = 1; a <= nk; a++) { k = K[a]
       if (m1[k, 1] != "" && m1[k, 2] != "")
         printf "| %s | %s | %s | %.2fx |\n", k, fmt_ms(m1[k, 1]), fmt_ms(m1[k, 2]), m1[k, 1] / m1[k, 2] > (out "/threads.md") }
+    # grouped-query attention: 2 key/value heads for the 8 query heads, against 8
+    print "" > (out "/threads.md")
+    print "| kernel (B = 1, H = 8, H_kv = 2, N = 4096) | 1 thread ms | 2 threads ms | / H_kv = 8, 1 thread | / H_kv = 8, 2 threads |" > (out "/threads.md")
+    print "|---|---|---|---|---|" > (out "/threads.md")
+    for (a = 1; a <= nk; a++) { k = K[a]
+      if (gq[k, 1] != "" && gq[k, 2] != "" && mt[k, 1] != "" && mt[k, 2] != "")
+        printf "| %s | %s | %s | %.2f | %.2f |\n", k, fmt_ms(gq[k, 1]), fmt_ms(gq[k, 2]), gq[k, 1] / mt[k, 1], gq[k, 2] / mt[k, 2] > (out "/threads.md") }
     if (peak != "") printf "fma_peak: %.1f GFLOP/s (one core, fp32)\n", peak / 1e9 > (out "/peak.txt")
   }' "$dir/results.tsv"
 
