@@ -8,7 +8,8 @@
 // them: the baselines `gemm_bound/N:<N>`, `dense_naive/N:<N>` and `fma_peak`
 // (bench_baselines.cpp), the variants `<kernel>/N:<N>/causal`, `/window:<W>`, `/estimate` and
 // `/E:<E>` (other head sizes; bench_variants.cpp), the thread-scaling pairs
-// `multihead/<kernel>/threads:<1|2>` and `multihead/<kernel>/heads:1/threads:<1|2>`, the knob
+// `multihead/<kernel>/threads:<1|2>` and `multihead/<kernel>/heads:1/threads:<1|2>`, the
+// grouped-query pair `multihead/<kernel>/kv_heads:2/threads:<1|2>`, the knob
 // sweeps `sweep/<kernel>/<setting>/N:4096` (bench_sweeps.cpp), the mixed-layer frontier
 // `mix/<kernel>/<setting>` (bench_mix.cpp) and the user-shaped `<kernel>/N:<N>/iid` (iid N(0, 1)
 // inputs, a new output per call; bench_process.cpp). scripts/bench.sh and scripts/report.sh derive

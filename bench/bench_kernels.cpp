@@ -1,6 +1,6 @@
 // Every kernel of `fastattn::kernels` with its policy defaults: `<kernel>/N:<N>` over
-// N = 256 ... 32768 and the thread-scaling pair `multihead/<kernel>/threads:<1|2>`. A kernel added
-// to the list is benchmarked without edits here (its flop model: work.hpp).
+// N = 256 ... 32768 and the multi-head pairs `multihead/<kernel>/...` (register_multihead). A
+// kernel added to the list is benchmarked without edits here (its flop model: work.hpp).
 #include "bench_common.hpp"
 
 namespace fastattn::bench {
