@@ -129,8 +129,9 @@ TYPED_TEST(DenseTyped, WeightedRowSumAndRowDotsAreTheProducts) {
     for (const index n : {0, 1, 5, 33}) {
       const auto v = gaussian<T>(std::max<index>(n, 1), M + 3, 70 + M);
       const auto w = gaussian<T>(1, std::max<index>(n, 1), 80 + n);
-      std::vector<T> out(static_cast<std::size_t>(M), T(7));
+      std::vector<T> out(static_cast<std::size_t>(M), T(7)), added = out;
       fa::detail::weighted_row_sum<T>(w.data(), n, v.data(), v.cols(), M, out.data());
+      fa::detail::weighted_row_sum<T>(w.data(), n, v.data(), v.cols(), M, added.data(), true);
       for (index c = 0; c < M; ++c) {
         double want = 0;
         for (index j = 0; j < n; ++j)
@@ -138,6 +139,9 @@ TYPED_TEST(DenseTyped, WeightedRowSumAndRowDotsAreTheProducts) {
         EXPECT_NEAR(static_cast<double>(out[static_cast<std::size_t>(c)]), want,
                     10 * tolerance<T>() * (1 + std::abs(want)))
             << "M = " << M << ", n = " << n << ", column " << c;
+        EXPECT_NEAR(static_cast<double>(added[static_cast<std::size_t>(c)]), 7 + want,
+                    10 * tolerance<T>() * (8 + std::abs(want)))
+            << "added, M = " << M << ", n = " << n << ", column " << c;
       }
       const auto x = gaussian<T>(1, M, 90 + M);
       std::vector<T> dots(static_cast<std::size_t>(std::max<index>(n, 1)), T(7));

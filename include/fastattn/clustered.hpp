@@ -154,9 +154,8 @@ struct clustered {
         if (ctx.exclude) {
           // Remove the excluded keys' share of the centroid's attention: o = (o_c - sum p v) /
           // (1 - sum p) over the excluded keys (at most the band's width of them).
-          const index pos = ctx.query_offset + i - ctx.key_offset;
-          const index first = std::clamp<index>(pos + ctx.exclude->lower, 0, Sv);
-          const index last = std::clamp<index>(pos + ctx.exclude->upper + 1, first, Sv);
+          const auto [first, last] =
+              ctx.exclude->relative(ctx.query_offset, ctx.key_offset).keys_of(i, 1, Sv);
           if (first < last) {
             const index n = last - first;
             auto correction = work.row(0);

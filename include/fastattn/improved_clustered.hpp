@@ -269,9 +269,8 @@ struct improved_clustered {
   template <class T, class Row>
   static T exclude_top_keys(const context& ctx, index i, index Sv, const index* slot_of,
                             const T* top_prob, Row&& scores, T& member_mass) {
-    const index pos = ctx.query_offset + i - ctx.key_offset;
-    const index first = std::clamp<index>(pos + ctx.exclude->lower, 0, Sv);
-    const index last = std::clamp<index>(pos + ctx.exclude->upper + 1, first, Sv);
+    const auto [first, last] =
+        ctx.exclude->relative(ctx.query_offset, ctx.key_offset).keys_of(i, 1, Sv);
     T gone = 0;
     for (index key = first; key < last; ++key) {
       const index t = slot_of[key];
@@ -308,9 +307,8 @@ struct improved_clustered {
       for (index i = b * chunk; i < std::min(Lv, (b + 1) * chunk); ++i) {
         const index j = cluster_of[i] - c0;
         if (j < 0 || j >= n) continue;
-        const index pos = ctx.query_offset + i - ctx.key_offset;
-        const index first = std::clamp<index>(pos + ctx.exclude->lower, 0, Sv);
-        const index last = std::clamp<index>(pos + ctx.exclude->upper + 1, first, Sv);
+        const auto [first, last] =
+            ctx.exclude->relative(ctx.query_offset, ctx.key_offset).keys_of(i, 1, Sv);
         T gone = 0;
         for (index key = first; key < last; ++key) {
           weights[key - first] = probabilities(j, key) * normaliser[j];

@@ -76,6 +76,66 @@ decltype(auto) with_flash_geometry(index m, F&& f) {
   return f(flash_geometry<T, T>{});
 }
 
+/// out[0, m) = sum_{j < n} w[j] v[j * ldv + (0, m)], or out[0, m) += that with `add`: a weighted
+/// sum of a few rows (any alignment, any m), as the ragged keys of a group (flash_block::absorb)
+/// and the exclusions of banded's inner kernels need: four packets of the row at a time in
+/// registers, then one, then scalars. A general vector-matrix product spent more time in its
+/// set-up than in these few rows.
+template <class T>
+void weighted_row_sum(const T* w, index n, const T* v, index ldv, index m, T* out,
+                      bool add = false) {
+  namespace ei = Eigen::internal;
+  using P = typename ei::packet_traits<T>::type;
+  constexpr index size = ei::packet_traits<T>::size;
+  index c = 0;
+  for (; c + 4 * size <= m; c += 4 * size) {
+    P acc[4];
+    for (int a = 0; a < 4; ++a)
+      acc[a] = add ? ei::ploadu<P>(out + c + a * size) : ei::pset1<P>(T(0));
+    for (index j = 0; j < n; ++j) {
+      const P x = ei::pset1<P>(w[j]);
+      for (int a = 0; a < 4; ++a)
+        acc[a] = ei::pmadd(x, ei::ploadu<P>(v + j * ldv + c + a * size), acc[a]);
+    }
+    for (int a = 0; a < 4; ++a) ei::pstoreu(out + c + a * size, acc[a]);
+  }
+  for (; c + size <= m; c += size) {
+    P acc = add ? ei::ploadu<P>(out + c) : ei::pset1<P>(T(0));
+    for (index j = 0; j < n; ++j)
+      acc = ei::pmadd(ei::pset1<P>(w[j]), ei::ploadu<P>(v + j * ldv + c), acc);
+    ei::pstoreu(out + c, acc);
+  }
+  for (; c < m; ++c) {
+    T acc = add ? out[c] : T(0);
+    for (index j = 0; j < n; ++j) acc += w[j] * v[j * ldv + c];
+    out[c] = acc;
+  }
+}
+
+/// out[j] = rows[j * ld + (0, e)] . x[0, e) for j < n (any alignment): the scores of a few rows
+/// against one vector (a centroid against a query's band), four packets of the row at a time.
+template <class T>
+void row_dots(const T* rows, index n, index ld, const T* x, index e, T* out) {
+  namespace ei = Eigen::internal;
+  using P = typename ei::packet_traits<T>::type;
+  constexpr index size = ei::packet_traits<T>::size;
+  for (index j = 0; j < n; ++j) {
+    const T* const row = rows + j * ld;
+    P acc[4];
+    for (int a = 0; a < 4; ++a) acc[a] = ei::pset1<P>(T(0));
+    index c = 0;
+    for (; c + 4 * size <= e; c += 4 * size)
+      for (int a = 0; a < 4; ++a)
+        acc[a] =
+            ei::pmadd(ei::ploadu<P>(row + c + a * size), ei::ploadu<P>(x + c + a * size), acc[a]);
+    for (; c + size <= e; c += size)
+      acc[0] = ei::pmadd(ei::ploadu<P>(row + c), ei::ploadu<P>(x + c), acc[0]);
+    T dot = ei::predux(ei::padd(ei::padd(acc[0], acc[1]), ei::padd(acc[2], acc[3])));
+    for (; c < e; ++c) dot += row[c] * x[c];
+    out[j] = dot;
+  }
+}
+
 namespace flash {
 
 /// Calls f(std::integral_constant<int, 0>) ... f(std::integral_constant<int, N - 1>): loops whose
@@ -135,21 +195,6 @@ inline void value_tile(const T* p, index ldp, const T* alpha, const T* v, index 
   }
 #pragma GCC unroll 32
   for (int i = 0; i < R * W; ++i) ei::pstore(acc + (i / W) * lda + (i % W) * G::size, c[i]);
-}
-
-/// acc[0, m) += sum_{j in [j0, j1)} p[j] v[j] for one row (v rows with stride ldv, any
-/// alignment; acc aligned, m a whole number of packets): the ragged keys of a group (absorb).
-template <class G, class T = typename G::scalar>
-inline void value_row(const T* p, const T* v, index ldv, index j0, index j1, T* acc, index m) {
-  using P = typename G::packet;
-  namespace ei = Eigen::internal;
-  if (j0 >= j1) return;
-  for (index w = 0; w < m; w += G::size) {
-    P c = ei::pload<P>(acc + w);
-    for (index j = j0; j < j1; ++j)
-      c = ei::pmadd(ei::pset1<P>(p[j]), ei::ploadu<P>(v + j * ldv + w), c);
-    ei::pstore(acc + w, c);
-  }
 }
 
 /// value_tile over a whole group of G::group rows and all m values: chunks of W packets (as many
@@ -416,8 +461,13 @@ class flash_block {
           if (first[r] == last[r]) continue;
           T* const acc_row = acc_ + (g0 + r) * m_;
           const T* const p_row = s_ + r * lds_;
-          flash::value_row<G>(p_row, values, ldv, first[r], std::min(last[r], ca), acc_row, m_);
-          flash::value_row<G>(p_row, values, ldv, std::max(first[r], cb), last[r], acc_row, m_);
+          const index below = std::min(last[r], ca) - first[r], from = std::max(first[r], cb);
+          if (below > 0)
+            weighted_row_sum<T>(p_row + first[r], below, values + first[r] * ldv, ldv, m_, acc_row,
+                                true);
+          if (from < last[r])
+            weighted_row_sum<T>(p_row + from, last[r] - from, values + from * ldv, ldv, m_, acc_row,
+                                true);
         }
     }
   }
@@ -491,63 +541,6 @@ void flash_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> 
     }
     block.finish(out.middleRows(i0, n), lse ? lse + i0 : nullptr);
   });
-}
-
-/// out[0, m) = sum_{j < n} w[j] v[j * ldv + (0, m)]: a weighted sum of n rows (any alignment,
-/// any m), as the exclusions of banded's inner kernels need for each query's band (a few dozen
-/// rows): four packets of the row at a time in registers, then one, then scalars. A general
-/// vector-matrix product spent more time in its set-up than in these few rows.
-template <class T>
-void weighted_row_sum(const T* w, index n, const T* v, index ldv, index m, T* out) {
-  namespace ei = Eigen::internal;
-  using P = typename ei::packet_traits<T>::type;
-  constexpr index size = ei::packet_traits<T>::size;
-  index c = 0;
-  for (; c + 4 * size <= m; c += 4 * size) {
-    P acc[4];
-    for (int a = 0; a < 4; ++a) acc[a] = ei::pset1<P>(T(0));
-    for (index j = 0; j < n; ++j) {
-      const P x = ei::pset1<P>(w[j]);
-      for (int a = 0; a < 4; ++a)
-        acc[a] = ei::pmadd(x, ei::ploadu<P>(v + j * ldv + c + a * size), acc[a]);
-    }
-    for (int a = 0; a < 4; ++a) ei::pstoreu(out + c + a * size, acc[a]);
-  }
-  for (; c + size <= m; c += size) {
-    P acc = ei::pset1<P>(T(0));
-    for (index j = 0; j < n; ++j)
-      acc = ei::pmadd(ei::pset1<P>(w[j]), ei::ploadu<P>(v + j * ldv + c), acc);
-    ei::pstoreu(out + c, acc);
-  }
-  for (; c < m; ++c) {
-    T acc = 0;
-    for (index j = 0; j < n; ++j) acc += w[j] * v[j * ldv + c];
-    out[c] = acc;
-  }
-}
-
-/// out[j] = rows[j * ld + (0, e)] . x[0, e) for j < n (any alignment): the scores of a few rows
-/// against one vector (a centroid against a query's band), four packets of the row at a time.
-template <class T>
-void row_dots(const T* rows, index n, index ld, const T* x, index e, T* out) {
-  namespace ei = Eigen::internal;
-  using P = typename ei::packet_traits<T>::type;
-  constexpr index size = ei::packet_traits<T>::size;
-  for (index j = 0; j < n; ++j) {
-    const T* const row = rows + j * ld;
-    P acc[4];
-    for (int a = 0; a < 4; ++a) acc[a] = ei::pset1<P>(T(0));
-    index c = 0;
-    for (; c + 4 * size <= e; c += 4 * size)
-      for (int a = 0; a < 4; ++a)
-        acc[a] =
-            ei::pmadd(ei::ploadu<P>(row + c + a * size), ei::ploadu<P>(x + c + a * size), acc[a]);
-    for (; c + size <= e; c += size)
-      acc[0] = ei::pmadd(ei::ploadu<P>(row + c), ei::ploadu<P>(x + c), acc[0]);
-    T dot = ei::predux(ei::padd(ei::padd(acc[0], acc[1]), ei::padd(acc[2], acc[3])));
-    for (; c < e; ++c) dot += row[c] * x[c];
-    out[j] = dot;
-  }
 }
 
 /// Whole score rows of a few queries against many keys, s(r, j) = q.row(r) . k_j (no scale, no
