@@ -335,15 +335,11 @@ struct guarded {
     }
 
     // The drawn rows, exactly: gathered into one call, or one call per row when causal (row i
-    // sees keys [0, min(i + 1, Sv))). The few drawn rows take wide key tiles (up to 2^18 scores,
-    // 1 MiB in float): one pass over the keys at n = 32 and S <= 8192, where dense's 128 x 512
-    // tiles would make eight small products, each packing its operands (the estimate then cost
-    // 1.6x more at S = 4096).
+    // sees keys [0, min(i + 1, Sv))). The few drawn rows are one query block, so the fused kernel
+    // packs each key block just before its use (dense's key blocks: wider ones, up to 8192 keys,
+    // measured the same at S = 4096, where the 32 rows' arithmetic is the cost).
     auto rows = detail::scratch_matrix<T>(unique, M);
-    const detail::tiles tiles{
-        std::min<index>(unique, exact.query_block),
-        std::max<index>(exact.key_block,
-                        (index{1} << 18) / std::min<index>(unique, exact.query_block))};
+    const detail::tiles tiles{std::min<index>(unique, exact.query_block), exact.key_block};
     if (!ctx.causal) {
       auto gathered = detail::scratch_matrix<T>(unique, E);
       for (index r = 0; r < unique; ++r) gathered.row(r) = q.row(drawn[r]);

@@ -505,8 +505,9 @@ class flash_block {
 /// The fused kernel behind `exact_attention` (same contract: rows [0, rows) of `out`, keys
 /// [0, keys), optional band `visible`, optional `lse`), for value dimensions that G takes. The
 /// query blocks are shared by up to `threads` threads (each block is computed the same way by
-/// any of them). Extra memory: the packed keys (about keys x E) and O(query_block (E + M) +
-/// group key_block) per thread, from the arenas.
+/// any of them). Extra memory: the packed keys (about keys x E; key_block x E per thread when no
+/// thread has more than one query block) and O(query_block (E + M) + group key_block) per
+/// thread, from the arenas.
 template <class G, class T = typename G::scalar>
 void flash_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> out, index rows,
                      index keys, double scale, std::optional<band> visible, index query_block,
@@ -514,25 +515,38 @@ void flash_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> 
   const index e = q.cols();
   const arena::scope scratch;
 
-  // The keys some row sees, packed once from the panel boundary at or below the first.
+  const index bq = std::clamp<index>(query_block, 1, rows);
+  const index bk = (std::max<index>(key_block, 1) + G::panel - 1) / G::panel * G::panel;
+  const index blocks = (rows + bq - 1) / bq;
+  // The keys some row sees, packed once from the panel boundary at or below the first, when
+  // several query blocks on one thread share them. When every thread has at most one query block
+  // (clustered's centroids, the guard's sampled rows), each key block is packed just before its
+  // use instead, into a buffer that stays in L2: packing all the keys up front wrote them out and
+  // read them back from L3 (6% of clustered at N = 16384). Both give the same panels.
+  const bool pack_ahead = blocks > std::max(threads, 1);
   const auto [kfirst, klast] =
       visible ? visible->keys_of(0, rows, keys) : std::pair<index, index>{0, keys};
   const index kbase = kfirst / G::panel * G::panel;
-  T* const kt = flash::pack_keys<G>(k, kfirst, klast, threads);
+  const T* const kt = pack_ahead ? flash::pack_keys<G>(k, kfirst, klast, threads) : nullptr;
 
-  const index bq = std::clamp<index>(query_block, 1, rows);
-  const index bk = (std::max<index>(key_block, 1) + G::panel - 1) / G::panel * G::panel;
   const T sc = static_cast<T>(scale);
-  parallel_for(threads, (rows + bq - 1) / bq, [&](index b) {
+  parallel_for(threads, blocks, [&](index b) {
     const arena::scope block_scratch;  // the executing thread's
     flash_block<G> block(bq, bk, e, v.cols());
+    T* const own = pack_ahead ? nullptr : arena::local().take<T>(static_cast<std::size_t>(bk * e));
     const index i0 = b * bq, n = std::min(bq, rows - i0);
     for (index r = 0; r < n; ++r) block.set_query(r, q.row(i0 + r), sc);
     block.reset(n);
     const auto [f, l] = visible ? visible->keys_of(i0, n, keys) : std::pair<index, index>{0, keys};
     for (index j0 = f / G::panel * G::panel; j0 < l; j0 += bk) {
       const index cols = std::min(bk, l - j0);
-      block.absorb(kt + (j0 - kbase) * e, cols, v.data() + j0 * v.outerStride(), v.outerStride(),
+      const T* panels = kt ? kt + (j0 - kbase) * e : own;
+      if (!kt)
+        flash::pack_panels<G>(own, cols, e, [&](index t) -> const T* {
+          const index j = j0 + t;
+          return j >= f ? k.data() + j * k.outerStride() : nullptr;
+        });
+      block.absorb(panels, cols, v.data() + j0 * v.outerStride(), v.outerStride(),
                    [&](index r) {
                      if (!visible) return std::pair<index, index>{0, cols};
                      const auto [a, z] = visible->keys_of(i0 + r, 1, keys);
