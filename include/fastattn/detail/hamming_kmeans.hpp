@@ -201,11 +201,12 @@ class hamming_kmeans {
   // rule); a query at distance 0 is no candidate. Stops when no candidate is left: the remaining
   // empty clusters stay as they are. Returns how many clusters it refilled.
   index refill(const std::uint64_t* hashes, index n, rng& gen) {
-    // The centroids already taken: the votes of the non-empty clusters.
+    // The centroids already taken: the votes of the non-empty clusters, in an open-addressing
+    // set (a probe or two per query; a binary search over them mispredicted its way through
+    // most of this function's time).
     taken_.clear();
     for (std::size_t c = 0; c < centroids_.size(); ++c)
-      if (sizes_[c] != 0) taken_.push_back(centroids_[c]);
-    std::sort(taken_.begin(), taken_.end());
+      if (sizes_[c] != 0) taken_.insert(centroids_[c]);
     distances_.resize(static_cast<std::size_t>(n));
     std::uint64_t total = 0;
     for (index i = 0; i < n; ++i) {
@@ -213,7 +214,7 @@ class hamming_kmeans {
       const auto c = static_cast<std::size_t>(assignment_[static_cast<std::size_t>(i)]);
       auto d = static_cast<std::uint64_t>(std::popcount(h ^ centroids_[c]));
       // Another cluster's centroid already (its own one is d = 0): no candidate either.
-      if (d != 0 && std::binary_search(taken_.begin(), taken_.end(), h)) d = 0;
+      if (d != 0 && taken_.contains(h)) d = 0;
       distances_[static_cast<std::size_t>(i)] = d * d;
       total += d * d;
     }
@@ -241,7 +242,56 @@ class hamming_kmeans {
 
   std::vector<std::uint64_t> centroids_;
   std::vector<std::uint64_t> distances_;
-  std::vector<std::uint64_t> taken_;  // sorted centroids of the non-empty clusters (refill)
+  // A set of 64-bit words with open addressing and linear probing: the centroids of the
+  // non-empty clusters during a refill.
+  class word_set {
+   public:
+    void clear() {  // keeps the slots: no allocation once they are large enough
+      std::fill(used_.begin(), used_.end(), static_cast<unsigned char>(0));
+      count_ = 0;
+    }
+    void insert(std::uint64_t w) {
+      if (2 * (count_ + 1) > slots_.size()) grow();
+      place(w);
+    }
+    bool contains(std::uint64_t w) const noexcept {
+      if (slots_.empty()) return false;
+      for (std::size_t s = slot(w);; s = (s + 1) & (slots_.size() - 1)) {
+        if (!used_[s]) return false;
+        if (slots_[s] == w) return true;
+      }
+    }
+
+   private:
+    std::size_t slot(std::uint64_t w) const noexcept {
+      return static_cast<std::size_t>((w * 0x9E3779B97F4A7C15ULL) >> shift_);
+    }
+    void place(std::uint64_t w) {
+      std::size_t s = slot(w);
+      for (; used_[s]; s = (s + 1) & (slots_.size() - 1))
+        if (slots_[s] == w) return;
+      slots_[s] = w;
+      used_[s] = 1;
+      ++count_;
+    }
+    void grow() {
+      std::vector<std::uint64_t> old;
+      for (std::size_t s = 0; s < slots_.size(); ++s)
+        if (used_[s]) old.push_back(slots_[s]);
+      const std::size_t size = std::max<std::size_t>(64, 4 * slots_.size());
+      slots_.assign(size, 0);
+      used_.assign(size, 0);
+      shift_ = 64 - std::countr_zero(size);
+      count_ = 0;
+      for (const std::uint64_t w : old) place(w);
+    }
+    std::vector<std::uint64_t> slots_;
+    std::vector<unsigned char> used_;
+    std::size_t count_ = 0;
+    int shift_ = 64;
+  };
+
+  word_set taken_;  // centroids of the non-empty clusters (refill)
   std::vector<std::uint32_t> sizes_;
   std::vector<std::uint32_t> bit_counts_;  // clusters x 64
   std::vector<index> assignment_;
