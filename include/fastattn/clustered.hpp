@@ -128,8 +128,7 @@ struct clustered {
     // where the scores do not) and each valid row's cluster.
     auto scaled_centroids = detail::scratch_matrix<T>(C, E);
     scaled_centroids = groups.centroids() * scale;
-    index* const cluster_of = detail::arena::local().take<index>(static_cast<std::size_t>(Lv));
-    groups.clusters_of(cluster_of);
+    const index* const cluster_of = groups.clusters();
     // The centroid's weights on one member's excluded keys (at most the band's width of them).
     const index widest =
         ctx.exclude ? std::min<index>(Sv, ctx.exclude->upper - ctx.exclude->lower + 1) : 0;

@@ -133,11 +133,9 @@ struct improved_clustered {
         detail::arena::local().take<T>(static_cast<std::size_t>(excluding ? cb * top : 0));
     // For the exclusion's pass over the rows in position order: each row's cluster and the mass
     // its cluster's centroid keeps on it after the top-k part of the band is removed.
-    index* const cluster_of =
-        detail::arena::local().take<index>(static_cast<std::size_t>(excluding ? Lv : 0));
+    const index* const cluster_of = groups.clusters();
     T* const kept_top =
         detail::arena::local().take<T>(static_cast<std::size_t>(excluding ? Lv : 0));
-    if (excluding) groups.clusters_of(cluster_of);
     const index widest =
         excluding ? std::min<index>(Sv, ctx.exclude->upper - ctx.exclude->lower + 1) : 0;
     T* const centroid_lse = detail::arena::local().take<T>(static_cast<std::size_t>(cb));

@@ -94,25 +94,28 @@ class query_clustering {
     }
     const index count = static_cast<index>(offsets_.size()) - 1;
     members_.resize(n);
+    cluster_.resize(n);
     cursor_.assign(offsets_.begin(), offsets_.end() - 1);
     for (index i = 0; i < valid; ++i) {
-      const auto j = static_cast<std::size_t>(
-          renumber_[static_cast<std::size_t>(assignment[static_cast<std::size_t>(i)])]);
-      members_[static_cast<std::size_t>(cursor_[j]++)] = i;
+      const index j =
+          renumber_[static_cast<std::size_t>(assignment[static_cast<std::size_t>(i)])];
+      cluster_[static_cast<std::size_t>(i)] = j;
+      members_[static_cast<std::size_t>(cursor_[static_cast<std::size_t>(j)]++)] = i;
     }
 
     // Centroids in query space: the mean of the members' raw queries, summed in query order
-    // (q is streamed once, the C x E sums stay in cache) as sum_i q_i / n, so that no partial
-    // sum exceeds the largest member in magnitude: a centroid never overflows when its members
-    // do not.
-    // A cluster's members are listed in query order (the counting sort is stable), so summing
-    // them cluster by cluster adds the same terms in the same order: clusters share `threads`.
-    centroids_.resize(count, E);  // no allocation when the size repeats
-    parallel_for(threads, count, [&](index j) {
-      auto c = centroids_.row(j);
-      c.setZero();
-      const T members = static_cast<T>(size(j));
-      for (index r = begin(j); r < end(j); ++r) c += q.row(member(r)) / members;
+    // as sum_i q_i / n, so that no partial sum exceeds the largest member in magnitude: a
+    // centroid never overflows when its members do not. q is streamed once in position order
+    // (the C x E sums stay in cache; gathering each cluster's members was scattered reads);
+    // on `threads` threads, each takes every threads-th cluster and adds its members in the
+    // same order, so the sums do not depend on the count.
+    centroids_.setZero(count, E);  // no allocation when the size repeats
+    const index tasks = std::min<index>(std::max(threads, 1), count);
+    parallel_for(threads, tasks, [&](index t) {
+      for (index i = 0; i < valid; ++i) {
+        const index j = cluster_[static_cast<std::size_t>(i)];
+        if (j % tasks == t) centroids_.row(j) += q.row(i) / static_cast<T>(size(j));
+      }
     });
   }
 
@@ -143,18 +146,20 @@ class query_clustering {
   const std::vector<std::uint64_t>& hashes() const noexcept { return hashes_; }
   const hamming_kmeans& kmeans() const noexcept { return kmeans_; }
 
-  /// cluster[i] = the cluster of valid query i, i < the valid queries (for passes over the
+  /// clusters()[i] = the cluster of valid query i, i < the valid queries (for passes over the
   /// queries in position order).
-  void clusters_of(index* cluster) const noexcept {
-    for (index j = 0; j < count(); ++j)
-      for (index r = begin(j); r < end(j); ++r) cluster[member(r)] = j;
-  }
+  const index* clusters() const noexcept { return cluster_.data(); }
 
   /// Writes row j of `rows` (count() x M) into the output row of every member of cluster j.
+  /// The output is written in position order (the C rows stay in cache): by cluster, the
+  /// members' rows were scattered writes across the whole output.
   template <class Rows>
   void broadcast(const Rows& rows, view<T> out, int threads = 1) const {
-    parallel_for(threads, count(), [&](index j) {
-      for (index r = begin(j); r < end(j); ++r) out.row(member(r)) = rows.row(j);
+    const auto valid = static_cast<index>(cluster_.size());
+    constexpr index chunk = 1024;
+    parallel_for(threads, (valid + chunk - 1) / chunk, [&](index b) {
+      for (index i = b * chunk; i < std::min(valid, (b + 1) * chunk); ++i)
+        out.row(i) = rows.row(cluster_[static_cast<std::size_t>(i)]);
     });
   }
 
@@ -166,6 +171,7 @@ class query_clustering {
   std::vector<index> offsets_;   // count + 1
   std::vector<index> cursor_;
   std::vector<index> members_;  // valid queries grouped by cluster
+  std::vector<index> cluster_;  // valid query -> its cluster
   matrix<T> centroids_;
 };
 
