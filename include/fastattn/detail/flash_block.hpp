@@ -505,9 +505,8 @@ class flash_block {
 /// The fused kernel behind `exact_attention` (same contract: rows [0, rows) of `out`, keys
 /// [0, keys), optional band `visible`, optional `lse`), for value dimensions that G takes. The
 /// query blocks are shared by up to `threads` threads (each block is computed the same way by
-/// any of them). Extra memory: the packed keys (about keys x E; key_block x E per thread when no
-/// thread has more than one query block) and O(query_block (E + M) + group key_block) per
-/// thread, from the arenas.
+/// any of them). Extra memory: the packed keys (about keys x E; key_block x E for a single query
+/// block) and O(query_block (E + M) + group key_block) per thread, from the arenas.
 template <class G, class T = typename G::scalar>
 void flash_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> out, index rows,
                      index keys, double scale, std::optional<band> visible, index query_block,
@@ -518,12 +517,12 @@ void flash_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> 
   const index bq = std::clamp<index>(query_block, 1, rows);
   const index bk = (std::max<index>(key_block, 1) + G::panel - 1) / G::panel * G::panel;
   const index blocks = (rows + bq - 1) / bq;
-  // The keys some row sees, packed once from the panel boundary at or below the first, when
-  // several query blocks on one thread share them. When every thread has at most one query block
-  // (clustered's centroids, the guard's sampled rows), each key block is packed just before its
-  // use instead, into a buffer that stays in L2: packing all the keys up front wrote them out and
-  // read them back from L3 (6% of clustered at N = 16384). Both give the same panels.
-  const bool pack_ahead = blocks > std::max(threads, 1);
+  // The keys some row sees, packed once from the panel boundary at or below the first (by all
+  // the threads), when several query blocks share them. For a single query block (clustered's
+  // centroids, the guard's sampled rows), each key block is packed just before its use instead,
+  // into a buffer that stays in L2: packing all the keys up front wrote them out and read them
+  // back from L3 (6% of clustered at N = 16384). Both give the same panels.
+  const bool pack_ahead = blocks > 1;
   const auto [kfirst, klast] =
       visible ? visible->keys_of(0, rows, keys) : std::pair<index, index>{0, keys};
   const index kbase = kfirst / G::panel * G::panel;
