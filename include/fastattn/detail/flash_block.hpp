@@ -536,7 +536,8 @@ void flash_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> 
     const index i0 = b * bq, n = std::min(bq, rows - i0);
     for (index r = 0; r < n; ++r) block.set_query(r, q.row(i0 + r), sc);
     block.reset(n);
-    const auto [f, l] = visible ? visible->keys_of(i0, n, keys) : std::pair<index, index>{0, keys};
+    const auto seen = visible ? visible->keys_of(i0, n, keys) : std::pair<index, index>{0, keys};
+    const index f = seen.first, l = seen.second;  // named: lambdas below capture them
     for (index j0 = f / G::panel * G::panel; j0 < l; j0 += bk) {
       const index cols = std::min(bk, l - j0);
       const T* panels = kt ? kt + (j0 - kbase) * e : own;
