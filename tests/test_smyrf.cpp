@@ -334,6 +334,26 @@ TYPED_TEST(SmyrfTyped, ClusterSizeAtLeastLengthIsDense) {
   EXPECT_LT(relative_error(fa::attention(huge, q, k, v), reference_attention(q, k, v)), tol);
 }
 
+TEST(Smyrf, OneClusterComputesOneRoundWhateverHashesSays) {
+  // Regression (a fuzz timeout: hashes = 1024 with cluster_size = 2^31 at L = 58 took 46 s under
+  // the sanitizers): with one cluster every round is the same exact attention, so one round is
+  // computed. The output and log-sum-exp are then those of hashes = 1 bit for bit; merging 1024
+  // equal rounds, as before, left rounding differences in both.
+  const auto q = gaussian<float>(58, 63, 11), k = gaussian<float>(58, 63, 12);
+  const auto v = gaussian<float>(58, 63, 13);
+  for (const index cluster_size : {index{58}, index{1} << 31}) {
+    const fa::smyrf one{.hashes = 1, .cluster_size = cluster_size, .seed = 5};
+    fa::smyrf many = one;
+    many.hashes = 1024;
+    std::vector<float> lse_one(58), lse_many(58);
+    fa::matrix<float> o_one(58, 63), o_many(58, 63);
+    fa::attention(one, q, k, v, fa::view<float>(o_one), std::span<float>(lse_one));
+    fa::attention(many, q, k, v, fa::view<float>(o_many), std::span<float>(lse_many));
+    EXPECT_TRUE(o_one == o_many) << "cluster_size " << cluster_size;
+    EXPECT_EQ(lse_one, lse_many) << "cluster_size " << cluster_size;
+  }
+}
+
 TYPED_TEST(SmyrfTyped, LargeScoresStayFiniteAndExact) {
   using T = TypeParam;
   auto q = gaussian<T>(40, 4, 7), k = gaussian<T>(50, 4, 8);
