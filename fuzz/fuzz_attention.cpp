@@ -583,6 +583,17 @@ void run_kernel(FuzzedDataProvider& in) {
   const index Sv_rows =
       in.ConsumeIntegralInRange<int>(0, 7) == 0 ? in.ConsumeIntegralInRange<index>(0, 64) : S;
   const index M = in.ConsumeIntegralInRange<index>(0, 64);
+  // A valid knob that multiplies the work (smyrf's hashes, up to 1024) is lowered to a budget
+  // of about 2^24 multiply-adds per call, so that a run stays within the 10 s timeout under the
+  // sanitizers: every round runs the same code, and small problems keep all 1024 rounds. (At
+  // B x H = 2, L = 58 and two clusters per round, 1024 rounds took tens of seconds.)
+  if constexpr (std::is_same_v<Policy, fa::smyrf>) {
+    if (knobs_ok) {
+      const index keys = std::min<index>(policy.cluster_size, std::max<index>(S, 1));
+      const index per_round = std::max<index>(1, B * H * L * keys * (E + M + 1));
+      policy.hashes = std::clamp<index>((index{1} << 24) / per_round, 1, policy.hashes);
+    }
+  }
 
   fa::options opt;
   if (in.ConsumeBool())
