@@ -97,8 +97,7 @@ class query_clustering {
     cluster_.resize(n);
     cursor_.assign(offsets_.begin(), offsets_.end() - 1);
     for (index i = 0; i < valid; ++i) {
-      const index j =
-          renumber_[static_cast<std::size_t>(assignment[static_cast<std::size_t>(i)])];
+      const index j = renumber_[static_cast<std::size_t>(assignment[static_cast<std::size_t>(i)])];
       cluster_[static_cast<std::size_t>(i)] = j;
       members_[static_cast<std::size_t>(cursor_[static_cast<std::size_t>(j)]++)] = i;
     }

@@ -546,12 +546,11 @@ void flash_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> 
           const index j = j0 + t;
           return j >= f ? k.data() + j * k.outerStride() : nullptr;
         });
-      block.absorb(panels, cols, v.data() + j0 * v.outerStride(), v.outerStride(),
-                   [&](index r) {
-                     if (!visible) return std::pair<index, index>{0, cols};
-                     const auto [a, z] = visible->keys_of(i0 + r, 1, keys);
-                     return std::pair<index, index>{a - j0, z - j0};
-                   });
+      block.absorb(panels, cols, v.data() + j0 * v.outerStride(), v.outerStride(), [&](index r) {
+        if (!visible) return std::pair<index, index>{0, cols};
+        const auto [a, z] = visible->keys_of(i0 + r, 1, keys);
+        return std::pair<index, index>{a - j0, z - j0};
+      });
     }
     block.finish(out.middleRows(i0, n), lse ? lse + i0 : nullptr);
   });

@@ -11,12 +11,6 @@
 #include "rng.hpp"
 #include "scratch.hpp"
 
-// The geometry's packet type is a vector type with attributes (see flash_block.hpp).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wignored-attributes"
-#endif
-
 namespace fastattn::detail {
 
 /// B random hyperplanes in E dimensions, each with a threshold: bit b of a vector x is
@@ -49,13 +43,6 @@ class hyperplane_hash {
       const auto threshold = static_cast<T>(gen.normal());
       thresholds_(b) = bias ? threshold : T(0);
     }
-    // As the fused kernel's key panels (flash::pack_panels): plane b is lane b % panel of
-    // panel b / panel; the lanes past B are zero planes, never read.
-    panels_ = (bits + geometry::panel - 1) / geometry::panel;
-    packed_.resize(panels_ * geometry::panel * dim);
-    flash::pack_panels<geometry>(packed_.data(), bits, dim, [&](index b) -> const T* {
-      return planes_.row(b).data();
-    });
   }
 
   int bits() const noexcept { return bits_; }
@@ -65,61 +52,40 @@ class hyperplane_hash {
   const Eigen::Matrix<T, 1, Eigen::Dynamic>& thresholds() const noexcept { return thresholds_; }
 
   /// Hashes the rows of `x` (n x E) into `out[0..n)`: bit b of out[i] is x_i . a_b > t_b; bits
-  /// at and above B are zero. The projections of a group of rows are the fused attention
-  /// kernel's score tiles (flash::score_tile) against the planes packed once, compared with the
-  /// thresholds while in L1: no rows x B matrix, and no general matrix product that packs its
-  /// operands on every block (its packing and product took a sixth of clustered at N = 16384).
-  /// Each projection is one sequential chain of multiply-adds over the E features, the same on
-  /// any thread count. Cost: 2 n E B flops.
+  /// at and above B are zero. The projections of a block of rows are detail::score_rows (the
+  /// fused attention kernel's score tiles) against the planes packed as its keys, compared with
+  /// the thresholds while in cache: no general matrix product that packs its operands on every
+  /// block (its packing and product took a sixth of clustered at N = 16384). Each projection is
+  /// one sequential chain of multiply-adds over the E features, the same on any thread count.
+  /// Cost: 2 n E B flops.
   template <class Rows>
   void operator()(const Rows& x, std::uint64_t* out, int threads = 1) const {
-    const index n = x.rows(), E = x.cols(), B = bits_;
+    const index n = x.rows(), B = bits_;
     if (n == 0) return;
-    constexpr index group = geometry::group, panel = geometry::panel;
-    const index lds = panels_ * panel;
+    const arena::scope scratch;  // the packed planes, read by every thread
+    const score_rows<T> project(const_view<T>(planes_), B, 1);
+    const index lds = project.stride();
     // Blocks are independent: on `threads` threads, each from its own arena.
     parallel_for(threads, (n + block - 1) / block, [&](index b) {
-      const arena::scope scratch;
-      T* const rows = arena::local().take<T>(static_cast<std::size_t>(group * E));
-      T* const s = arena::local().take<T>(static_cast<std::size_t>(group * lds));
-      const index end = std::min(n, (b + 1) * block);
-      for (index g0 = b * block; g0 < end; g0 += group) {
-        const index here = std::min(group, end - g0);
-        for (index r = 0; r < group; ++r) {
-          auto row = Eigen::Map<Eigen::Matrix<T, 1, Eigen::Dynamic>>(rows + r * E, E);
-          if (r < here)
-            row = x.row(g0 + r);
-          else
-            row.setZero();
-        }
-        for (index p = 0; p < panels_; ++p)
-          for (index r0 = 0; r0 < group; r0 += geometry::score_rows)
-            flash::score_tile<geometry, geometry::score_rows>(
-                rows + r0 * E, E, packed_.data() + p * panel * E, E, s + r0 * lds + p * panel,
-                lds);
-        const T* const t = thresholds_.data();
-        for (index r = 0; r < here; ++r) {
-          const T* const proj = s + r * lds;
-          std::uint64_t h = 0;
-          for (index b2 = 0; b2 < B; ++b2) h |= static_cast<std::uint64_t>(proj[b2] > t[b2]) << b2;
-          out[g0 + r] = h;
-        }
+      const arena::scope block_scratch;
+      const index i0 = b * block, rows = std::min(block, n - i0);
+      T* const s =
+          arena::local().take<T>(static_cast<std::size_t>(project.padded_rows(rows) * lds));
+      project(const_view<T>(x.middleRows(i0, rows)), rows, s, 1);
+      const T* const t = thresholds_.data();
+      for (index r = 0; r < rows; ++r) {
+        const T* const p = s + r * lds;
+        std::uint64_t h = 0;
+        for (index b2 = 0; b2 < B; ++b2) h |= static_cast<std::uint64_t>(p[b2] > t[b2]) << b2;
+        out[i0 + r] = h;
       }
     });
   }
 
  private:
-  using geometry = flash_geometry<T>;
-
   matrix<T> planes_;  // B x E: row b is hyperplane a_b
   Eigen::Matrix<T, 1, Eigen::Dynamic> thresholds_;
-  Eigen::Matrix<T, Eigen::Dynamic, 1> packed_;  // the planes as panels (64-byte aligned)
-  index panels_ = 0;
   int bits_ = 0;
 };
 
 }  // namespace fastattn::detail
-
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
