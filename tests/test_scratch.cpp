@@ -65,3 +65,19 @@ TEST(Scratch, RepeatedKernelCallsDoNotGrowTheThreadsScratch) {
   });
   worker.join();
 }
+
+TEST(Scratch, AHugeKeyBlockOnAShortProblemTakesLittle) {
+  // Regression (fuzz_attention: "an allocation over 32 MiB for a tiny problem"): a single query
+  // block packs each key block just before its use, into a buffer of key_block x E; key_block
+  // at its largest (65536) took 32 MiB in double for 4 keys. The blocks are now never wider
+  // than the keys seen.
+  const auto q = fa::testing::gaussian<double>(3, 64, 1),
+             k = fa::testing::gaussian<double>(4, 64, 2);
+  const auto v = fa::testing::gaussian<double>(4, 8, 3);
+  std::thread worker([&] {
+    const auto o = fa::attention(fa::dense{.key_block = 65536}, q, k, v);
+    EXPECT_LT(fa::testing::relative_error(o, fa::testing::reference_attention(q, k, v)), 1e-12);
+    EXPECT_LT(arena::local().peak(), std::size_t{1} << 20);
+  });
+  worker.join();
+}

@@ -515,7 +515,6 @@ void flash_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> 
   const arena::scope scratch;
 
   const index bq = std::clamp<index>(query_block, 1, rows);
-  const index bk = (std::max<index>(key_block, 1) + G::panel - 1) / G::panel * G::panel;
   const index blocks = (rows + bq - 1) / bq;
   // The keys some row sees, packed once from the panel boundary at or below the first (by all
   // the threads), when several query blocks share them. For a single query block (clustered's
@@ -526,6 +525,11 @@ void flash_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> 
   const auto [kfirst, klast] =
       visible ? visible->keys_of(0, rows, keys) : std::pair<index, index>{0, keys};
   const index kbase = kfirst / G::panel * G::panel;
+  // Key blocks of key_block keys in whole panels, and never wider than the keys seen (the
+  // same blocks: one either way), so that a huge key_block on a short problem allocates
+  // nothing large (the per-block buffer is bk x E).
+  const index bk = std::min(flash::round_up(std::max<index>(key_block, 1), G::panel),
+                            flash::round_up(std::max<index>(klast - kbase, 1), G::panel));
   const T* const kt = pack_ahead ? flash::pack_keys<G>(k, kfirst, klast, threads) : nullptr;
 
   const T sc = static_cast<T>(scale);
