@@ -13,6 +13,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <fastattn/detail/clustering.hpp>
@@ -323,6 +324,32 @@ TEST(HammingKmeans, FixedPointStopsEarlyWithIdenticalResult) {
   EXPECT_LT(b.passes(), 1000);
   EXPECT_EQ(a.assignment(), b.assignment());
   EXPECT_EQ(a.centroids(), b.centroids());
+}
+
+// Large enough for the moves to be counted by several threads (n >= 2 x 4096, per-thread counts
+// within their budget): every thread count gives the same passes, refills, clusters, centroids
+// and generator state as one thread.
+TEST(HammingKmeans, SameRunOnAnyThreadCount) {
+  const auto p = plant(40, 210, 6, 91);  // 8400 hashes in 40 noisy groups: many moves per pass
+  const auto n = static_cast<index>(p.hashes.size());
+  for (const auto& [C, iterations] : {std::pair<index, int>{40, 6}, {300, 6}}) {
+    rng one_gen(static_cast<std::uint64_t>(C), 3);
+    hamming_kmeans one;
+    one.run(p.hashes.data(), n, C, 63, iterations, one_gen);
+    ASSERT_GE(one.passes(), 2) << "C " << C;  // a later pass moves hashes between clusters
+    for (const int threads : {2, 3}) {
+      SCOPED_TRACE(::testing::Message() << "C " << C << " threads " << threads);
+      rng gen(static_cast<std::uint64_t>(C), 3);
+      hamming_kmeans km;
+      km.run(p.hashes.data(), n, C, 63, iterations, gen, threads);
+      EXPECT_EQ(km.passes(), one.passes());
+      EXPECT_EQ(km.refills(), one.refills());
+      EXPECT_EQ(km.assignment(), one.assignment());
+      EXPECT_EQ(km.centroids(), one.centroids());
+      rng copy = one_gen;
+      EXPECT_EQ(gen(), copy());
+    }
+  }
 }
 
 TEST(HammingKmeans, ClusterPerHashWhenClustersEqualsCount) {

@@ -106,14 +106,16 @@ class query_clustering {
     // as sum_i q_i / n, so that no partial sum exceeds the largest member in magnitude: a
     // centroid never overflows when its members do not. q is streamed once in position order
     // (the C x E sums stay in cache; gathering each cluster's members was scattered reads);
-    // on `threads` threads, each takes every threads-th cluster and adds its members in the
+    // on `threads` threads, each takes a range of clusters and adds its members in the
     // same order, so the sums do not depend on the count.
     centroids_.setZero(count, E);  // no allocation when the size repeats
+    // Each task owns a range of clusters (a compare per query where j % tasks was a division).
     const index tasks = std::min<index>(std::max(threads, 1), count);
     parallel_for(threads, tasks, [&](index t) {
+      const index first = t * count / tasks, last = (t + 1) * count / tasks;
       for (index i = 0; i < valid; ++i) {
         const index j = cluster_[static_cast<std::size_t>(i)];
-        if (j % tasks == t) centroids_.row(j) += q.row(i) / static_cast<T>(size(j));
+        if (j >= first && j < last) centroids_.row(j) += q.row(i) / static_cast<T>(size(j));
       }
     });
   }
