@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -138,6 +139,61 @@ TYPED_TEST(Determinism, FrontDoorRepeatsAndIgnoresTheArenaHistory) {
       fa::testing::copy_head(pb.values(), 0, 0),
       {.key_length = pb.key_lengths[0], .query_length = pb.query_lengths[0]});
   EXPECT_TRUE(same_bits(head00, fa::testing::copy_head(pb.output(multi), 0, 0)));
+}
+
+}  // namespace
+
+namespace {
+
+// One query block (up to 128 rows: dense's default query_block, clustered's 100 centroids) over
+// many key blocks: the fused kernel cuts its key blocks into runs by the key count alone (here
+// 8 runs for dense at key_block 32 on 4321 valid keys, 2 for clustered's centroids at 512 keys a
+// block on them), streams each into its own softmax state and merges them in order, on any
+// number of threads. The bits do not depend on the thread count, dense stays exact (against the
+// float64 reference and against the same problem in one-row query blocks, which streams every
+// key block through one state), and a NaN value in any run reaches every row.
+TEST(DeterminismOneBlock, KeyRunsGiveTheSameBitsOnAnyThreadCount) {
+  using T = double;
+  const index L = 40, S = 4600, E = 16, M = 16;
+  const auto in = fa::testing::make_peaked<T>(L, S, E, M, 93, 8);
+  const std::vector<index> query_lengths{L - 3}, key_lengths{4321};
+  auto run = [&](const auto& policy, int threads, const fa::matrix<T>& v) {
+    fa::matrix<T> out = fa::matrix<T>::Constant(L, M, T(-1));
+    fa::multihead_options opt;
+    opt.threads = threads;
+    opt.common.check_finite = false;
+    opt.query_lengths = query_lengths;
+    opt.key_lengths = key_lengths;
+    fa::multihead_attention(policy, fa::tensor_view<const T>{in.q.data(), 1, L, 1, E},
+                            fa::tensor_view<const T>{in.k.data(), 1, S, 1, E},
+                            fa::tensor_view<const T>{v.data(), 1, S, 1, M},
+                            fa::tensor_view<T>{out.data(), 1, L, 1, M}, opt);
+    return out;
+  };
+  const fa::dense dense{.query_block = 128, .key_block = 32};
+  const auto one = run(dense, 1, in.v);
+  for (const int threads : {2, 3}) EXPECT_EQ(run(dense, threads, in.v), one) << threads;
+  const index Lv = query_lengths[0], Sv = key_lengths[0];
+  const auto ref = reference_attention(in.q.topRows(Lv).eval(), in.k.topRows(Sv).eval(),
+                                       in.v.topRows(Sv).eval());
+  EXPECT_LT(relative_error(one.topRows(Lv).eval(), ref), 1e-13);
+  const auto streamed = run(fa::dense{.query_block = 1, .key_block = 32}, 2, in.v);
+  EXPECT_LT(relative_error(one.topRows(Lv).eval(), streamed.topRows(Lv).eval()), 1e-14);
+
+  fa::clustered clustered;
+  clustered.clusters = 30;  // 30 centroids of the 37 valid queries: one block
+  const auto c_one = run(clustered, 1, in.v);
+  for (const int threads : {2, 3}) EXPECT_EQ(run(clustered, threads, in.v), c_one) << threads;
+
+  for (const index j : {0, 31, 32, 1500, 4320}) {  // first, last of the first block; later runs
+    fa::matrix<T> v = in.v;
+    v(j, M - 1) = std::numeric_limits<T>::quiet_NaN();
+    for (const int threads : {1, 2}) {
+      const auto o = run(dense, threads, v);
+      for (index i = 0; i < Lv; ++i)
+        EXPECT_FALSE(o.row(i).allFinite()) << "key " << j << ", row " << i << ", " << threads;
+    }
+  }
 }
 
 }  // namespace

@@ -20,11 +20,14 @@ struct tiles {
   int threads = 1;          ///< threads sharing the query blocks (the result does not change)
 };
 
-/// Query rows per block for `rows` rows on `threads` threads: at most `most`, and small enough
-/// that every thread gets a block. Without a band, a row's result does not depend on the query
-/// blocks (each row's scores, softmax and accumulation see the same key blocks in the same
-/// order), so this choice never changes the output.
+/// Query rows per block for `rows` rows on `threads` threads: all of them in one block when
+/// there are at most `most` (the fused kernel then shares the block's key blocks among the
+/// threads), otherwise at most `most` and small enough that every thread gets a block. Whether
+/// the rows make one block does not depend on `threads`, and among several blocks a row's result
+/// does not depend on them (each row's scores, softmax and accumulation see the same key blocks
+/// in the same order), so this choice never changes the output.
 inline index rows_per_thread(index rows, int threads, index most = 128) {
+  if (rows <= most) return std::max<index>(rows, 1);
   const index share = (rows + threads - 1) / std::max(threads, 1);
   return std::clamp<index>((share + 7) / 8 * 8, 1, most);
 }

@@ -490,6 +490,27 @@ class flash_block {
     }
   }
 
+  /// Folds in the state of `other`, a block of the same rows over other keys, as if its keys had
+  /// been absorbed here after this block's: each row's maximum becomes the larger one and its sum
+  /// and accumulator are rescaled to it. A row that saw no key there contributes nothing, and NaN
+  /// propagates (as a NaN sum, as in absorb).
+  void merge(const flash_block& other) {
+    for (index r = 0; r < rows_; ++r) {
+      const T theirs = other.max_[r];
+      if (theirs == neg_inf) {  // saw no key there, or only NaN scores
+        if (std::isnan(other.sum_[r])) sum_[r] = other.sum_[r];
+        continue;
+      }
+      const T m = std::max(max_[r], theirs);
+      const T a = std::exp(max_[r] - m), b = std::exp(theirs - m);  // a = 0 when this saw nothing
+      sum_[r] = sum_[r] * a + other.sum_[r] * b;
+      T* const acc = acc_ + r * m_;
+      const T* const add = other.acc_ + r * m_;
+      for (index c = 0; c < m_; ++c) acc[c] = acc[c] * a + add[c] * b;
+      max_[r] = m;
+    }
+  }
+
   /// Writes the normalised rows into out.row(r), r < rows (rows that saw no key get zeros), and
   /// when `lse` is given log(sum_j exp(score_j)) into lse[r] (-inf for empty rows).
   template <class Out>
@@ -521,25 +542,26 @@ class flash_block {
 };
 
 /// The fused kernel behind `exact_attention` (same contract: rows [0, rows) of `out`, keys
-/// [0, keys), optional band `visible`, optional `lse`), for value dimensions that G takes. The
-/// query blocks are shared by up to `threads` threads (each block is computed the same way by
-/// any of them). Extra memory: the packed keys (about keys x E; key_block x E for a single query
-/// block) and O(query_block (E + M) + group key_block) per thread, from the arenas.
+/// [0, keys), optional band `visible`, optional `lse`), for value dimensions that G takes.
+/// - Several query blocks: shared by up to `threads` threads (each block is computed the same
+///   way by any of them), the keys they see packed once up front and shared.
+/// - One query block (clustered's centroids, the guard's sampled rows, a short query set): its
+///   key blocks are cut into runs of consecutive blocks, `segments` of them by the key count
+///   alone (at least 4 key blocks a run, at most 8 runs), each streamed into a softmax state of
+///   its own on up to `threads` threads (every key block packed just before its use, into a
+///   buffer that stays in L2), then merged in order (flash_block::merge). So one block keeps
+///   both cores busy, and its result does not depend on `threads`.
+/// Extra memory: the packed keys (about keys x E; key_block x E per thread for a single query
+/// block) and O(query_block (E + M) + group key_block) per block state, from the arenas.
 template <class G, class T = typename G::scalar>
 void flash_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> out, index rows,
                      index keys, double scale, std::optional<band> visible, index query_block,
                      index key_block, int threads, T* lse) {
-  const index e = q.cols();
+  const index e = q.cols(), m = v.cols();
   const arena::scope scratch;
 
   const index bq = std::clamp<index>(query_block, 1, rows);
   const index blocks = (rows + bq - 1) / bq;
-  // The keys some row sees, packed once from the panel boundary at or below the first (by all
-  // the threads), when several query blocks share them. For a single query block (clustered's
-  // centroids, the guard's sampled rows), each key block is packed just before its use instead,
-  // into a buffer that stays in L2: packing all the keys up front wrote them out and read them
-  // back from L3 (6% of clustered at N = 16384). Both give the same panels.
-  const bool pack_ahead = blocks > 1;
   const auto [kfirst, klast] =
       visible ? visible->keys_of(0, rows, keys) : std::pair<index, index>{0, keys};
   const index kbase = kfirst / G::panel * G::panel;
@@ -548,31 +570,58 @@ void flash_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> 
   // nothing large (the per-block buffer is bk x E).
   const index bk = std::min(flash::round_up(std::max<index>(key_block, 1), G::panel),
                             flash::round_up(std::max<index>(klast - kbase, 1), G::panel));
-  const T* const kt = pack_ahead ? flash::pack_keys<G>(k, kfirst, klast, threads) : nullptr;
-
   const T sc = static_cast<T>(scale);
+  // The keys [a, b) of the key block at j0 that row i0 + r sees, relative to j0.
+  const auto range_of = [&](index i0, index j0, index cols) {
+    return [&visible, keys, i0, j0, cols](index r) {
+      if (!visible) return std::pair<index, index>{0, cols};
+      const auto seen = visible->keys_of(i0 + r, 1, keys);
+      return std::pair<index, index>{seen.first - j0, seen.second - j0};
+    };
+  };
+
+  if (blocks == 1) {
+    const index key_blocks = klast > kbase ? (klast - kbase + bk - 1) / bk : 0;
+    constexpr index most_segments = 8;
+    const index segments = std::clamp<index>(key_blocks / 4, 1, most_segments);
+    std::optional<flash_block<G>> state[most_segments];  // from this thread's arena
+    for (index s = 0; s < segments; ++s) {
+      auto& block = state[s].emplace(bq, bk, e, m);
+      for (index r = 0; r < rows; ++r) block.set_query(r, q.row(r), sc);
+      block.reset(rows);
+    }
+    parallel_for(threads, segments, [&](index s) {
+      const arena::scope segment_scratch;  // the executing thread's
+      T* const own = arena::local().take<T>(static_cast<std::size_t>(bk * e));
+      for (index b = s * key_blocks / segments; b < (s + 1) * key_blocks / segments; ++b) {
+        const index j0 = kbase + b * bk, cols = std::min(bk, klast - j0);
+        flash::pack_panels<G>(own, cols, e, [&](index t) -> const T* {
+          const index j = j0 + t;
+          return j >= kfirst ? k.data() + j * k.outerStride() : nullptr;
+        });
+        state[s]->absorb(own, cols, v.data() + j0 * v.outerStride(), v.outerStride(),
+                         range_of(0, j0, cols));
+      }
+    });
+    for (index s = 1; s < segments; ++s) state[0]->merge(*state[s]);
+    state[0]->finish(out.topRows(rows), lse);
+    return;
+  }
+
+  // Several query blocks: the keys some row sees, packed once from the panel boundary at or
+  // below the first, by all the threads.
+  const T* const kt = flash::pack_keys<G>(k, kfirst, klast, threads);
   parallel_for(threads, blocks, [&](index b) {
     const arena::scope block_scratch;  // the executing thread's
-    flash_block<G> block(bq, bk, e, v.cols());
-    T* const own = pack_ahead ? nullptr : arena::local().take<T>(static_cast<std::size_t>(bk * e));
+    flash_block<G> block(bq, bk, e, m);
     const index i0 = b * bq, n = std::min(bq, rows - i0);
     for (index r = 0; r < n; ++r) block.set_query(r, q.row(i0 + r), sc);
     block.reset(n);
     const auto seen = visible ? visible->keys_of(i0, n, keys) : std::pair<index, index>{0, keys};
-    const index f = seen.first, l = seen.second;  // named: lambdas below capture them
-    for (index j0 = f / G::panel * G::panel; j0 < l; j0 += bk) {
-      const index cols = std::min(bk, l - j0);
-      const T* panels = kt ? kt + (j0 - kbase) * e : own;
-      if (!kt)
-        flash::pack_panels<G>(own, cols, e, [&](index t) -> const T* {
-          const index j = j0 + t;
-          return j >= f ? k.data() + j * k.outerStride() : nullptr;
-        });
-      block.absorb(panels, cols, v.data() + j0 * v.outerStride(), v.outerStride(), [&](index r) {
-        if (!visible) return std::pair<index, index>{0, cols};
-        const auto [a, z] = visible->keys_of(i0 + r, 1, keys);
-        return std::pair<index, index>{a - j0, z - j0};
-      });
+    for (index j0 = seen.first / G::panel * G::panel; j0 < seen.second; j0 += bk) {
+      const index cols = std::min(bk, seen.second - j0);
+      block.absorb(kt + (j0 - kbase) * e, cols, v.data() + j0 * v.outerStride(), v.outerStride(),
+                   range_of(i0, j0, cols));
     }
     block.finish(out.middleRows(i0, n), lse ? lse + i0 : nullptr);
   });
