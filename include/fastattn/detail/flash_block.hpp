@@ -215,17 +215,18 @@ inline void value_tile(const T* p, index ldp, const T* alpha, const T* v, index 
   for (int i = 0; i < R * W; ++i) ei::pstore(acc + (i / W) * lda + (i % W) * G::size, c[i]);
 }
 
-/// value_tile over a whole group of G::group rows and all m values: chunks of W packets (as many
-/// as the accumulator budget allows), each over the rows in tiles of R.
+/// value_tile over the first `rows` rows of a group (G::group rows; the tiles past `rows`, all
+/// padding, are skipped) and all m values: chunks of W packets (as many as the accumulator
+/// budget allows), each over the rows in tiles of R.
 template <class G, class T = typename G::scalar>
 inline void value_group(const T* p, index ldp, const T* alpha, const T* v, index ldv, index j0,
-                        index j1, T* acc, index lda, index m) {
+                        index j1, T* acc, index lda, index m, index rows = G::group) {
   constexpr int max_w = G::accumulators / 4;
   for (index w0 = 0; w0 < m; w0 += max_w * G::size) {
     const int w = static_cast<int>(std::min<index>(max_w, (m - w0) / G::size));
     auto run = [&]<int W>(std::integral_constant<int, W>) {
       constexpr int R = W * G::group <= G::accumulators ? G::group : 4;
-      for (int r0 = 0; r0 < G::group; r0 += R)
+      for (int r0 = 0; r0 < rows; r0 += R)
         value_tile<G, R, W>(p + r0 * ldp, ldp, alpha + r0, v + w0, ldv, j0, j1, acc + r0 * lda + w0,
                             lda);
     };
@@ -473,7 +474,8 @@ class flash_block {
         cb = std::min(cb, last[r]);
       }
       if (!shared || ca >= cb) ca = cb = ga;
-      flash::value_group<G>(s_, lds_, alpha, values, ldv, ca, cb, acc_ + g0 * m_, m_, m_);
+      flash::value_group<G>(s_, lds_, alpha, values, ldv, ca, cb, acc_ + g0 * m_, m_, m_,
+                            rows_here);
       if (ga < ca || cb < gb)
         for (index r = 0; r < rows_here; ++r) {
           if (first[r] == last[r]) continue;
