@@ -564,8 +564,11 @@ void flash_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> 
 
   const index bq = std::clamp<index>(query_block, 1, rows);
   const index blocks = (rows + bq - 1) / bq;
-  const auto [kfirst, klast] =
+  // Named variables, not a structured binding: lambdas below capture them (clang 14 rejects
+  // capturing a binding).
+  const std::pair<index, index> seen_all =
       visible ? visible->keys_of(0, rows, keys) : std::pair<index, index>{0, keys};
+  const index kfirst = seen_all.first, klast = seen_all.second;
   const index kbase = kfirst / G::panel * G::panel;
   // Key blocks of key_block keys in whole panels, and never wider than the keys seen (the
   // same blocks: one either way), so that a huge key_block on a short problem allocates
