@@ -130,8 +130,14 @@ struct smyrf {
     lsh.redraw(gen, E, hashes, r);
     auto query_hash = detail::scratch_matrix<T>(Lv, hashes);
     auto key_hash = detail::scratch_matrix<T>(Sv, hashes);
-    lsh.hash_queries(qv, xbox, query_hash);
-    lsh.hash_keys(kv, xbox, key_hash);
+    // The two products are independent: one task each on up to ctx.threads threads (each product
+    // computed whole by one thread, so the bits do not depend on the count).
+    detail::parallel_for(ctx.threads, 2, [&](index t) {
+      if (t == 0)
+        lsh.hash_queries(qv, xbox, query_hash);
+      else
+        lsh.hash_keys(kv, xbox, key_hash);
+    });
 
     // Each cluster's keys (packed as K^T panels) and values, and each block of its queries, are
     // gathered into small contiguous blocks for the fused block kernel (flash_block.hpp).
@@ -144,8 +150,9 @@ struct smyrf {
         lse.empty() ? detail::arena::local().take<T>(static_cast<std::size_t>(Lv)) : lse.data();
     auto& pool = detail::arena::local();
     const auto most = static_cast<std::size_t>(std::max(Lv, Sv));
-    detail::hash_entry* entries = pool.take<detail::hash_entry>(most);
-    detail::hash_entry* entries_scratch = pool.take<detail::hash_entry>(most);
+    // Sort buffers for the queries' and the keys' sorts of a round, which run side by side.
+    detail::hash_entry* const entries = pool.take<detail::hash_entry>(2 * most);
+    detail::hash_entry* const entries_scratch = pool.take<detail::hash_entry>(2 * most);
     index* query_order = pool.take<index>(static_cast<std::size_t>(Lv));
     index* key_order = pool.take<index>(static_cast<std::size_t>(Sv));
     index* key_rank = ctx.exclude ? pool.take<index>(static_cast<std::size_t>(Sv)) : nullptr;
@@ -158,8 +165,14 @@ struct smyrf {
       const index panels = (max_keys + G::panel - 1) / G::panel;
 
       for (index h = 0; h < rounds; ++h) {
-        detail::sort_by_hash(query_hash.col(h), entries, entries_scratch, query_order);
-        detail::sort_by_hash(key_hash.col(h), entries, entries_scratch, key_order);
+        // The queries' and the keys' orders: independent, one task each (one thread sorts each).
+        detail::parallel_for(ctx.threads, 2, [&](index t) {
+          if (t == 0)
+            detail::sort_by_hash(query_hash.col(h), entries, entries_scratch, query_order);
+          else
+            detail::sort_by_hash(key_hash.col(h), entries + most, entries_scratch + most,
+                                 key_order);
+        });
         // For context::exclude: each key's place in this round's order, so that a query finds
         // its band's keys among a key block by looking up the band (at most its width of
         // lookups) rather than by testing every key of the block.
