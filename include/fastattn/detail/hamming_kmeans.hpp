@@ -152,8 +152,8 @@ class hamming_kmeans {
   // those cost anything, instead of a full O(n B) recount per update); returns whether any did.
   // On several threads: each task takes a range of hashes and counts its moves into its own
   // deltas (clusters x 64), added up after; integer counts, so the same on any thread count.
-  // (On one thread they were a serial 0.26 ms of a 1.15 ms k-means at n = 16384, C = 100,
-  // mostly the first pass, which moves every hash.) The deltas are used while they stay small
+  // (On one thread they were a serial eighth of a 1.15 ms k-means at n = 16384, C = 100,
+  // mostly in the first pass, which moves every hash.) The deltas are used while they stay small
   // (at most 4 MiB in all) and the hashes many; otherwise one thread counts.
   bool apply_moves(const std::uint64_t* hashes, index n, int threads) {
     const auto clusters = centroids_.size();
