@@ -132,12 +132,9 @@ struct smyrf {
     auto key_hash = detail::scratch_matrix<T>(Sv, hashes);
     // The two products are independent: one task each on up to ctx.threads threads (each product
     // computed whole by one thread, so the bits do not depend on the count).
-    detail::parallel_for(ctx.threads, 2, [&](index t) {
-      if (t == 0)
-        lsh.hash_queries(qv, xbox, query_hash);
-      else
-        lsh.hash_keys(kv, xbox, key_hash);
-    });
+    detail::parallel_invoke(
+        ctx.threads, [&] { lsh.hash_queries(qv, xbox, query_hash); },
+        [&] { lsh.hash_keys(kv, xbox, key_hash); });
 
     // Each cluster's keys (packed as K^T panels) and values, and each block of its queries, are
     // gathered into small contiguous blocks for the fused block kernel (flash_block.hpp).
@@ -166,13 +163,13 @@ struct smyrf {
 
       for (index h = 0; h < rounds; ++h) {
         // The queries' and the keys' orders: independent, one task each (one thread sorts each).
-        detail::parallel_for(ctx.threads, 2, [&](index t) {
-          if (t == 0)
-            detail::sort_by_hash(query_hash.col(h), entries, entries_scratch, query_order);
-          else
-            detail::sort_by_hash(key_hash.col(h), entries + most, entries_scratch + most,
-                                 key_order);
-        });
+        detail::parallel_invoke(
+            ctx.threads,
+            [&] { detail::sort_by_hash(query_hash.col(h), entries, entries_scratch, query_order); },
+            [&] {
+              detail::sort_by_hash(key_hash.col(h), entries + most, entries_scratch + most,
+                                   key_order);
+            });
         // For context::exclude: each key's place in this round's order, so that a query finds
         // its band's keys among a key block by looking up the band (at most its width of
         // lookups) rather than by testing every key of the block.

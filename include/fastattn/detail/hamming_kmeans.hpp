@@ -159,7 +159,8 @@ class hamming_kmeans {
     const auto clusters = centroids_.size();
     const std::size_t per_task = clusters * 65;  // 64 bit counts and a size per cluster
     index tasks = std::min<index>(std::max(threads, 1), n / 4096);
-    if (per_task * static_cast<std::size_t>(std::max<index>(tasks, 1)) * 4 > (std::size_t{4} << 20))
+    if (per_task * static_cast<std::size_t>(std::max<index>(tasks, 1)) * sizeof(std::uint32_t) >
+        (std::size_t{4} << 20))
       tasks = 1;
     if (tasks <= 1) return move_range(hashes, 0, n, sizes_.data(), bit_counts_.data());
     deltas_.assign(per_task * static_cast<std::size_t>(tasks), 0u);

@@ -41,4 +41,16 @@ void parallel_for(int threads, index count, Body&& body) {
   for (index i = 0; i < count; ++i) body(i);
 }
 
+/// Runs first() and second(), two independent units, on up to `threads` threads (first, then
+/// second, on one); the same rules as parallel_for.
+template <class First, class Second>
+void parallel_invoke(int threads, First&& first, Second&& second) {
+  parallel_for(threads, 2, [&](index t) {
+    if (t == 0)
+      first();
+    else
+      second();
+  });
+}
+
 }  // namespace fastattn::detail
