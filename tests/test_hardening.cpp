@@ -205,6 +205,37 @@ TYPED_TEST(Hardening, OutAliasingAnInputIsRefused) {
             "out");
 }
 
+// Queries at the largest finite value: n identical rows make a centroid that is the mean of n
+// copies, and sum_i fl(max / n) rounds past max for some n (n = 3 in double): an infinite
+// centroid, whose scores against the keys are NaN or -inf. Found by fuzz_attention in CI
+// (clustered NaN rows in double; improved_clustered with topk >= S, exact by its contract, gave
+// zero rows in float). Every kernel sees identical queries here, where each is exact (one cluster
+// or any clustering of equal queries; smyrf and local hold every key), so each row must be exact
+// attention of that query. The scale brings the scores to a few units, so that the comparison
+// tests the arithmetic, not a one-hot softmax.
+template <class T, class P>
+void expect_exact_at_largest_queries() {
+  using lim = std::numeric_limits<T>;
+  const fa::index S = 10, E = 4, M = 3;
+  const fa::matrix<T> k = fa::testing::gaussian<T>(S, E, 21) * T(0.1);
+  const fa::matrix<T> v = fa::testing::gaussian<T>(S, M, 22);
+  const double scale = 16.0 / static_cast<double>(lim::max());  // scale q: entries 16 or 0
+  for (fa::index n = 2; n <= 16; ++n) {
+    fa::matrix<T> q(n, E);
+    for (fa::index i = 0; i < n; ++i) q.row(i) << lim::max(), -lim::max(), T(-0.0), lim::max();
+    const fa::matrix<T> o = fa::attention(P{}, q, k, v, {.scale = scale});
+    ASSERT_TRUE(o.allFinite()) << n << " queries";
+    const auto ref = fa::testing::reference_attention(q, k, v, {.scale = scale});
+    const double tolerance = std::is_same_v<T, float> ? 1e-5 : 1e-12;
+    EXPECT_LT(fa::testing::relative_error(o, ref), tolerance) << n << " queries";
+  }
+}
+
+TYPED_TEST(Hardening, QueriesAtTheLargestFiniteValueKeepFiniteCentroids) {
+  expect_exact_at_largest_queries<float, TypeParam>();
+  expect_exact_at_largest_queries<double, TypeParam>();
+}
+
 // Item 5: with check_finite off, a NaN in q reaches the output row of that query (every kernel,
 // any number of smyrf rounds), and a NaN in k never turns a valid row into a silent zero row.
 TYPED_TEST(Hardening, NonFinitePolicyHoldsWhenUnchecked) {

@@ -103,8 +103,9 @@ class query_clustering {
     }
 
     // Centroids in query space: the mean of the members' raw queries, summed in query order
-    // as sum_i q_i / n, so that no partial sum exceeds the largest member in magnitude: a
-    // centroid never overflows when its members do not. q is streamed once in position order
+    // as sum_i q_i / n, so that no partial sum exceeds the largest member in magnitude but by
+    // rounding (settle_overflow takes care of that rounding at the largest finite value). q is
+    // streamed once in position order
     // (the C x E sums stay in cache; gathering each cluster's members was scattered reads);
     // on `threads` threads, each takes a range of clusters and adds its members in the
     // same order, so the sums do not depend on the count.
@@ -117,6 +118,7 @@ class query_clustering {
         const index j = cluster_[static_cast<std::size_t>(i)];
         if (j >= first && j < last) centroids_.row(j) += q.row(i) / static_cast<T>(size(j));
       }
+      for (index j = first; j < last; ++j) settle_overflow(q, j);
     });
   }
 
@@ -165,6 +167,24 @@ class query_clustering {
   }
 
  private:
+  // The sum of q_i / n stays within rounding of the members' range, but rounding can carry it
+  // just past the largest finite value: three members at `max` give 3 fl(max / 3) > max, an
+  // infinity, and a centroid of infinities scores NaN or -inf against the keys (the whole
+  // cluster's rows NaN or zero). The mean of finite members is at most their largest magnitude,
+  // so an infinity whose members are all finite becomes the largest finite value of its sign.
+  // (An infinity or NaN among the members, possible with check_finite off, stays: it
+  // propagates as it should.) Cost: one compare per centroid entry, and a walk over the
+  // members only where an entry overflowed.
+  void settle_overflow(const_view<T> q, index j) {
+    auto centroid = centroids_.row(j);
+    for (index e = 0; e < centroid.size(); ++e) {
+      if (!std::isinf(centroid(e))) continue;
+      bool finite = true;
+      for (index r = begin(j); r < end(j) && finite; ++r) finite = std::isfinite(q(member(r), e));
+      if (finite) centroid(e) = std::copysign(std::numeric_limits<T>::max(), centroid(e));
+    }
+  }
+
   std::vector<std::uint64_t> hashes_;
   hyperplane_hash<T> hash_;
   hamming_kmeans kmeans_;
