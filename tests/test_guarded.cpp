@@ -14,6 +14,7 @@
 #include <iostream>
 #include <limits>
 #include <map>
+#include <sstream>
 #include <random>
 #include <span>
 #include <string>
@@ -171,6 +172,46 @@ TEST(Guarded, EverySampledRowGivesTheTrueErrorWithZeroWidth) {
     EXPECT_EQ(report[0].confidence, 1.0);
     EXPECT_FALSE(report[0].fell_back);
   }
+}
+
+// The estimate is a ratio of squared norms, so it does not depend on the values' magnitude: v
+// times 2^j scales every output row by exactly 2^j (each kernel's weights do not see v), and the
+// estimate, sampled or over every row, must not move. Before, double values past 1e154 squared
+// to infinity (estimate NaN: every head fell back) and values below 1e-154 to zero (estimate 0
+// for a head with error 0.1: a silent pass).
+template <class P>
+void expect_estimate_independent_of_magnitude(const P& inner) {
+  const auto in = fa::testing::make_peaked<double>(300, 280, 32, 16, 7);
+  for (const fa::index samples : {32, 300}) {
+    auto estimate = [&](double factor) {
+      std::vector<fa::error_estimate> report(1);
+      const fa::guarded<P> g{.inner = inner, .samples = samples, .min_length = 0, .report = report};
+      const fa::matrix<double> v = in.v * factor;
+      (void)fa::attention(g, in.q, in.k, v);
+      return report[0];
+    };
+    std::ostringstream label_text;  // (a std::string sum trips GCC 12's -Warray-bounds)
+    label_text << P::name << ", " << samples << " samples";
+    const std::string label = label_text.str();
+    const fa::error_estimate one = estimate(1.0);
+    EXPECT_GT(one.error, 0.02) << label;
+    for (const double factor : {0x1p990, 0x1p-1000}) {
+      const fa::error_estimate scaled = estimate(factor);
+      EXPECT_EQ(scaled.error, one.error) << label << ", factor " << factor;
+      EXPECT_EQ(scaled.lower, one.lower) << label << ", factor " << factor;
+      EXPECT_EQ(scaled.upper, one.upper) << label << ", factor " << factor;
+    }
+    // Denormal values (about 14 significant bits) do not scale exactly, but the error is there.
+    const fa::error_estimate denormal = estimate(0x1p-1060);
+    EXPECT_GT(denormal.error, 0.5 * one.error) << label;
+    EXPECT_TRUE(std::isfinite(denormal.upper)) << label;
+  }
+}
+
+TEST(Guarded, EstimateDoesNotDependOnTheValuesMagnitude) {
+  expect_estimate_independent_of_magnitude(fa::clustered{.clusters = 6, .seed = 4});
+  expect_estimate_independent_of_magnitude(fa::improved_clustered{.clusters = 6, .topk = 8});
+  expect_estimate_independent_of_magnitude(fa::smyrf{.hashes = 1, .cluster_size = 16});
 }
 
 // The sampled rows respect causal visibility and padding: on kernels in an exact setting the

@@ -59,6 +59,22 @@ inline double student_t975(double df) noexcept {
   return z + u * (g1 + u * (g2 + u * (g3 + u * g4)));
 }
 
+/// The largest magnitude in `rows` (0 when empty; NaN may or may not be seen).
+template <class Rows>
+double largest_magnitude(const Rows& rows) {
+  return rows.size() > 0 ? static_cast<double>(rows.cwiseAbs().maxCoeff()) : 0.0;
+}
+
+/// A power of two u with u most in [1, 2), for the rows' largest magnitude `most`: the squared
+/// norms of u x and u (a - x) neither overflow (double rows past 1e154: the front door allows
+/// values up to max / 4096) nor underflow (rows below 1e-154, where a wrong row would square to
+/// an error of 0), and the ratio of two of them does not change. 1 when `most` is 0 or not
+/// finite (a NaN must reach the estimate, and does through the rows themselves). At most 2^900,
+/// for denormal rows (2^-1074 times 2^900 still squares to a normal double).
+inline double norm_unit(double most) noexcept {
+  return most > 0 && std::isfinite(most) ? std::ldexp(1.0, std::min(900, -std::ilogb(most))) : 1.0;
+}
+
 /// An estimate of a relative error and its interval.
 struct ratio_estimate {
   double error = 0, lower = 0, upper = 0;
@@ -284,10 +300,12 @@ struct guarded {
       auto rows = detail::scratch_matrix<T>(Lv, M);
       exact.compute(q, k, v, view<T>(rows), ctx);
       double se = 0, sx = 0;
+      const double unit = detail::norm_unit(
+          std::max(detail::largest_magnitude(approx.topRows(Lv)), detail::largest_magnitude(rows)));
       for (index i = 0; i < Lv; ++i) {
-        se += (approx.row(i).template cast<double>() - rows.row(i).template cast<double>())
-                  .squaredNorm();
-        sx += rows.row(i).template cast<double>().squaredNorm();
+        const auto x = (rows.row(i).template cast<double>() * unit).eval();
+        se += ((approx.row(i).template cast<double>() * unit) - x).squaredNorm();
+        sx += x.squaredNorm();
       }
       const double error =
           sx > 0 ? std::sqrt(se / sx) : (se > 0 ? std::numeric_limits<double>::infinity() : se);
@@ -300,9 +318,22 @@ struct guarded {
     double* const p = arena.take<double>(static_cast<std::size_t>(Lv));
     double* const cumulative = arena.take<double>(static_cast<std::size_t>(Lv));
     double total = 0;
-    for (index i = 0; i < Lv; ++i) {  // (a float sum of M squares suffices for a probability)
+    for (index i = 0; i < Lv; ++i) {  // (a sum of M squares in T suffices for a probability)
       p[i] = static_cast<double>(approx.row(i).squaredNorm());
       total += p[i];
+    }
+    // Squares past T's range, or so small that they lost their digits (T's smallest normal
+    // number is 1e-38 in float), would make the draws depend on the values' magnitude: again,
+    // in double with the rows scaled by a power of two (not in the common case).
+    if (!(std::isfinite(total) && total > 1e-30)) {
+      const double unit = detail::norm_unit(detail::largest_magnitude(approx.topRows(Lv)));
+      if (unit != 1.0) {
+        total = 0;
+        for (index i = 0; i < Lv; ++i) {
+          p[i] = (approx.row(i).template cast<double>() * unit).squaredNorm();
+          total += p[i];
+        }
+      }
     }
     const bool by_norm = total > 0 && std::isfinite(total);
     const double uniform = 1 / static_cast<double>(Lv);
@@ -355,12 +386,15 @@ struct guarded {
     double* const y = arena.take<double>(static_cast<std::size_t>(n));
     double* const w = arena.take<double>(static_cast<std::size_t>(n));
     detail::ratio_accumulator acc(y, w);
+    double most = detail::largest_magnitude(rows);
+    for (index r = 0; r < unique; ++r)
+      most = std::max(most, detail::largest_magnitude(approx.row(drawn[r])));
+    const double unit = detail::norm_unit(most);
     for (index r = 0; r < unique; ++r) {
       const index i = drawn[r];
-      const double e = (approx.row(i).template cast<double>() - rows.row(r).template cast<double>())
-                           .squaredNorm();
-      const double x = rows.row(r).template cast<double>().squaredNorm();
-      acc.add(e, x, p[i], counts[r]);
+      const auto x = (rows.row(r).template cast<double>() * unit).eval();
+      const double e = ((approx.row(i).template cast<double>() * unit) - x).squaredNorm();
+      acc.add(e, x.squaredNorm(), p[i], counts[r]);
     }
     const detail::ratio_estimate r = acc.finish();
     return {r.error, r.lower, r.upper, confidence, n, false};
