@@ -205,6 +205,66 @@ TYPED_TEST(Hardening, OutAliasingAnInputIsRefused) {
             "out");
 }
 
+// A one-row input inside the gaps of a padded out shares no element with it, and is accepted
+// (every kernel). Eigen's Ref gives a one-row view the stride cols, whatever the buffer's, so the
+// check compared strides that differed and refused conservatively: found by fuzz_attention
+// (dense, S = 1, v in the padding of out's rows).
+TYPED_TEST(Hardening, OneRowInputInTheGapsOfOutIsAccepted) {
+  const fa::index L = 14, M = 3, stride = 8;  // out's rows: [8 t, 8 t + 3); gaps [8 t + 3, 8 t + 8)
+  std::vector<float> pool(static_cast<std::size_t>(L * stride), 7.0f);
+  const fa::matrix<float> q = fa::testing::gaussian<float>(L, 4, 31);
+  const fa::matrix<float> k = fa::testing::gaussian<float>(1, 4, 32);
+  float* const v_at = pool.data() + 2 * stride + 4;  // in row 2's gap
+  for (fa::index m = 0; m < M; ++m) v_at[m] = static_cast<float>(m + 1);
+  using cmap = Eigen::Map<const fa::matrix<float>, 0, Eigen::OuterStride<>>;
+  using map = Eigen::Map<fa::matrix<float>, 0, Eigen::OuterStride<>>;
+  const cmap v(v_at, 1, M, Eigen::OuterStride<>(stride));
+  fa::attention(TypeParam{}, q, k, v,
+                fa::view<float>(map(pool.data(), L, M, Eigen::OuterStride<>(stride))));
+  for (fa::index t = 0; t < L; ++t)  // one key: every row is v's row
+    for (fa::index m = 0; m < M; ++m)
+      EXPECT_EQ(pool[static_cast<std::size_t>(t * stride + m)], static_cast<float>(m + 1)) << t;
+  // The same row one element to the left reaches into out's row 2: refused.
+  const cmap v_over(pool.data() + 2 * stride + 2, 1, M, Eigen::OuterStride<>(stride));
+  EXPECT_EQ(expect_invalid([&] {
+              fa::attention(TypeParam{}, q, k, v_over,
+                            fa::view<float>(map(pool.data(), L, M, Eigen::OuterStride<>(stride))));
+            }).argument(),
+            "out");
+}
+
+// The overlap test against the element sets themselves, over every small placement: exact when
+// the strides are equal or a block has one row, never a miss otherwise.
+TEST(HardeningAliasing, BlocksOverlapAgreesWithTheElementSets) {
+  std::vector<float> pool(256);
+  std::vector<char> mark(pool.size());
+  for (fa::index ar = 1; ar <= 3; ++ar)
+    for (fa::index ac = 1; ac <= 3; ++ac)
+      for (fa::index as = ac; as <= ac + 2; ++as)
+        for (fa::index br = 1; br <= 3; ++br)
+          for (fa::index bc = 1; bc <= 3; ++bc)
+            for (fa::index bs = bc; bs <= bc + 2; ++bs)
+              for (fa::index offset = 0; offset < 24; ++offset) {
+                const float* a = pool.data() + 12;
+                const float* b = pool.data() + offset;
+                std::fill(mark.begin(), mark.end(), 0);
+                for (fa::index r = 0; r < ar; ++r)
+                  for (fa::index c = 0; c < ac; ++c)
+                    mark[static_cast<std::size_t>(12 + r * as + c)] = 1;
+                bool shared = false;
+                for (fa::index r = 0; r < br; ++r)
+                  for (fa::index c = 0; c < bc; ++c)
+                    shared = shared || mark[static_cast<std::size_t>(offset + r * bs + c)] != 0;
+                const bool said = fa::detail::blocks_overlap(a, ar, ac, as, b, br, bc, bs);
+                if (as == bs || ar == 1 || br == 1) {
+                  ASSERT_EQ(said, shared) << ar << "x" << ac << "/" << as << " against " << br
+                                          << "x" << bc << "/" << bs << " at " << offset;
+                } else if (shared) {
+                  ASSERT_TRUE(said);
+                }
+              }
+}
+
 // Queries at the largest finite value: n identical rows make a centroid that is the mean of n
 // copies, and sum_i fl(max / n) rounds past max for some n (n = 3 in double): an infinite
 // centroid, whose scores against the keys are NaN or -inf. Found by fuzz_attention in CI

@@ -218,8 +218,8 @@ void check_values(const const_view<T>& q, const const_view<T>& k, const const_vi
 }
 
 /// Whether the element sets of two row-major strided blocks of T (rows x cols, row stride) share
-/// an element. Exact when the strides are equal (the usual case: heads of one buffer), otherwise
-/// whether their address ranges intersect.
+/// an element. Exact when the strides are equal (the usual case: heads of one buffer) or either
+/// block has one row; otherwise whether their address ranges intersect.
 template <class T>
 bool blocks_overlap(const T* a, index a_rows, index a_cols, index a_stride, const T* b,
                     index b_rows, index b_cols, index b_stride) {
@@ -231,9 +231,22 @@ bool blocks_overlap(const T* a, index a_rows, index a_cols, index a_stride, cons
   const auto end_b =
       begin_b + static_cast<std::uintptr_t>((b_rows - 1) * b_stride + b_cols) * sizeof(T);
   if (end_a <= begin_b || end_b <= begin_a) return false;
-  if (a_stride != b_stride || a_cols > a_stride || b_cols > b_stride ||
-      (begin_b - begin_a) % sizeof(T) != 0)
-    return true;
+  if ((begin_b - begin_a) % sizeof(T) != 0) return true;
+  // A block of one row is the contiguous range of its elements whatever its stride (Eigen's Ref
+  // gives a one-row view the stride cols, whatever the buffer's): exact against any block.
+  if (a_rows == 1 || b_rows == 1) {
+    if (a_rows == 1 && b_rows == 1) return true;  // two ranges, and they intersect
+    if (b_rows == 1)
+      return blocks_overlap(b, b_rows, b_cols, b_stride, a, a_rows, a_cols, a_stride);
+    // a = [0, a_cols); b's row r = [d + r s, d + r s + c), in elements from a. The first row
+    // that ends past 0 is the only one that can start before a_cols (later rows start later).
+    const auto d = static_cast<index>(static_cast<std::intptr_t>(begin_b - begin_a) /
+                                      static_cast<std::intptr_t>(sizeof(T)));
+    const index s = b_stride, c = b_cols, need = -d - c;  // row r ends past 0: r s > need
+    const index r0 = need < 0 ? 0 : need / s + 1;
+    return r0 < b_rows && d + r0 * s < a_cols;
+  }
+  if (a_stride != b_stride || a_cols > a_stride || b_cols > b_stride) return true;
   // Equal strides s: element (r1, c1) of a is element (r2, c2) of b when
   // (r1 - r2) s + (c1 - c2) = d, d = b - a in elements, c1 - c2 in (-b_cols, a_cols).
   const auto d = static_cast<index>(static_cast<std::intptr_t>(begin_b - begin_a) /
