@@ -546,6 +546,34 @@ TEST(GuardedMultihead, DeterministicOnOneAndTwoThreadsWithOneReportPerHead) {
   EXPECT_NE(r3[0].error, r1[0].error);
 }
 
+// One head on several threads: the sampled rows are one query block whose runs of key blocks
+// (two at S = 4200, dense's 512-key blocks) the threads share; the estimate keeps its bits.
+TEST(GuardedMultihead, OneHeadsSampledRowsGiveTheSameEstimateOnAnyThreadCount) {
+  const auto in = fa::testing::make_peaked<float>(600, 4200, 16, 8, 9);
+  for (const bool causal : {false, true}) {
+    std::vector<fa::error_estimate> first;
+    for (const int threads : {1, 2, 3}) {
+      std::vector<fa::error_estimate> report(1);
+      const fa::guarded<fa::clustered> g{
+          .inner = {.clusters = 8, .seed = 2}, .min_length = 0, .report = report};
+      fa::matrix<float> out(in.q.rows(), in.v.cols());
+      fa::multihead_options mo;
+      mo.common = {.key_length = 4150, .causal = causal};
+      mo.threads = threads;  // one head: all of them for it
+      fa::multihead_attention(g, fa::tensor_view<const float>{in.q.data(), 1, in.q.rows(), 1, 16},
+                              fa::tensor_view<const float>{in.k.data(), 1, in.k.rows(), 1, 16},
+                              fa::tensor_view<const float>{in.v.data(), 1, in.v.rows(), 1, 8},
+                              fa::tensor_view<float>{out.data(), 1, out.rows(), 1, 8}, mo);
+      if (first.empty()) {
+        first = report;
+        EXPECT_GT(first[0].error, 0.01) << causal;
+      } else {
+        EXPECT_TRUE(same_estimate(report[0], first[0])) << threads << " threads, causal " << causal;
+      }
+    }
+  }
+}
+
 TEST(GuardedMultihead, ReportMustHaveOneEntryPerHead) {
   const planted p;
   std::vector<fa::error_estimate> report(planted::B * planted::H - 1);

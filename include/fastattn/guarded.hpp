@@ -368,9 +368,12 @@ struct guarded {
     // The drawn rows, exactly: gathered into one call, or one call per row when causal (row i
     // sees keys [0, min(i + 1, Sv))). The few drawn rows are one query block, so the fused kernel
     // packs each key block just before its use (dense's key blocks: wider ones, up to 8192 keys,
-    // measured the same at S = 4096, where the 32 rows' arithmetic is the cost).
+    // measured the same at S = 4096, where the 32 rows' arithmetic is the cost). The head's
+    // threads share that block's runs of key blocks, whose number depends on the keys only: the
+    // same bits on any thread count.
     auto rows = detail::scratch_matrix<T>(unique, M);
-    const detail::tiles tiles{std::min<index>(unique, exact.query_block), exact.key_block};
+    const detail::tiles tiles{std::min<index>(unique, exact.query_block), exact.key_block,
+                              ctx.threads};
     if (!ctx.causal) {
       auto gathered = detail::scratch_matrix<T>(unique, E);
       for (index r = 0; r < unique; ++r) gathered.row(r) = q.row(drawn[r]);
