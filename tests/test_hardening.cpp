@@ -265,6 +265,35 @@ TEST(HardeningAliasing, BlocksOverlapAgreesWithTheElementSets) {
               }
 }
 
+// Keys near float's largest value with tiny queries (scores of a few units, inside the front
+// door's bounds): the log-sum-exp and the output stay finite, for the kernel and for the kernel
+// inside banded<P>. Before, clustered's log-sum-exp took the centroids' attention over the keys
+// themselves ([V | K] as values), whose weighted sum of 96 keys of 3e38 overflowed: NaN lse, and
+// NaN rows under banded<clustered> (found by fuzz_wrappers).
+template <class P>
+void expect_finite_lse_with_largest_keys(const P& policy) {
+  const fa::index L = 80, S = 96, E = 8, M = 5;
+  const fa::matrix<float> q = fa::testing::gaussian<float>(L, E, 41) * 1e-38f;
+  fa::matrix<float> k = fa::testing::gaussian<float>(S, E, 42);
+  k = k.array().sign() * 3e38f;
+  const fa::matrix<float> v = fa::testing::gaussian<float>(S, M, 43);
+  for (const bool causal : {false, true}) {
+    fa::matrix<float> out(L, M);
+    std::vector<float> lse(static_cast<std::size_t>(L));
+    fa::attention(policy, q, k, v, fa::view<float>(out), lse, {.causal = causal});
+    EXPECT_TRUE(out.allFinite()) << P::name << " causal " << causal;
+    for (fa::index i = 0; i < L; ++i)
+      ASSERT_TRUE(std::isfinite(lse[static_cast<std::size_t>(i)]))
+          << P::name << " row " << i << " causal " << causal;
+  }
+}
+
+TYPED_TEST(Hardening, LogSumExpStaysFiniteWithKeysAtTheLargestValue) {
+  expect_finite_lse_with_largest_keys(TypeParam{});
+  if constexpr (!TypeParam::is_exact && !std::is_same_v<TypeParam, fa::local>)
+    expect_finite_lse_with_largest_keys(fa::banded<TypeParam>{.window = 3});
+}
+
 // Queries at the largest finite value: n identical rows make a centroid that is the mean of n
 // copies, and sum_i fl(max / n) rounds past max for some n (n = 3 in double): an infinite
 // centroid, whose scores against the keys are NaN or -inf. Found by fuzz_attention in CI

@@ -112,9 +112,17 @@ struct clustered {
     // the gradient of its log-sum-exp, scale * sum_j p_cj k_j; member i's normaliser is the
     // first-order expansion lse_c + scale (q_i - c) . kbar_c around its centroid (exact when the
     // member is the centroid; the members' mean equals the centroid's lse).
+    // The keys as values are scaled by a power of two u with |u k| < 2 when max|k| > 1: the
+    // front door bounds v so that its weighted sums cannot overflow, but it bounds k only
+    // through the scores (|scale| max|q| max|k| E), so k may reach T's largest value, and a sum
+    // of S such keys overflowed (NaN log-sum-exp under banded<clustered>; found by fuzz_wrappers).
+    const T k_most = Sv > 0 && E > 0 ? k.topRows(Sv).cwiseAbs().maxCoeff() : T(0);
+    const T k_unit = k_most > T(1) && std::isfinite(k_most)
+                         ? std::ldexp(T(1), -static_cast<int>(std::ilogb(k_most)))
+                         : T(1);
     auto values = detail::scratch_matrix<T>(Sv, M + E);
     values.leftCols(M) = v.topRows(Sv);
-    values.rightCols(E) = k.topRows(Sv);
+    values.rightCols(E) = k.topRows(Sv) * k_unit;
     auto rows = detail::scratch_matrix<T>(C, M + E);
     T* const row_lse = detail::arena::local().take<T>(static_cast<std::size_t>(C));
     detail::exact_attention<T>(const_view<T>(groups.centroids()), k, const_view<T>(values),
@@ -173,12 +181,18 @@ struct clustered {
               continue;
             }
             o = (o - correction.leftCols(M)) / kept;
-            grad = (grad - correction.rightCols(E)) / kept;
+            // The mean of u k over the kept keys lies in (-2, 2); the difference can round past
+            // it when little is kept (a NaN stays a NaN).
+            grad = ((grad - correction.rightCols(E)) / kept).cwiseMax(T(-2)).cwiseMin(T(2));
           }
         }
         auto offset = work.row(2).head(E);
         offset = q.row(i) * scale - scaled_c;
-        lse[static_cast<std::size_t>(i)] = row_lse[j] + std::log(kept) + offset.dot(grad);
+        // |offset . grad| / u <= 2 |scale| max|q| 2 max|k| E, at most T's largest value by the
+        // front door's bound on the scores (max / 4); kept in [-max/2, max/2] against rounding.
+        constexpr T bound = std::numeric_limits<T>::max() / 2;
+        const T first_order = std::clamp(offset.dot(grad) / k_unit, -bound, bound);
+        lse[static_cast<std::size_t>(i)] = row_lse[j] + std::log(kept) + first_order;
       }
     });
   }
