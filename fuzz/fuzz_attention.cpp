@@ -277,8 +277,47 @@ template <class Policy>
 bool is_knob_name(std::string_view name) {
   bool found = false;
   fa::for_each_knob<Policy>([&](const auto& knob) { found = found || knob.name == name; });
+  if constexpr (requires(Policy p) { p.inner; })  // a wrapper: its kernel's knobs too
+    found = found || is_knob_name<decltype(Policy::inner)>(name);
   return found;
 }
+
+// Prints the knobs of `policy` (and of a wrapper's inner kernel), one "  --flag value" a line.
+template <class Policy>
+void print_knobs(const Policy& policy) {
+  fa::for_each_knob<Policy>([&](const auto& knob) {
+    std::fprintf(stderr, "  --%s %s\n", knob.flag().c_str(),
+                 fa::detail::to_text(knob.get(policy)).c_str());
+  });
+  if constexpr (requires { policy.inner; }) print_knobs(policy.inner);
+}
+
+// Sets the knobs of `policy` from the input, and those of a wrapper's inner kernel after them.
+template <class Policy>
+void draw_knobs(FuzzedDataProvider& in, Policy& policy) {
+  fa::for_each_knob<Policy>([&](const auto& knob) { knob.get(policy) = knob_value(in, knob); });
+  if constexpr (requires { policy.inner; }) draw_knobs(in, policy.inner);
+}
+
+// The smyrf kernel inside `policy` (itself or a wrapper's inner kernel), or null.
+template <class Policy>
+fa::smyrf* smyrf_in(Policy& policy) {
+  if constexpr (std::is_same_v<Policy, fa::smyrf>)
+    return &policy;
+  else if constexpr (requires { policy.inner; })
+    return smyrf_in(policy.inner);
+  else
+    return nullptr;
+}
+
+template <class P>
+struct is_banded : std::false_type {};
+template <class P>
+struct is_banded<fa::banded<P>> : std::true_type {};
+template <class P>
+struct is_guarded : std::false_type {};
+template <class P>
+struct is_guarded<fa::guarded<P>> : std::true_type {};
 
 // Whether `policy` computes exact attention for these lengths (the documented cases; a kernel
 // the harness does not know is exact when it says so).
@@ -294,6 +333,10 @@ bool exact_for(const Policy& policy, index Lv, index Sv) {
     return policy.cluster_size >= Lv;
   else if constexpr (std::is_same_v<Policy, fa::local>)
     return policy.window >= std::max(Lv, Sv);
+  else if constexpr (is_banded<Policy>::value)  // the band holds every key, or the rest is exact
+    return policy.window >= std::max(Lv, Sv) || exact_for(policy.inner, Lv, Sv);
+  else if constexpr (is_guarded<Policy>::value)  // dense below min_length, or P exact
+    return Lv < policy.min_length || exact_for(policy.inner, Lv, Sv);
   else
     return false;
 }
@@ -438,10 +481,7 @@ void check_head(const Policy& policy, const fa::matrix<T>& qh, const fa::matrix<
     std::fprintf(stderr, "fuzz_attention: %s, scale %.17g, query_length %td, key_length %td,%s\n",
                  std::string(Policy::name).c_str(), ctx.scale, Lv, Sv,
                  ctx.causal ? " causal," : "");
-    fa::for_each_knob<Policy>([&](const auto& knob) {
-      std::fprintf(stderr, "  --%s %s\n", knob.flag().c_str(),
-                   fa::detail::to_text(knob.get(policy)).c_str());
-    });
+    print_knobs(policy);
     dump_head(qh, kh, vh, oh);
     ::violation(what);
   };
@@ -561,7 +601,7 @@ void make_extreme(FuzzedDataProvider& in, tensor<T>& q, tensor<T>& k, tensor<T>&
 template <class T, class Policy>
 void run_kernel(FuzzedDataProvider& in) {
   Policy policy{};
-  fa::for_each_knob<Policy>([&](const auto& knob) { knob.get(policy) = knob_value(in, knob); });
+  draw_knobs(in, policy);
   const bool knobs_ok = knobs_valid(policy);
   try {
     fa::validate(policy);
@@ -587,11 +627,17 @@ void run_kernel(FuzzedDataProvider& in) {
   // of about 2^24 multiply-adds per call, so that a run stays within the 10 s timeout under the
   // sanitizers: every round runs the same code, and small problems keep all 1024 rounds. (At
   // B x H = 2, L = 58 and two clusters per round, 1024 rounds took tens of seconds.)
-  if constexpr (std::is_same_v<Policy, fa::smyrf>) {
-    if (knobs_ok) {
-      const index keys = std::min<index>(policy.cluster_size, std::max<index>(S, 1));
-      const index per_round = std::max<index>(1, B * H * L * keys * (E + M + 1));
-      policy.hashes = std::clamp<index>((index{1} << 24) / per_round, 1, policy.hashes);
+  if (fa::smyrf* const sm = smyrf_in(policy); sm && knobs_ok) {
+    const index keys = std::min<index>(sm->cluster_size, std::max<index>(S, 1));
+    const index per_round = std::max<index>(1, B * H * L * keys * (E + M + 1));
+    sm->hashes = std::clamp<index>((index{1} << 24) / per_round, 1, sm->hashes);
+  }
+  // guarded<P>: a report of one entry per head, or none.
+  std::vector<fa::error_estimate> report;
+  if constexpr (is_guarded<Policy>::value) {
+    if (in.ConsumeBool()) {
+      report.assign(static_cast<std::size_t>(multihead ? B * H : 1), fa::error_estimate{});
+      policy.report = report;
     }
   }
 
@@ -773,10 +819,7 @@ void run_kernel(FuzzedDataProvider& in) {
                  multihead ? "multihead" : "attention", B, H, L, S, E, M, opt.check_finite ? 1 : 0,
                  stress, knobs_ok ? 1 : 0, valid ? 1 : 0, values_ok ? 1 : 0, shared ? 1 : 0,
                  conservative ? 1 : 0, largest, threw ? "threw " : "ok", error.c_str());
-    fa::for_each_knob<Policy>([&](const auto& knob) {
-      std::fprintf(stderr, "  --%s %s\n", knob.flag().c_str(),
-                   fa::detail::to_text(knob.get(policy)).c_str());
-    });
+    print_knobs(policy);
   }
   if (threw && expect_ok && !conservative) violation("invalid_argument thrown for valid arguments");
   if (!threw && !valid) violation("invalid arguments accepted");
@@ -810,17 +853,38 @@ void run_kernel(FuzzedDataProvider& in) {
   for (index b = 0; b < B; ++b)
     for (index h = 0; h < H; ++h) {
       const auto i = static_cast<std::size_t>(b * H + h);
-      check_head(policy, qh[i], kh[i], vh[i], out.head_matrix(b, h),
-                 contexts[static_cast<std::size_t>(b)]);
+      const fa::context& c = contexts[static_cast<std::size_t>(b)];
+      check_head(policy, qh[i], kh[i], vh[i], out.head_matrix(b, h), c);
+      // The guard's report of a head that ran (a valid query and key) on values inside the
+      // bounds: an estimate that is a number, inside its interval.
+      if (report.empty() || c.query_length == 0 || c.key_length == 0 ||
+          value_rule(qh[i], kh[i], vh[i], c) != values::ok)
+        continue;
+      const fa::error_estimate& e = report[i];
+      if (std::isnan(e.error) || !(e.lower <= e.error && e.error <= e.upper) || e.samples < 0 ||
+          e.error < 0)
+        violation("the guard's estimate is NaN, negative or outside its interval");
     }
 }
 
-// Chooses the kernel by its index in fastattn::kernels.
+// What this target fuzzes: the kernels of fastattn::kernels (fuzz_attention), or, built with
+// FUZZ_ATTENTION_WRAPPERS (the fuzz_wrappers target, a corpus of its own), the wrappers: each
+// approximate kernel with an exact band, and with the guard (a report of one entry per head, or
+// none). Two targets, so that the inputs stored for one keep selecting what they did.
+#if defined(FUZZ_ATTENTION_WRAPPERS)
+using fuzzed = fa::kernel_list<fa::banded<fa::clustered>, fa::banded<fa::improved_clustered>,
+                               fa::banded<fa::smyrf>, fa::guarded<fa::clustered>,
+                               fa::guarded<fa::improved_clustered>, fa::guarded<fa::smyrf>>;
+#else
+using fuzzed = fa::kernels;
+#endif
+
+// Chooses the kernel by its index in `fuzzed`.
 template <class T>
 void run(FuzzedDataProvider& in) {
-  const auto id = in.ConsumeIntegralInRange<std::size_t>(0, fa::kernels::size - 1);
+  const auto id = in.ConsumeIntegralInRange<std::size_t>(0, fuzzed::size - 1);
   std::size_t i = 0;
-  fa::kernels::for_each([&](auto type) {
+  fuzzed::for_each([&](auto type) {
     if (i++ == id) run_kernel<T, typename decltype(type)::type>(in);
   });
 }

@@ -24,10 +24,10 @@ while [ $# -gt 0 ]; do
     --seed) seed="$2"; shift 2 ;;
     --seed=*) seed="${1#*=}"; shift ;;
     fuzz_*) targets+=("$1"); shift ;;
-    *) echo "usage: $0 [--seconds N] [--seed N] [fuzz_attention|fuzz_npy|fuzz_safetensors ...]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--seconds N] [--seed N] [fuzz_attention|fuzz_wrappers|fuzz_npy|fuzz_safetensors ...]" >&2; exit 2 ;;
   esac
 done
-[ ${#targets[@]} -eq 0 ] && targets=(fuzz_attention fuzz_npy fuzz_safetensors)
+[ ${#targets[@]} -eq 0 ] && targets=(fuzz_attention fuzz_wrappers fuzz_npy fuzz_safetensors)
 
 cxx=clang++-14
 command -v "$cxx" >/dev/null 2>&1 || cxx=clang++
