@@ -326,6 +326,27 @@ TEST(Banded, ExactInnerGivesExactAttention) {
     }
 }
 
+// clustered removes the band from its centroid's attention by a difference, (o_c - sum_band p v)
+// / kept, whose rounding grows as 1 / kept when the centroid's mass sits on a member's band.
+// Here the one cluster's centroid scores 15 on key 1 (the mean of 31 small queries and one that
+// points at key 1), so member 1 keeps 31 e^-15 = 1e-5 of it, while its own attention is nearly
+// uniform: its output comes almost all from that difference. A constant column of v must come out
+// as that constant: before, it was off by 1.7e-4 relative (found by fuzz_wrappers, 0.5% on extreme
+// inputs); now the difference is kept inside each column's range of v.
+TEST(Banded, ClusteredExclusionStaysInsideTheValuesRange) {
+  const fa::index n = 32, E = 16;
+  fa::matrix<float> k = fa::testing::gaussian<float>(n, E, 5);
+  for (fa::index i = 0; i < n; ++i) k.row(i).normalize();
+  fa::matrix<float> q = fa::testing::gaussian<float>(n, E, 7) * 1e-3f;
+  q.row(0) = k.row(1) * (15.0f * n);
+  fa::matrix<float> v = fa::testing::gaussian<float>(n, 3, 6);
+  v.col(0).setConstant(0.3f);
+  const fa::banded<fa::clustered> banded{.inner = {.clusters = 1}, .window = 0};
+  const fa::matrix<float> out = fa::attention(banded, q, k, v, {.scale = 1.0});
+  for (fa::index i = 0; i < n; ++i)
+    EXPECT_NEAR(out(i, 0), 0.3f, 0.3f * 1e-5f) << "row " << i;  // float rounding: ~1e-7
+}
+
 // Each kernel's own exclusion of the band (context::exclude), in settings where the kernel is
 // exact: one query per cluster (iid inputs: 63-bit hashes are distinct) for clustered and for
 // improved_clustered with a top-k far smaller than the band, so that most band keys are removed

@@ -137,6 +137,13 @@ struct clustered {
     auto scaled_centroids = detail::scratch_matrix<T>(C, E);
     scaled_centroids = groups.centroids() * scale;
     const index* const cluster_of = groups.clusters();
+    // With an exclusion, each column's range of v over the valid keys (see below).
+    auto v_low = detail::scratch_vector<T>(ctx.exclude ? M : 0);
+    auto v_high = detail::scratch_vector<T>(ctx.exclude ? M : 0);
+    if (ctx.exclude) {
+      v_low = v.topRows(Sv).colwise().minCoeff().transpose();
+      v_high = v.topRows(Sv).colwise().maxCoeff().transpose();
+    }
     // The centroid's weights on one member's excluded keys (at most the band's width of them).
     const index widest =
         ctx.exclude ? std::min<index>(Sv, ctx.exclude->upper - ctx.exclude->lower + 1) : 0;
@@ -180,10 +187,13 @@ struct clustered {
               lse[static_cast<std::size_t>(i)] = -std::numeric_limits<T>::infinity();
               continue;
             }
+            // The means of v and u k over the kept keys lie in each column's range of v and in
+            // (-2, 2); the differences can round past them when little is kept (relative error
+            // up to eps / kept), and are brought back (a NaN stays a NaN).
             o = (o - correction.leftCols(M)) / kept;
-            // The mean of u k over the kept keys lies in (-2, 2); the difference can round past
-            // it when little is kept (a NaN stays a NaN).
-            grad = ((grad - correction.rightCols(E)) / kept).cwiseMax(T(-2)).cwiseMin(T(2));
+            for (index m = 0; m < M; ++m) o(m) = clamp_keep_nan(o(m), v_low(m), v_high(m));
+            grad = (grad - correction.rightCols(E)) / kept;
+            for (index e = 0; e < E; ++e) grad(e) = clamp_keep_nan(grad(e), T(-2), T(2));
           }
         }
         auto offset = work.row(2).head(E);
@@ -195,6 +205,13 @@ struct clustered {
         lse[static_cast<std::size_t>(i)] = row_lse[j] + std::log(kept) + first_order;
       }
     });
+  }
+
+ private:
+  // x brought into [low, high]; a NaN stays a NaN (both comparisons are false).
+  template <class T>
+  static T clamp_keep_nan(T x, T low, T high) noexcept {
+    return x < low ? low : (x > high ? high : x);
   }
 };
 
