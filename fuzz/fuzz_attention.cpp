@@ -33,6 +33,12 @@
 //   of the keys it sees (every kernel takes convex combinations; `local` sees its window only, and
 //   outputs zeros when that holds no valid key); exact kernels, and the approximate ones with knobs
 //   that make them exact, match the float64 oracle;
+// - with one head's lse asked for (chosen last in the input): padded rows and rows that see no
+//   key get -inf, every other valid row a finite lse (inputs inside the bounds), and the exact
+//   configurations log sum_j exp(s_ij) of the float64 oracle;
+// - fuzz_wrappers (this file with FUZZ_ATTENTION_WRAPPERS): the same over banded<P> and
+//   guarded<P>, and the guard's report, when asked for, holds for every head that ran an
+//   estimate that is a number inside its interval;
 // - no single allocation of a call exceeds 32 MiB (the problems are at most 64 x 64 per head).
 //
 // Replaying an input: FUZZ_ATTENTION_VERBOSE=1 prints what it ran (kernel, shapes, knobs, outcome);
@@ -47,6 +53,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -475,7 +482,8 @@ values value_rule(const fa::matrix<T>& q, const fa::matrix<T>& k, const fa::matr
 // Checks one head's output (L x M) against its inputs.
 template <class Policy, class T>
 void check_head(const Policy& policy, const fa::matrix<T>& qh, const fa::matrix<T>& kh,
-                const fa::matrix<T>& vh, const fa::matrix<T>& oh, const fa::context& ctx) {
+                const fa::matrix<T>& vh, const fa::matrix<T>& oh, const fa::context& ctx,
+                const std::vector<T>& lse = {}) {
   const index Lv = ctx.query_length, Sv = ctx.key_length, M = vh.cols();
   auto violation = [&](const char* what) {
     std::fprintf(stderr, "fuzz_attention: %s, scale %.17g, query_length %td, key_length %td,%s\n",
@@ -488,6 +496,10 @@ void check_head(const Policy& policy, const fa::matrix<T>& qh, const fa::matrix<
   for (index i = Lv; i < oh.rows(); ++i)
     for (index m = 0; m < M; ++m)
       if (oh(i, m) != T(0)) violation("a padded output row is not zero");
+  const bool with_lse = !lse.empty();
+  constexpr T minus_inf = -std::numeric_limits<T>::infinity();
+  for (index i = Lv; with_lse && i < oh.rows(); ++i)
+    if (lse[static_cast<std::size_t>(i)] != minus_inf) violation("a padded row's lse is not -inf");
   // Finite inputs inside the overflow bounds: every kernel's output is finite and convex.
   if (value_rule(qh, kh, vh, ctx) != values::ok) return;
   double va = 0;
@@ -504,8 +516,12 @@ void check_head(const Policy& policy, const fa::matrix<T>& qh, const fa::matrix<
       const auto [first, last] = keys_seen(policy, i, Sv, ctx.causal);
       if (first == last) {
         if (x != 0) violation("output not zero for a query that sees no valid key");
+        if (with_lse && lse[static_cast<std::size_t>(i)] != minus_inf)
+          violation("the lse of a query that sees no valid key is not -inf");
         continue;
       }
+      if (with_lse && m == 0 && !std::isfinite(lse[static_cast<std::size_t>(i)]))
+        violation("non-finite lse for finite inputs inside the bounds");
       const auto seen = vh.col(m).segment(first, last - first).template cast<double>();
       const double lo = seen.minCoeff(), hi = seen.maxCoeff();
       if (x < lo - slack || x > hi + slack) {
@@ -537,6 +553,25 @@ void check_head(const Policy& policy, const fa::matrix<T>& qh, const fa::matrix<
     for (index m = 0; m < M; ++m)
       if (std::abs(static_cast<double>(oh(i, m)) - ref(i, m)) > 1e-3 * va + tiny)
         violation("an exact configuration differs from the float64 oracle");
+  // The lse against log sum_j exp(s_ij) in float64 over the keys each row sees (scores <= 30 in
+  // magnitude here: float's rounding of a score is about 1e-5).
+  for (index i = 0; with_lse && i < Lv; ++i) {
+    const auto [first, last] = keys_seen(policy, i, Sv, ctx.causal);
+    if (first == last) continue;
+    double peak = -std::numeric_limits<double>::infinity();
+    std::vector<double> scores;
+    for (index j = first; j < last; ++j) {
+      scores.push_back(ctx.scale *
+                       qh.row(i).template cast<double>().dot(kh.row(j).template cast<double>()));
+      peak = std::max(peak, scores.back());
+    }
+    double sum = 0;
+    for (const double x : scores) sum += std::exp(x - peak);
+    const double expected = peak + std::log(sum);
+    if (std::abs(static_cast<double>(lse[static_cast<std::size_t>(i)]) - expected) >
+        1e-3 * (1 + std::abs(expected)))
+      violation("an exact configuration's lse differs from the float64 oracle");
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -727,6 +762,13 @@ void run_kernel(FuzzedDataProvider& in) {
     out = oa;
   }
 
+  // One head through the front door may ask for each row's lse (chosen last, so that the inputs
+  // stored before it keep their meaning; with M >= 1, where asking is valid).
+  std::vector<T> lse;
+  if constexpr (fa::provides_lse<Policy>)
+    if (!multihead && M >= 1 && in.ConsumeBool())
+      lse.assign(static_cast<std::size_t>(L), std::numeric_limits<T>::quiet_NaN());
+
   // The expected validity, per the documented rules.
   bool valid = knobs_ok && S == Sv_rows;
   auto context_ok = [&] {
@@ -800,7 +842,15 @@ void run_kernel(FuzzedDataProvider& in) {
       auto stride = [](const tensor<T>& t) { return Eigen::OuterStride<>(t.token_stride); };
       const cmap qm(q.data, L, E, stride(q)), km(k.data, S, Ek, stride(k)),
           vm(v.data, Sv_rows, M, stride(v));
-      fa::attention(policy, qm, km, vm, fa::view<T>(map(out.data, L, M, stride(out))), opt);
+      const fa::view<T> o(map(out.data, L, M, stride(out)));
+      if constexpr (fa::provides_lse<Policy>) {
+        if (!lse.empty())
+          fa::attention(policy, qm, km, vm, o, std::span<T>(lse), opt);
+        else
+          fa::attention(policy, qm, km, vm, o, opt);
+      } else {
+        fa::attention(policy, qm, km, vm, o, opt);
+      }
     }
     largest = allocations.largest;
   } catch (const fa::invalid_argument& e) {
@@ -854,7 +904,7 @@ void run_kernel(FuzzedDataProvider& in) {
     for (index h = 0; h < H; ++h) {
       const auto i = static_cast<std::size_t>(b * H + h);
       const fa::context& c = contexts[static_cast<std::size_t>(b)];
-      check_head(policy, qh[i], kh[i], vh[i], out.head_matrix(b, h), c);
+      check_head(policy, qh[i], kh[i], vh[i], out.head_matrix(b, h), c, lse);
       // The guard's report of a head that ran (a valid query and key) on values inside the
       // bounds: an estimate that is a number, inside its interval.
       if (report.empty() || c.query_length == 0 || c.key_length == 0 ||
