@@ -317,15 +317,6 @@ fa::smyrf* smyrf_in(Policy& policy) {
     return nullptr;
 }
 
-template <class P>
-struct is_banded : std::false_type {};
-template <class P>
-struct is_banded<fa::banded<P>> : std::true_type {};
-template <class P>
-struct is_guarded : std::false_type {};
-template <class P>
-struct is_guarded<fa::guarded<P>> : std::true_type {};
-
 // Whether `policy` computes exact attention for these lengths (the documented cases; a kernel
 // the harness does not know is exact when it says so).
 template <class Policy>
@@ -340,9 +331,9 @@ bool exact_for(const Policy& policy, index Lv, index Sv) {
     return policy.cluster_size >= Lv;
   else if constexpr (std::is_same_v<Policy, fa::local>)
     return policy.window >= std::max(Lv, Sv);
-  else if constexpr (is_banded<Policy>::value)  // the band holds every key, or the rest is exact
+  else if constexpr (fa::is_banded<Policy>)  // the band holds every key, or the rest is exact
     return policy.window >= std::max(Lv, Sv) || exact_for(policy.inner, Lv, Sv);
-  else if constexpr (is_guarded<Policy>::value)  // dense below min_length, or P exact
+  else if constexpr (fa::is_guarded<Policy>)  // dense below min_length, or P exact
     return Lv < policy.min_length || exact_for(policy.inner, Lv, Sv);
   else
     return false;
@@ -669,7 +660,7 @@ void run_kernel(FuzzedDataProvider& in) {
   }
   // guarded<P>: a report of one entry per head, or none.
   std::vector<fa::error_estimate> report;
-  if constexpr (is_guarded<Policy>::value) {
+  if constexpr (fa::is_guarded<Policy>) {
     if (in.ConsumeBool()) {
       report.assign(static_cast<std::size_t>(multihead ? B * H : 1), fa::error_estimate{});
       policy.report = report;

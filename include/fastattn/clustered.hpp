@@ -208,7 +208,8 @@ struct clustered {
   }
 
  private:
-  // x brought into [low, high]; a NaN stays a NaN (both comparisons are false).
+  // x brought into [low, high]; a NaN stays a NaN (both comparisons are false). Not std::clamp:
+  // the bounds come from v and may be NaN with check_finite off, which std::clamp forbids.
   template <class T>
   static T clamp_keep_nan(T x, T low, T high) noexcept {
     return x < low ? low : (x > high ? high : x);

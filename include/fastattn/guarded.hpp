@@ -317,23 +317,24 @@ struct guarded {
     auto& arena = detail::arena::local();
     double* const p = arena.take<double>(static_cast<std::size_t>(Lv));
     double* const cumulative = arena.take<double>(static_cast<std::size_t>(Lv));
-    double total = 0;
-    for (index i = 0; i < Lv; ++i) {  // (a sum of M squares in T suffices for a probability)
-      p[i] = static_cast<double>(approx.row(i).squaredNorm());
-      total += p[i];
-    }
+    // p[i] = ||u a_i||^2 and their sum: in T when u = 1 (a sum of M squares in T suffices for a
+    // probability), else in double.
+    auto squared_norms = [&](double unit) {
+      double sum = 0;
+      for (index i = 0; i < Lv; ++i) {
+        p[i] = unit == 1.0 ? static_cast<double>(approx.row(i).squaredNorm())
+                           : (approx.row(i).template cast<double>() * unit).squaredNorm();
+        sum += p[i];
+      }
+      return sum;
+    };
+    double total = squared_norms(1.0);
     // Squares past T's range, or so small that they lost their digits (T's smallest normal
     // number is 1e-38 in float), would make the draws depend on the values' magnitude: again,
-    // in double with the rows scaled by a power of two (not in the common case).
+    // with the rows scaled by a power of two (not in the common case).
     if (!(std::isfinite(total) && total > 1e-30)) {
       const double unit = detail::norm_unit(detail::largest_magnitude(approx.topRows(Lv)));
-      if (unit != 1.0) {
-        total = 0;
-        for (index i = 0; i < Lv; ++i) {
-          p[i] = (approx.row(i).template cast<double>() * unit).squaredNorm();
-          total += p[i];
-        }
-      }
+      if (unit != 1.0) total = squared_norms(unit);
     }
     const bool by_norm = total > 0 && std::isfinite(total);
     const double uniform = 1 / static_cast<double>(Lv);
