@@ -496,5 +496,9 @@ struct peaked1024 {
       const Eigen::MatrixBase<fastattn::matrix<double>>&,                            \
       const Eigen::MatrixBase<fastattn::matrix<double>>&, const fastattn::options&);
 
-// A kernel missing from this list is still tested, each test file then compiling it itself.
+// A kernel missing from this list is still tested, each test file then compiling it itself. A
+// test executable compiled with other flags (native/) compiles everything itself: linked with
+// instantiate.cpp's objects, the linker could pick either build's copy of a shared inline function.
+#ifndef FASTATTN_TEST_OWN_INSTANTIATIONS
 FASTATTN_TEST_INSTANTIATE_ALL(extern)
+#endif

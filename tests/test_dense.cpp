@@ -1,6 +1,9 @@
 // dense against the float64 oracle: random shapes, masks, causal, extreme logits, float and double.
 #include "common.hpp"
 
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <limits>
 #include <random>
 #include <vector>

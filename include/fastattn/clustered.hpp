@@ -27,7 +27,10 @@ namespace fastattn {
 ///    majority-vote updates, initial centroids the hashes of C distinct random valid queries,
 ///    empty clusters re-seeded by the k-means++ rule; see detail::hamming_kmeans).
 /// 3. Each cluster's centroid is the mean of its members' raw queries; its attention row
-///    softmax(scale c K^T + key mask) V is computed exactly (C x S scores, streamed by dense).
+///    softmax(scale c K^T + key mask) V is computed exactly (C x S scores, streamed by dense's
+///    fused kernel; weights below eps / (16 S) of the row's largest are dropped, at most eps / 16
+///    of its total, and the P V product skips them: on peaked attention most of it, see
+///    detail::flash_block::drop_below).
 /// 4. Every member query gets its centroid's row; padded query rows are zero.
 ///
 /// Cost: 2 Lv E B (hashing) + O(passes Lv C) popcounts (passes <= iterations, fewer once k-means
@@ -104,7 +107,7 @@ struct clustered {
       auto rows = detail::scratch_matrix<T>(C, M);
       detail::exact_attention<T>(const_view<T>(groups.centroids()), k, v, view<T>(rows), C, Sv,
                                  ctx.scale, std::nullopt,
-                                 {detail::rows_per_thread(C, ctx.threads), 512, ctx.threads});
+                                 {detail::rows_per_thread(C, ctx.threads), 512, ctx.threads, true});
       groups.broadcast(rows, out, ctx.threads);
       return;
     }
@@ -127,7 +130,7 @@ struct clustered {
     T* const row_lse = detail::arena::local().take<T>(static_cast<std::size_t>(C));
     detail::exact_attention<T>(const_view<T>(groups.centroids()), k, const_view<T>(values),
                                view<T>(rows), C, Sv, ctx.scale, std::nullopt,
-                               {detail::rows_per_thread(C, ctx.threads), 512, ctx.threads},
+                               {detail::rows_per_thread(C, ctx.threads), 512, ctx.threads, true},
                                row_lse);
     groups.broadcast(rows.leftCols(M), out, ctx.threads);
     const T scale = static_cast<T>(ctx.scale);

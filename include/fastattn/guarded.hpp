@@ -146,7 +146,9 @@ class ratio_accumulator {
 ///    error 0, confidence 1.
 /// 2. Otherwise P runs. When an estimate is asked for (a `report` span is given or `tolerance`
 ///    is finite), `samples` rows are drawn and computed exactly (dense's algorithm: causal rows
-///    see keys j <= i, padded keys none) and the head's relative error is estimated (below).
+///    see keys j <= i, padded keys none; weights below eps / (16 Sv) of a row's largest are
+///    dropped, at most eps / 16 of its total, and the P V product skips them: see
+///    detail::flash_block::drop_below) and the head's relative error is estimated (below).
 /// 3. When the estimate exceeds `tolerance` (or is NaN), the head is recomputed by dense's
 ///    algorithm with dense's default tiles (128 x 512): its output (and log-sum-exp) are then bit
 ///    for bit those of `fastattn::dense{}`; report.fell_back = true.
@@ -374,7 +376,7 @@ struct guarded {
     // same bits on any thread count.
     auto rows = detail::scratch_matrix<T>(unique, M);
     const detail::tiles tiles{std::min<index>(unique, exact.query_block), exact.key_block,
-                              ctx.threads};
+                              ctx.threads, true};
     if (!ctx.causal) {
       auto gathered = detail::scratch_matrix<T>(unique, E);
       for (index r = 0; r < unique; ++r) gathered.row(r) = q.row(drawn[r]);

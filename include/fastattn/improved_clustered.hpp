@@ -37,7 +37,9 @@ namespace fastattn {
 /// and topk >= Sv makes it exact whatever the clustering.
 ///
 /// Cost: clustered's hashing and k-means + 2 C S (E + M) (centroid scores and residual rows, in
-/// blocks of 64 centroids, by the fused kernel's register tiles on keys packed once) + O(C S)
+/// blocks of 64 centroids, by the fused kernel's register tiles on keys packed once; the
+/// residual's weights below eps / (16 S) of the centroid's largest are dropped, at most eps / 16
+/// of its total, and its P V product skips them when few remain, as on peaked attention) + O(C S)
 /// top-k selection + 2 Lv k (E + M) (members against their cluster's k keys, in blocks of up to
 /// 128 members). Linear in L and S for fixed C and k; extra memory O(S E) (the packed keys) +
 /// O((64 + k) (S + E + M) + 128 k + Lv), never L x S whatever C and k are.
@@ -139,6 +141,10 @@ struct improved_clustered {
     const index widest =
         excluding ? std::min<index>(Sv, ctx.exclude->upper - ctx.exclude->lower + 1) : 0;
     T* const centroid_lse = detail::arena::local().take<T>(static_cast<std::size_t>(cb));
+    // The residual's dropped weights, and whether its P V may skip them (a NaN value, possible
+    // with check_finite off, must still reach every row as 0 * NaN).
+    const T drop = std::numeric_limits<T>::epsilon() / (T(16) * static_cast<T>(Sv));
+    const bool values_finite = detail::flash::all_finite(v.data(), v.outerStride(), Sv, M);
     T* const normaliser = detail::arena::local().take<T>(static_cast<std::size_t>(cb));
 
     for (index c0 = 0; c0 < C; c0 += cb) {
@@ -165,7 +171,11 @@ struct improved_clustered {
         }
         // The row keeps exp(score - peak); 1 / sum, the softmax's normalisation, is applied to
         // what is read from it (the mass, the top-k probabilities, the residual row).
+        // Weights below eps / (16 S) of the peak are dropped (at most eps / 16 of the sum, within
+        // the rounding; see flash_block::drop_below): on peaked attention the residual's P V
+        // then reads only the few keys each centroid weighs.
         row = (row.array() - peak).exp();
+        row = (row.array() < drop).select(T(0), row);
         const T sum = row.sum();
         normaliser[j] = T(1) / sum;
         centroid_lse[j] = peak + std::log(sum);
@@ -180,7 +190,7 @@ struct improved_clustered {
       });
       // The centroid's attention on the keys outside its top-k.
       detail::weighted_values<T>(score_buffer, lds, n, const_view<T>(values), Sv,
-                                 view<T>(residual.topRows(n)), ctx.threads);
+                                 view<T>(residual.topRows(n)), ctx.threads, values_finite);
       for (index j = 0; j < n; ++j) residual.row(j) *= normaliser[j];
 
       // Members against their cluster's top-k keys: small products per block of members.

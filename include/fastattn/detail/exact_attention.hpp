@@ -18,6 +18,12 @@ struct tiles {
   index query_block = 128;  ///< queries per tile
   index key_block = 512;    ///< keys per tile
   int threads = 1;          ///< threads sharing the query blocks (the result does not change)
+  /// Whether weights below eps / (16 keys) of a row's largest may be dropped (at most eps / 16
+  /// of the row's total, within exact attention's rounding), and keys no row of a group of 8
+  /// weighs then skipped: on peaked attention most of the P V product. Off for dense and local
+  /// (the exact kernels keep every weight); on for the few rows of clustered's centroids and the
+  /// guard's exact rows. See flash_block::drop_below.
+  bool drop_negligible = false;
 };
 
 /// Query rows per block for `rows` rows on `threads` threads: all of them in one block when
@@ -46,7 +52,7 @@ void exact_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> 
   if (rows == 0) return;
   with_flash_geometry<T>(v.cols(), [&]<class G>(G) {
     flash_attention<G>(q, k, v, out, rows, keys, scale, visible, t.query_block, t.key_block,
-                       t.threads, lse);
+                       t.threads, lse, t.drop_negligible);
   });
 }
 

@@ -20,14 +20,20 @@
 #pragma once
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 #include <optional>
 #include <utility>
 
 #include <Eigen/Core>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "../policy.hpp"
 #include "parallel.hpp"
@@ -76,23 +82,39 @@ decltype(auto) with_flash_geometry(index m, F&& f) {
   return f(flash_geometry<T, T>{});
 }
 
-/// out[0, m) = sum_{j < n} w[j] v[j * ldv + (0, m)], or out[0, m) += that with `add`: a weighted
-/// sum of a few rows (any alignment, any m), as the ragged keys of a group (flash_block::absorb)
-/// and the exclusions of banded's inner kernels need: four packets of the row at a time in
-/// registers, then one, then scalars. A general vector-matrix product spent more time in its
-/// set-up than in these few rows.
-template <class T>
-void weighted_row_sum(const T* w, index n, const T* v, index ldv, index m, T* out,
+/// The keys of a P V product: a run [first, first + count) of consecutive keys.
+struct key_run {
+  index first, count;
+  index operator[](index t) const noexcept { return first + t; }
+};
+
+/// The keys of a P V product: count keys listed at `keys` (ascending), the keys of a block that
+/// a row weighs (flash_block::drop_below).
+struct key_list {
+  const std::int32_t* keys;
+  index count;
+  index operator[](index t) const noexcept { return keys[t]; }
+};
+
+/// out[0, m) = sum_{t < keys.count} w[j] v[j * ldv + (0, m)], j = keys[t], or out[0, m) += that
+/// with `add`: a weighted sum of a few rows (any alignment, any m), as the ragged keys of a group
+/// (flash_block::absorb), a row's few weighed keys (drop_below) and the exclusions of banded's
+/// inner kernels need: four packets of the row at a time in registers, then one, then scalars.
+/// A general vector-matrix product spent more time in its set-up than in these few rows.
+template <class T, class Keys>
+void weighted_row_sum(const T* w, Keys keys, const T* v, index ldv, index m, T* out,
                       bool add = false) {
   namespace ei = Eigen::internal;
   using P = typename ei::packet_traits<T>::type;
   constexpr index size = ei::packet_traits<T>::size;
+  const index n = keys.count;
   index c = 0;
   for (; c + 4 * size <= m; c += 4 * size) {
     P acc[4];
     for (int a = 0; a < 4; ++a)
       acc[a] = add ? ei::ploadu<P>(out + c + a * size) : ei::pset1<P>(T(0));
-    for (index j = 0; j < n; ++j) {
+    for (index t = 0; t < n; ++t) {
+      const index j = keys[t];
       const P x = ei::pset1<P>(w[j]);
       for (int a = 0; a < 4; ++a)
         acc[a] = ei::pmadd(x, ei::ploadu<P>(v + j * ldv + c + a * size), acc[a]);
@@ -101,15 +123,24 @@ void weighted_row_sum(const T* w, index n, const T* v, index ldv, index m, T* ou
   }
   for (; c + size <= m; c += size) {
     P acc = add ? ei::ploadu<P>(out + c) : ei::pset1<P>(T(0));
-    for (index j = 0; j < n; ++j)
+    for (index t = 0; t < n; ++t) {
+      const index j = keys[t];
       acc = ei::pmadd(ei::pset1<P>(w[j]), ei::ploadu<P>(v + j * ldv + c), acc);
+    }
     ei::pstoreu(out + c, acc);
   }
   for (; c < m; ++c) {
     T acc = add ? out[c] : T(0);
-    for (index j = 0; j < n; ++j) acc += w[j] * v[j * ldv + c];
+    for (index t = 0; t < n; ++t) acc += w[keys[t]] * v[keys[t] * ldv + c];
     out[c] = acc;
   }
+}
+
+/// weighted_row_sum over the rows [0, n).
+template <class T>
+void weighted_row_sum(const T* w, index n, const T* v, index ldv, index m, T* out,
+                      bool add = false) {
+  weighted_row_sum<T>(w, key_run{0, n}, v, ldv, m, out, add);
 }
 
 /// out[j] = rows[j * ld + (0, e)] . x[0, e) for j < n (any alignment): the scores of a few rows
@@ -188,11 +219,12 @@ inline void keep_in_register(P& x) noexcept {
 #endif
 }
 
-/// acc[r][0, W packets) = alpha[r] acc[r] + sum_{j in [j0, j1)} p[r][j] v[j], r < R: p rows with
-/// stride ldp, v rows with stride ldv (any alignment), acc rows with stride lda (aligned).
-template <class G, int R, int W, class T = typename G::scalar>
-inline void value_tile(const T* p, index ldp, const T* alpha, const T* v, index ldv, index j0,
-                       index j1, T* acc, index lda) {
+/// acc[r][0, W packets) = alpha[r] acc[r] + sum_{t < keys.count} p[r][j] v[j], j = keys[t],
+/// r < R: p rows with stride ldp, v rows with stride ldv (any alignment), acc rows with stride
+/// lda (aligned).
+template <class G, int R, int W, class Keys, class T = typename G::scalar>
+inline void value_tile(const T* p, index ldp, const T* alpha, const T* v, index ldv, Keys keys,
+                       T* acc, index lda) {
   using P = typename G::packet;
   namespace ei = Eigen::internal;
   P c[R * W];
@@ -200,7 +232,8 @@ inline void value_tile(const T* p, index ldp, const T* alpha, const T* v, index 
   for (int i = 0; i < R * W; ++i)
     c[i] =
         ei::pmul(ei::pset1<P>(alpha[i / W]), ei::pload<P>(acc + (i / W) * lda + (i % W) * G::size));
-  for (index j = j0; j < j1; ++j) {
+  for (index t = 0; t < keys.count; ++t) {
+    const index j = keys[t];
     P x[W];
 #pragma GCC unroll 16
     for (int w = 0; w < W; ++w) {
@@ -218,16 +251,16 @@ inline void value_tile(const T* p, index ldp, const T* alpha, const T* v, index 
 /// value_tile over the first `rows` rows of a group (G::group rows; the tiles past `rows`, all
 /// padding, are skipped) and all m values: chunks of W packets (as many as the accumulator
 /// budget allows), each over the rows in tiles of R.
-template <class G, class T = typename G::scalar>
-inline void value_group(const T* p, index ldp, const T* alpha, const T* v, index ldv, index j0,
-                        index j1, T* acc, index lda, index m, index rows = G::group) {
+template <class G, class Keys, class T = typename G::scalar>
+inline void value_group(const T* p, index ldp, const T* alpha, const T* v, index ldv, Keys keys,
+                        T* acc, index lda, index m, index rows = G::group) {
   constexpr int max_w = G::accumulators / 4;
   for (index w0 = 0; w0 < m; w0 += max_w * G::size) {
     const int w = static_cast<int>(std::min<index>(max_w, (m - w0) / G::size));
     auto run = [&]<int W>(std::integral_constant<int, W>) {
       constexpr int R = W * G::group <= G::accumulators ? G::group : 4;
       for (int r0 = 0; r0 < rows; r0 += R)
-        value_tile<G, R, W>(p + r0 * ldp, ldp, alpha + r0, v + w0, ldv, j0, j1, acc + r0 * lda + w0,
+        value_tile<G, R, W>(p + r0 * ldp, ldp, alpha + r0, v + w0, ldv, keys, acc + r0 * lda + w0,
                             lda);
     };
     bool done = false;
@@ -239,6 +272,60 @@ inline void value_group(const T* p, index ldp, const T* alpha, const T* v, index
       }
     });
   }
+}
+
+/// Whether rows [0, rows) of m values at stride ld are all finite. 0 * x is 0 for a finite x and
+/// NaN otherwise, so a sum of them is 0 exactly when every value is finite (vectorised; Eigen's
+/// isFinite is not).
+template <class T>
+bool all_finite(const T* values, index ld, index rows, index m) noexcept {
+  namespace ei = Eigen::internal;
+  using P = typename ei::packet_traits<T>::type;
+  constexpr index size = ei::packet_traits<T>::size;
+  const P zero = ei::pset1<P>(T(0));
+  P sum = zero;
+  T rest = T(0);
+  for (index j = 0; j < rows; ++j) {
+    const T* const row = values + j * ld;
+    index c = 0;
+    for (; c + size <= m; c += size) sum = ei::padd(sum, ei::pmul(ei::ploadu<P>(row + c), zero));
+    for (; c < m; ++c) rest += row[c] * T(0);
+  }
+  return ei::predux(sum) + rest == T(0);
+}
+
+/// The keys j in [a, b) whose weight p[j] is not 0 (a positive weight, or NaN), listed into
+/// `keys` (room for b - a + 16 entries); their count. Most keys are dropped, in no pattern
+/// (flash_block::drop_below): with AVX-512, a compare into a mask and a compress of the keys'
+/// indices per packet (the register form: the memory form is microcoded on AMD's Zen 4);
+/// elsewhere branch-free scalars.
+template <class T>
+index list_weighed(const T* p, index a, index b, std::int32_t* keys) noexcept {
+  index n = 0, j = a;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    constexpr int lanes = 64 / static_cast<int>(sizeof(T));
+    __m512i at =
+        _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(a)),
+                         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    const __m512i step = _mm512_set1_epi32(lanes);
+    for (; j + lanes <= b; j += lanes) {
+      __mmask16 weighed;
+      if constexpr (std::is_same_v<T, float>)
+        weighed = _mm512_cmp_ps_mask(_mm512_loadu_ps(p + j), _mm512_setzero_ps(), _CMP_NEQ_UQ);
+      else
+        weighed = _mm512_cmp_pd_mask(_mm512_loadu_pd(p + j), _mm512_setzero_pd(), _CMP_NEQ_UQ);
+      _mm512_storeu_si512(keys + n, _mm512_maskz_compress_epi32(weighed, at));
+      n += std::popcount(static_cast<unsigned>(weighed));
+      at = _mm512_add_epi32(at, step);
+    }
+  }
+#endif
+  for (; j < b; ++j) {
+    keys[n] = static_cast<std::int32_t>(j);
+    n += p[j] != T(0) ? 1 : 0;
+  }
+  return n;
 }
 
 /// Packs `count` keys as K^T panels into dst (ceil(count / panel) panels of e x panel values):
@@ -350,7 +437,17 @@ class flash_block {
         acc_(arena::local().take<T>(static_cast<std::size_t>(rows_cap_ * m))),
         s_(arena::local().take<T>(static_cast<std::size_t>(geometry::group * lds_))),
         max_(arena::local().take<T>(static_cast<std::size_t>(rows_cap_))),
-        sum_(arena::local().take<T>(static_cast<std::size_t>(rows_cap_))) {}
+        sum_(arena::local().take<T>(static_cast<std::size_t>(rows_cap_))),
+        active_(arena::local().take<std::int32_t>(static_cast<std::size_t>(lds_ + 16))) {}
+
+  /// From here on, a weight below `delta` times the row's largest so far, exp(s - max) < delta,
+  /// counts as zero (in the sum too), and a key that every row of a group weighs zero is not
+  /// read (its values are not multiplied in) when at most half of the group's keys are weighed
+  /// and the block's values are finite. With delta <= eps / (16 keys) the weights dropped from a
+  /// row over all its keys sum to at most eps / 16 of its total: within the rounding of exact
+  /// attention, and on peaked attention (a few keys in a row's reach) most of the P V product is
+  /// skipped. 0 (the default): every weight counts.
+  void drop_below(T delta) noexcept { drop_ = delta; }
 
   /// Row r of the query block (e values), to be filled with the scaled query before reset.
   T* query(index r) noexcept { return q_ + r * e_; }
@@ -384,6 +481,8 @@ class flash_block {
     constexpr index group = geometry::group, panel = geometry::panel, size = geometry::size;
     T alpha[group];
     index first[group], last[group];
+    int finite = -1;       // whether the block's values are finite: unknown until a group asks
+    index nonzero[group];  // with drop_below: each row's weights kept in this block
     for (index g0 = 0; g0 < rows_; g0 += group) {
       const index rows_here = std::min(group, rows_ - g0);
       // Keys of the block that some row of the group sees: [ga, gb).
@@ -422,6 +521,7 @@ class flash_block {
         T* const row = s_ + r * lds_;
         const index i = g0 + r, a = first[r], b = last[r];
         alpha[r] = T(1);
+        nonzero[r] = b - a;
         if (a == b) {  // sees nothing here (or a padding row): contributes nothing
           std::fill(row + w0, row + w1, T(0));
           continue;
@@ -451,10 +551,24 @@ class flash_block {
         }
         const P mm = ei::pset1<P>(m_new);
         P total = ei::pset1<P>(T(0));
-        for (index c = qa; c < qb; c += size) {
-          const P x = ei::pexp(ei::psub(scores_at(c), mm));
-          ei::pstore(row + c, x);
-          total = ei::padd(total, x);
+        if (drop_ > T(0)) {
+          const P delta = ei::pset1<P>(drop_), zero = ei::pset1<P>(T(0)), one = ei::pset1<P>(T(1));
+          P count = zero;
+          for (index c = qa; c < qb; c += size) {
+            P x = ei::pexp(ei::psub(scores_at(c), mm));
+            const P dropped = ei::pcmp_lt(x, delta);  // NaN is kept
+            x = ei::pselect(dropped, zero, x);
+            count = ei::padd(count, ei::pandnot(one, dropped));
+            ei::pstore(row + c, x);
+            total = ei::padd(total, x);
+          }
+          nonzero[r] = static_cast<index>(ei::predux(count));
+        } else {
+          for (index c = qa; c < qb; c += size) {
+            const P x = ei::pexp(ei::psub(scores_at(c), mm));
+            ei::pstore(row + c, x);
+            total = ei::padd(total, x);
+          }
         }
         alpha[r] = std::exp(max_[i] - m_new);  // 0 when the row had nothing yet
         sum_[i] = sum_[i] * alpha[r] + ei::predux(total);
@@ -474,8 +588,25 @@ class flash_block {
         cb = std::min(cb, last[r]);
       }
       if (!shared || ca >= cb) ca = cb = ga;
-      flash::value_group<G>(s_, lds_, alpha, values, ldv, ca, cb, acc_ + g0 * m_, m_, m_,
-                            rows_here);
+      // With drop_below, when the rows weigh few keys (peaked attention: a few percent), each
+      // row adds only its own weighed keys: a key's values are then read once per row that
+      // weighs it instead of once per group, and the tiles' work on zero weights is skipped.
+      index weighed = 0;
+      for (index r = 0; r < rows_here; ++r) weighed += nonzero[r];
+      if (drop_ > T(0) && ca < cb && 4 * weighed <= rows_here * (cb - ca) &&
+          values_finite(values, ldv, cols, finite)) {
+        for (index r = 0; r < rows_here; ++r) {
+          T* const acc_row = acc_ + (g0 + r) * m_;
+          if (alpha[r] != T(1))
+            for (index c = 0; c < m_; ++c) acc_row[c] *= alpha[r];
+          const T* const p_row = s_ + r * lds_;
+          const index n = flash::list_weighed(p_row, ca, cb, active_);
+          weighted_row_sum<T>(p_row, key_list{active_, n}, values, ldv, m_, acc_row, true);
+        }
+      } else {
+        flash::value_group<G>(s_, lds_, alpha, values, ldv, key_run{ca, cb - ca}, acc_ + g0 * m_,
+                              m_, m_, rows_here);
+      }
       if (ga < ca || cb < gb)
         for (index r = 0; r < rows_here; ++r) {
           if (first[r] == last[r]) continue;
@@ -534,13 +665,23 @@ class flash_block {
   static constexpr T neg_inf = -std::numeric_limits<T>::infinity();
   static constexpr index round_up(index n, index to) noexcept { return flash::round_up(n, to); }
 
+  // Whether the `cols` value rows of the block are finite, computed once per absorb (`state`:
+  // -1 unknown, 0 no, 1 yes). Keys of zero weight are skipped only then: with check_finite off,
+  // a NaN value still reaches the rows that see it, as 0 * NaN, as without drop_below.
+  bool values_finite(const T* values, index ldv, index cols, int& state) const {
+    if (state < 0) state = flash::all_finite(values, ldv, cols, m_) ? 1 : 0;
+    return state == 1;
+  }
+
   index e_, m_, lds_, rows_cap_;
   T* q_;
   T* acc_;
   T* s_;
   T* max_;
   T* sum_;
+  std::int32_t* active_;
   index rows_ = 0;
+  T drop_ = 0;
 };
 
 /// The fused kernel behind `exact_attention` (same contract: rows [0, rows) of `out`, keys
@@ -558,7 +699,7 @@ class flash_block {
 template <class G, class T = typename G::scalar>
 void flash_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> out, index rows,
                      index keys, double scale, std::optional<band> visible, index query_block,
-                     index key_block, int threads, T* lse) {
+                     index key_block, int threads, T* lse, bool drop_negligible = false) {
   const index e = q.cols(), m = v.cols();
   const arena::scope scratch;
 
@@ -576,6 +717,10 @@ void flash_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> 
   const index bk = std::min(flash::round_up(std::max<index>(key_block, 1), G::panel),
                             flash::round_up(std::max<index>(klast - kbase, 1), G::panel));
   const T sc = static_cast<T>(scale);
+  // Weights below eps / (16 keys) of a row's largest dropped (flash_block::drop_below).
+  const T drop = drop_negligible ? std::numeric_limits<T>::epsilon() /
+                                       (T(16) * static_cast<T>(std::max<index>(klast - kfirst, 1)))
+                                 : T(0);
   // The keys [a, b) of the key block at j0 that row i0 + r sees, relative to j0.
   const auto range_of = [&](index i0, index j0, index cols) {
     return [&visible, keys, i0, j0, cols](index r) {
@@ -592,6 +737,7 @@ void flash_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> 
     std::optional<flash_block<G>> state[most_segments];  // from this thread's arena
     for (index s = 0; s < segments; ++s) {
       auto& block = state[s].emplace(bq, bk, e, m);
+      block.drop_below(drop);
       for (index r = 0; r < rows; ++r) block.set_query(r, q.row(r), sc);
       block.reset(rows);
     }
@@ -619,6 +765,7 @@ void flash_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> 
   parallel_for(threads, blocks, [&](index b) {
     const arena::scope block_scratch;  // the executing thread's
     flash_block<G> block(bq, bk, e, m);
+    block.drop_below(drop);
     const index i0 = b * bq, n = std::min(bq, rows - i0);
     for (index r = 0; r < n; ++r) block.set_query(r, q.row(i0 + r), sc);
     block.reset(n);
@@ -682,9 +829,12 @@ class score_rows {
 /// by every row while in L2. p: at least score_rows<T>::padded_rows(rows) rows of stride ldp
 /// (the rows past `rows` are read, their results dropped). Each row's sum runs over the keys in
 /// order, so the result does not depend on `threads`, which share the rows.
+/// With `sparse` (p's zeros are dropped weights, flash_block::drop_below, and v's valid rows
+/// are finite): a group of rows whose weights are at most a quarter nonzero adds, row by row,
+/// only the keys it weighs (the same sum without its zero terms).
 template <class T>
 void weighted_values(const T* p, index ldp, index rows, const const_view<T>& v, index keys,
-                     view<T> out, int threads) {
+                     view<T> out, int threads, bool sparse = false) {
   with_flash_geometry<T>(v.cols(), [&]<class G>(G) {
     const index m = v.cols(), groups = flash::round_up(rows, G::group) / G::group;
     const index lda = flash::round_up(m, G::size);
@@ -695,12 +845,39 @@ void weighted_values(const T* p, index ldp, index rows, const const_view<T>& v, 
     constexpr index key_block = 512;
     const index per_task = (groups + threads - 1) / std::max(threads, 1);
     parallel_for(threads, (groups + per_task - 1) / per_task, [&](index c) {
+      const arena::scope task_scratch;  // the executing thread's
       const index g0 = c * per_task, g1 = std::min(groups, g0 + per_task);
       std::fill(acc + g0 * G::group * lda, acc + g1 * G::group * lda, T(0));
+      // The groups that go by whole key blocks, and (with `sparse`) the others, row by row.
+      index* const dense = arena::local().take<index>(static_cast<std::size_t>(g1 - g0));
+      index dense_groups = 0;
+      std::int32_t* const listed = arena::local().take<std::int32_t>(
+          sparse ? static_cast<std::size_t>(G::group * (keys + 16)) : 0);
+      for (index g = g0; g < g1; ++g) {
+        const index here = std::min(G::group, rows - g * G::group);
+        index weighed = 0, count[G::group] = {};
+        if (sparse)
+          for (index r = 0; r < here && 4 * weighed <= here * keys; ++r) {
+            count[r] = flash::list_weighed(p + (g * G::group + r) * ldp, 0, keys,
+                                           listed + r * (keys + 16));
+            weighed += count[r];
+          }
+        if (!sparse || 4 * weighed > here * keys) {
+          dense[dense_groups++] = g;
+          continue;
+        }
+        for (index r = 0; r < here; ++r)
+          weighted_row_sum<T>(p + (g * G::group + r) * ldp,
+                              key_list{listed + r * (keys + 16), count[r]}, v.data(),
+                              v.outerStride(), m, acc + (g * G::group + r) * lda);
+      }
       for (index j0 = 0; j0 < keys; j0 += key_block)
-        for (index g = g0; g < g1; ++g)
-          flash::value_group<G>(p + g * G::group * ldp, ldp, ones, v.data(), v.outerStride(), j0,
-                                std::min(keys, j0 + key_block), acc + g * G::group * lda, lda, m);
+        for (index t = 0; t < dense_groups; ++t) {
+          const index g = dense[t];
+          flash::value_group<G>(p + g * G::group * ldp, ldp, ones, v.data(), v.outerStride(),
+                                key_run{j0, std::min(keys, j0 + key_block) - j0},
+                                acc + g * G::group * lda, lda, m);
+        }
       for (index r = g0 * G::group; r < std::min(rows, g1 * G::group); ++r)
         out.row(r) = Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>(acc + r * lda, m);
     });
