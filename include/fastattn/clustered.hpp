@@ -135,6 +135,10 @@ struct clustered {
     groups.broadcast(rows.leftCols(M), out, ctx.threads);
     const T scale = static_cast<T>(ctx.scale);
     const T tiny = 16 * std::numeric_limits<T>::epsilon();
+    // The weights the centroid attention dropped (eps / (16 Sv) of its row's largest, which is at
+    // most 1 as a probability): the exclusion skips them too (at most widest of them, each below
+    // eps / (16 Sv), are then left in the rest).
+    const T drop = std::numeric_limits<T>::epsilon() / (T(16) * static_cast<T>(Sv));
     // The scaled centroids (scaled before any dot product, so that no unscaled q.k can overflow
     // where the scores do not) and each valid row's cluster.
     auto scaled_centroids = detail::scratch_matrix<T>(C, E);
@@ -161,6 +165,8 @@ struct clustered {
       // scaled offset from its centroid.
       auto work = detail::scratch_matrix<T>(3, M + E);
       auto weights = detail::scratch_vector<T>(std::max<index>(widest, 1));
+      std::int32_t* const weighed =
+          detail::arena::local().take<std::int32_t>(static_cast<std::size_t>(widest + 16));
       for (index i = b * chunk; i < std::min(Lv, (b + 1) * chunk); ++i) {
         const index j = cluster_of[i];
         const auto scaled_c = scaled_centroids.row(j);
@@ -182,7 +188,15 @@ struct clustered {
                                 scaled_c.data(), E, p.data());
             p = (p.array() - row_lse[j]).exp();
             const T removed = p.sum();
-            detail::weighted_row_sum<T>(p.data(), n, values.data() + first * values.outerStride(),
+            // Only the weights the centroid's attention kept (it dropped those below drop, see
+            // above): on peaked attention a few of the band's keys.
+            index listed = 0;
+            for (index t = 0; t < n; ++t) {
+              weighed[listed] = static_cast<std::int32_t>(t);
+              listed += p(t) < drop ? 0 : 1;  // NaN is kept
+            }
+            detail::weighted_row_sum<T>(p.data(), detail::key_list{weighed, listed},
+                                        values.data() + first * values.outerStride(),
                                         values.outerStride(), M + E, correction.data());
             kept = T(1) - std::min(removed, T(1));
             if (kept <= tiny) {  // the member sees nothing but excluded keys
