@@ -186,15 +186,12 @@ struct clustered {
             // The centroid's weights on the band, and their sum with [V | K].
             detail::row_dots<T>(k.data() + first * k.outerStride(), n, k.outerStride(),
                                 scaled_c.data(), E, p.data());
-            p = (p.array() - row_lse[j]).exp();
-            const T removed = p.sum();
             // Only the weights the centroid's attention kept (it dropped those below drop, see
-            // above): on peaked attention a few of the band's keys.
-            index listed = 0;
-            for (index t = 0; t < n; ++t) {
-              weighed[listed] = static_cast<std::int32_t>(t);
-              listed += p(t) < drop ? 0 : 1;  // NaN is kept
-            }
+            // above): on peaked attention a few of the band's keys (NaN is kept).
+            p = (p.array() - row_lse[j]).exp();
+            p = (p.array() < drop).select(T(0), p);
+            const T removed = p.sum();
+            const index listed = detail::flash::list_weighed(p.data(), 0, n, weighed);
             detail::weighted_row_sum<T>(p.data(), detail::key_list{weighed, listed},
                                         values.data() + first * values.outerStride(),
                                         values.outerStride(), M + E, correction.data());

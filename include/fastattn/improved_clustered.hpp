@@ -312,8 +312,7 @@ struct improved_clustered {
       auto& local = detail::arena::local();
       T* const weights = local.take<T>(static_cast<std::size_t>(std::max<index>(widest, 1)));
       T* const removed = local.take<T>(static_cast<std::size_t>(values.cols()));
-      std::int32_t* const weighed =
-          local.take<std::int32_t>(static_cast<std::size_t>(std::max<index>(widest, 1)));
+      std::int32_t* const weighed = local.take<std::int32_t>(static_cast<std::size_t>(widest + 16));
       for (index i = b * chunk; i < std::min(Lv, (b + 1) * chunk); ++i) {
         const index j = cluster_of[i] - c0;
         if (j < 0 || j >= n) continue;
@@ -323,14 +322,11 @@ struct improved_clustered {
         // as negligible are zeros (on peaked attention, most of the band). A zero weight on a
         // non-finite value (check_finite off) left the residual row NaN already.
         T gone = 0;
-        index listed = 0;
         for (index key = first; key < last; ++key) {
-          const T p = probabilities(j, key) * normaliser[j];
-          weights[key - first] = p;
-          gone += p;
-          weighed[listed] = static_cast<std::int32_t>(key - first);
-          listed += p != T(0) ? 1 : 0;  // NaN is kept
+          weights[key - first] = probabilities(j, key) * normaliser[j];
+          gone += weights[key - first];
         }
+        const index listed = detail::flash::list_weighed(weights, 0, last - first, weighed);
         detail::weighted_row_sum<T>(weights, detail::key_list{weighed, listed},
                                     values.data() + first * values.outerStride(),
                                     values.outerStride(), values.cols(), removed);

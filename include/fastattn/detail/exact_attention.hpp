@@ -19,8 +19,8 @@ struct tiles {
   index key_block = 512;    ///< keys per tile
   int threads = 1;          ///< threads sharing the query blocks (the result does not change)
   /// Whether weights below eps / (16 keys) of a row's largest may be dropped (at most eps / 16
-  /// of the row's total, within exact attention's rounding), and keys no row of a group of 8
-  /// weighs then skipped: on peaked attention most of the P V product. Off for dense and local
+  /// of the row's total, within exact attention's rounding), and each row's P V then skip them
+  /// when few are left: on peaked attention most of the P V product. Off for dense and local
   /// (the exact kernels keep every weight); on for the few rows of clustered's centroids and the
   /// guard's exact rows. See flash_block::drop_below.
   bool drop_negligible = false;

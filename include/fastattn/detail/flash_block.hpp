@@ -82,14 +82,14 @@ decltype(auto) with_flash_geometry(index m, F&& f) {
   return f(flash_geometry<T, T>{});
 }
 
-/// The keys of a P V product: a run [first, first + count) of consecutive keys.
+/// The keys of a weighted_row_sum: a run [first, first + count) of consecutive keys.
 struct key_run {
   index first, count;
   index operator[](index t) const noexcept { return first + t; }
 };
 
-/// The keys of a P V product: count keys listed at `keys` (ascending), the keys of a block that
-/// a row weighs (flash_block::drop_below).
+/// The keys of a weighted_row_sum: count keys listed at `keys` (ascending), those a row weighs
+/// (flash::list_weighed).
 struct key_list {
   const std::int32_t* keys;
   index count;
@@ -219,12 +219,11 @@ inline void keep_in_register(P& x) noexcept {
 #endif
 }
 
-/// acc[r][0, W packets) = alpha[r] acc[r] + sum_{t < keys.count} p[r][j] v[j], j = keys[t],
-/// r < R: p rows with stride ldp, v rows with stride ldv (any alignment), acc rows with stride
-/// lda (aligned).
-template <class G, int R, int W, class Keys, class T = typename G::scalar>
-inline void value_tile(const T* p, index ldp, const T* alpha, const T* v, index ldv, Keys keys,
-                       T* acc, index lda) {
+/// acc[r][0, W packets) = alpha[r] acc[r] + sum_{j in [j0, j1)} p[r][j] v[j], r < R: p rows with
+/// stride ldp, v rows with stride ldv (any alignment), acc rows with stride lda (aligned).
+template <class G, int R, int W, class T = typename G::scalar>
+inline void value_tile(const T* p, index ldp, const T* alpha, const T* v, index ldv, index j0,
+                       index j1, T* acc, index lda) {
   using P = typename G::packet;
   namespace ei = Eigen::internal;
   P c[R * W];
@@ -232,8 +231,7 @@ inline void value_tile(const T* p, index ldp, const T* alpha, const T* v, index 
   for (int i = 0; i < R * W; ++i)
     c[i] =
         ei::pmul(ei::pset1<P>(alpha[i / W]), ei::pload<P>(acc + (i / W) * lda + (i % W) * G::size));
-  for (index t = 0; t < keys.count; ++t) {
-    const index j = keys[t];
+  for (index j = j0; j < j1; ++j) {
     P x[W];
 #pragma GCC unroll 16
     for (int w = 0; w < W; ++w) {
@@ -251,16 +249,16 @@ inline void value_tile(const T* p, index ldp, const T* alpha, const T* v, index 
 /// value_tile over the first `rows` rows of a group (G::group rows; the tiles past `rows`, all
 /// padding, are skipped) and all m values: chunks of W packets (as many as the accumulator
 /// budget allows), each over the rows in tiles of R.
-template <class G, class Keys, class T = typename G::scalar>
-inline void value_group(const T* p, index ldp, const T* alpha, const T* v, index ldv, Keys keys,
-                        T* acc, index lda, index m, index rows = G::group) {
+template <class G, class T = typename G::scalar>
+inline void value_group(const T* p, index ldp, const T* alpha, const T* v, index ldv, index j0,
+                        index j1, T* acc, index lda, index m, index rows = G::group) {
   constexpr int max_w = G::accumulators / 4;
   for (index w0 = 0; w0 < m; w0 += max_w * G::size) {
     const int w = static_cast<int>(std::min<index>(max_w, (m - w0) / G::size));
     auto run = [&]<int W>(std::integral_constant<int, W>) {
       constexpr int R = W * G::group <= G::accumulators ? G::group : 4;
       for (int r0 = 0; r0 < rows; r0 += R)
-        value_tile<G, R, W>(p + r0 * ldp, ldp, alpha + r0, v + w0, ldv, keys, acc + r0 * lda + w0,
+        value_tile<G, R, W>(p + r0 * ldp, ldp, alpha + r0, v + w0, ldv, j0, j1, acc + r0 * lda + w0,
                             lda);
     };
     bool done = false;
@@ -441,13 +439,19 @@ class flash_block {
         active_(arena::local().take<std::int32_t>(static_cast<std::size_t>(lds_ + 16))) {}
 
   /// From here on, a weight below `delta` times the row's largest so far, exp(s - max) < delta,
-  /// counts as zero (in the sum too), and a key that every row of a group weighs zero is not
-  /// read (its values are not multiplied in) when at most half of the group's keys are weighed
-  /// and the block's values are finite. With delta <= eps / (16 keys) the weights dropped from a
-  /// row over all its keys sum to at most eps / 16 of its total: within the rounding of exact
-  /// attention, and on peaked attention (a few keys in a row's reach) most of the P V product is
-  /// skipped. 0 (the default): every weight counts.
-  void drop_below(T delta) noexcept { drop_ = delta; }
+  /// counts as zero (in the sum too). When `values_finite` (every value row absorb will see is
+  /// finite) and a group's rows weigh at most a quarter of their keys, each row adds only the
+  /// keys it weighs (weighted_row_sum over flash::list_weighed) instead of the register tiles
+  /// over every key: the same sum without its zero terms. With non-finite values (check_finite
+  /// off) the tiles run, so a NaN value still reaches every row that sees it, as 0 * NaN. With
+  /// delta <= eps / (16 keys) the weights dropped from a row over all its keys sum to at most
+  /// eps / 16 of its total: within the rounding of exact attention, and on peaked attention (a
+  /// few keys in a row's reach) most of the P V product is skipped. 0 (the default): every
+  /// weight counts.
+  void drop_below(T delta, bool values_finite) noexcept {
+    drop_ = delta;
+    skip_zeros_ = delta > T(0) && values_finite;
+  }
 
   /// Row r of the query block (e values), to be filled with the scaled query before reset.
   T* query(index r) noexcept { return q_ + r * e_; }
@@ -481,7 +485,6 @@ class flash_block {
     constexpr index group = geometry::group, panel = geometry::panel, size = geometry::size;
     T alpha[group];
     index first[group], last[group];
-    int finite = -1;       // whether the block's values are finite: unknown until a group asks
     index nonzero[group];  // with drop_below: each row's weights kept in this block
     for (index g0 = 0; g0 < rows_; g0 += group) {
       const index rows_here = std::min(group, rows_ - g0);
@@ -593,8 +596,7 @@ class flash_block {
       // weighs it instead of once per group, and the tiles' work on zero weights is skipped.
       index weighed = 0;
       for (index r = 0; r < rows_here; ++r) weighed += nonzero[r];
-      if (drop_ > T(0) && ca < cb && 4 * weighed <= rows_here * (cb - ca) &&
-          values_finite(values, ldv, cols, finite)) {
+      if (skip_zeros_ && ca < cb && 4 * weighed <= rows_here * (cb - ca)) {
         for (index r = 0; r < rows_here; ++r) {
           T* const acc_row = acc_ + (g0 + r) * m_;
           if (alpha[r] != T(1))
@@ -604,8 +606,8 @@ class flash_block {
           weighted_row_sum<T>(p_row, key_list{active_, n}, values, ldv, m_, acc_row, true);
         }
       } else {
-        flash::value_group<G>(s_, lds_, alpha, values, ldv, key_run{ca, cb - ca}, acc_ + g0 * m_,
-                              m_, m_, rows_here);
+        flash::value_group<G>(s_, lds_, alpha, values, ldv, ca, cb, acc_ + g0 * m_, m_, m_,
+                              rows_here);
       }
       if (ga < ca || cb < gb)
         for (index r = 0; r < rows_here; ++r) {
@@ -665,14 +667,6 @@ class flash_block {
   static constexpr T neg_inf = -std::numeric_limits<T>::infinity();
   static constexpr index round_up(index n, index to) noexcept { return flash::round_up(n, to); }
 
-  // Whether the `cols` value rows of the block are finite, computed once per absorb (`state`:
-  // -1 unknown, 0 no, 1 yes). Keys of zero weight are skipped only then: with check_finite off,
-  // a NaN value still reaches the rows that see it, as 0 * NaN, as without drop_below.
-  bool values_finite(const T* values, index ldv, index cols, int& state) const {
-    if (state < 0) state = flash::all_finite(values, ldv, cols, m_) ? 1 : 0;
-    return state == 1;
-  }
-
   index e_, m_, lds_, rows_cap_;
   T* q_;
   T* acc_;
@@ -682,6 +676,7 @@ class flash_block {
   std::int32_t* active_;
   index rows_ = 0;
   T drop_ = 0;
+  bool skip_zeros_ = false;
 };
 
 /// The fused kernel behind `exact_attention` (same contract: rows [0, rows) of `out`, keys
@@ -718,9 +713,13 @@ void flash_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> 
                             flash::round_up(std::max<index>(klast - kbase, 1), G::panel));
   const T sc = static_cast<T>(scale);
   // Weights below eps / (16 keys) of a row's largest dropped (flash_block::drop_below).
+  // Zero weights are skipped only over finite values (checked once here, for every block).
   const T drop = drop_negligible ? std::numeric_limits<T>::epsilon() /
                                        (T(16) * static_cast<T>(std::max<index>(klast - kfirst, 1)))
                                  : T(0);
+  const bool values_finite =
+      drop_negligible &&
+      flash::all_finite(v.data() + kfirst * v.outerStride(), v.outerStride(), klast - kfirst, m);
   // The keys [a, b) of the key block at j0 that row i0 + r sees, relative to j0.
   const auto range_of = [&](index i0, index j0, index cols) {
     return [&visible, keys, i0, j0, cols](index r) {
@@ -737,7 +736,7 @@ void flash_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> 
     std::optional<flash_block<G>> state[most_segments];  // from this thread's arena
     for (index s = 0; s < segments; ++s) {
       auto& block = state[s].emplace(bq, bk, e, m);
-      block.drop_below(drop);
+      block.drop_below(drop, values_finite);
       for (index r = 0; r < rows; ++r) block.set_query(r, q.row(r), sc);
       block.reset(rows);
     }
@@ -765,7 +764,7 @@ void flash_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> 
   parallel_for(threads, blocks, [&](index b) {
     const arena::scope block_scratch;  // the executing thread's
     flash_block<G> block(bq, bk, e, m);
-    block.drop_below(drop);
+    block.drop_below(drop, values_finite);
     const index i0 = b * bq, n = std::min(bq, rows - i0);
     for (index r = 0; r < n; ++r) block.set_query(r, q.row(i0 + r), sc);
     block.reset(n);
@@ -874,9 +873,8 @@ void weighted_values(const T* p, index ldp, index rows, const const_view<T>& v, 
       for (index j0 = 0; j0 < keys; j0 += key_block)
         for (index t = 0; t < dense_groups; ++t) {
           const index g = dense[t];
-          flash::value_group<G>(p + g * G::group * ldp, ldp, ones, v.data(), v.outerStride(),
-                                key_run{j0, std::min(keys, j0 + key_block) - j0},
-                                acc + g * G::group * lda, lda, m);
+          flash::value_group<G>(p + g * G::group * ldp, ldp, ones, v.data(), v.outerStride(), j0,
+                                std::min(keys, j0 + key_block), acc + g * G::group * lda, lda, m);
         }
       for (index r = g0 * G::group; r < std::min(rows, g1 * G::group); ++r)
         out.row(r) = Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>(acc + r * lda, m);
