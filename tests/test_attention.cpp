@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <limits>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace {
@@ -161,6 +162,43 @@ TEST(Options, ScaleDefaultsToInverseSqrtE) {
   const auto a = fa::attention(fa::dense{}, q, k, v);
   const auto b = fa::attention(fa::dense{}, q, k, v, {.scale = 1.0 / 3.0});
   EXPECT_LT(fa::testing::relative_error(a, b), 1e-15);
+}
+
+// A policy that records what the front door told it about the inputs' finiteness.
+struct finite_recorder {
+  static constexpr std::string_view name = "finite_recorder";
+  static constexpr bool is_exact = false;
+  static constexpr bool supports_causal = true;
+  bool* checked;
+  template <class T>
+  void compute(fa::const_view<T>, fa::const_view<T>, fa::const_view<T>, fa::view<T> out,
+               const fa::context& ctx) const {
+    *checked = ctx.checked_finite;
+    out.topRows(ctx.query_length).setZero();
+  }
+};
+
+// context::checked_finite (kernels then skip finiteness checks of their own, which keep a NaN
+// value reaching the rows that weigh it by zero) is set when the front door has checked the
+// values, through attention() and multihead_attention(), and only then.
+TEST(NonFinite, KernelsAreToldOnlyWhenTheValuesWereChecked) {
+  const auto q = gaussian<float>(6, 4, 1), k = gaussian<float>(7, 4, 2),
+             v = gaussian<float>(7, 3, 3);
+  for (const bool check : {true, false}) {
+    bool checked = !check;
+    (void)fa::attention(finite_recorder{&checked}, q, k, v, {.check_finite = check});
+    EXPECT_EQ(checked, check) << "attention, check_finite " << check;
+    checked = !check;
+    std::vector<float> out(6 * 3);
+    fa::multihead_options opt;
+    opt.common.check_finite = check;
+    fa::multihead_attention(finite_recorder{&checked},
+                            fa::tensor_view<const float>{q.data(), 1, 6, 1, 4},
+                            fa::tensor_view<const float>{k.data(), 1, 7, 1, 4},
+                            fa::tensor_view<const float>{v.data(), 1, 7, 1, 3},
+                            fa::tensor_view<float>{out.data(), 1, 6, 1, 3}, opt);
+    EXPECT_EQ(checked, check) << "multihead_attention, check_finite " << check;
+  }
 }
 
 TEST(NonFinite, RejectedByDefaultWithTheLocation) {

@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <limits>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 #include "reference.hpp"
@@ -339,6 +340,23 @@ TYPED_TEST(Hardening, NonFinitePolicyHoldsWhenUnchecked) {
   k(40, 1) = std::numeric_limits<float>::quiet_NaN();
   const fa::matrix<float> o = fa::attention(TypeParam{}, in.q, k, in.v, {.check_finite = false});
   EXPECT_TRUE(o.hasNaN());
+  for (fa::index i = 0; i < o.rows(); ++i)
+    EXPECT_TRUE(o.row(i).hasNaN() || o.row(i).norm() > 0.0f) << "row " << i << " is zero";
+}
+
+// With check_finite off (context::checked_finite false), a NaN value still reaches the output:
+// the exact rows inside the approximations skip their dropped weights only over values they have
+// checked finite, so 0 * NaN reaches every row that sees the key (every row of clustered's,
+// whose centroids see every key), and no row turns into a silent zero row.
+TYPED_TEST(Hardening, NaNValueReachesTheOutputWhenUnchecked) {
+  const auto in = fa::testing::make_peaked<float>(96, 96, 8, 8, 18);
+  fa::matrix<float> v = in.v;
+  v(40, 2) = std::numeric_limits<float>::quiet_NaN();
+  const fa::matrix<float> o = fa::attention(TypeParam{}, in.q, in.k, v, {.check_finite = false});
+  EXPECT_TRUE(o.col(2).hasNaN());
+  if constexpr (std::is_same_v<TypeParam, fa::clustered>) {
+    EXPECT_TRUE(o.col(2).array().isNaN().all()) << "every centroid sees key 40";
+  }
   for (fa::index i = 0; i < o.rows(); ++i)
     EXPECT_TRUE(o.row(i).hasNaN() || o.row(i).norm() > 0.0f) << "row " << i << " is zero";
 }

@@ -349,8 +349,8 @@ void attention(const Policy& policy, const Eigen::MatrixBase<DQ>& q, const Eigen
   static_assert(
       std::is_same_v<Scalar, typename DK::Scalar> && std::is_same_v<Scalar, typename DV::Scalar>,
       "fastattn: q, k and v must have the same scalar type");
-  const context ctx = detail::make_context<Scalar>(Policy::name, causal_capable<Policy>, q.rows(),
-                                                   q.cols(), k.rows(), k.cols(), v.rows(), opt);
+  context ctx = detail::make_context<Scalar>(Policy::name, causal_capable<Policy>, q.rows(),
+                                             q.cols(), k.rows(), k.cols(), v.rows(), opt);
   validate(policy);
   validate_streams(policy, 1);
   if (out.rows() != q.rows() || out.cols() != v.cols())
@@ -367,7 +367,10 @@ void attention(const Policy& policy, const Eigen::MatrixBase<DQ>& q, const Eigen
   }
   const const_view<Scalar> qv(q.derived()), kv(k.derived()), vv(v.derived());
   detail::check_no_alias(qv, kv, vv, out);
-  if (opt.check_finite) detail::check_values(qv, kv, vv, ctx);
+  if (opt.check_finite) {
+    detail::check_values(qv, kv, vv, ctx);
+    ctx.checked_finite = true;
+  }
   const detail::serial_products_scope serial;
   detail::run_head(policy, qv, kv, vv, out, ctx, lse);
 }

@@ -105,9 +105,9 @@ struct clustered {
                 Lv = ctx.query_length;
     if (lse.empty()) {
       auto rows = detail::scratch_matrix<T>(C, M);
-      detail::exact_attention<T>(const_view<T>(groups.centroids()), k, v, view<T>(rows), C, Sv,
-                                 ctx.scale, std::nullopt,
-                                 {detail::rows_per_thread(C, ctx.threads), 512, ctx.threads, true});
+      detail::exact_attention<T>(
+          const_view<T>(groups.centroids()), k, v, view<T>(rows), C, Sv, ctx.scale, std::nullopt,
+          {detail::rows_per_thread(C, ctx.threads), 512, ctx.threads, true, ctx.checked_finite});
       groups.broadcast(rows, out, ctx.threads);
       return;
     }
@@ -128,10 +128,11 @@ struct clustered {
     values.rightCols(E) = k.topRows(Sv) * k_unit;
     auto rows = detail::scratch_matrix<T>(C, M + E);
     T* const row_lse = detail::arena::local().take<T>(static_cast<std::size_t>(C));
-    detail::exact_attention<T>(const_view<T>(groups.centroids()), k, const_view<T>(values),
-                               view<T>(rows), C, Sv, ctx.scale, std::nullopt,
-                               {detail::rows_per_thread(C, ctx.threads), 512, ctx.threads, true},
-                               row_lse);
+    detail::exact_attention<T>(
+        const_view<T>(groups.centroids()), k, const_view<T>(values), view<T>(rows), C, Sv,
+        ctx.scale, std::nullopt,
+        {detail::rows_per_thread(C, ctx.threads), 512, ctx.threads, true, ctx.checked_finite},
+        row_lse);
     groups.broadcast(rows.leftCols(M), out, ctx.threads);
     const T scale = static_cast<T>(ctx.scale);
     const T tiny = 16 * std::numeric_limits<T>::epsilon();

@@ -144,7 +144,8 @@ struct improved_clustered {
     // The residual's dropped weights, and whether its P V may skip them (a NaN value, possible
     // with check_finite off, must still reach every row as 0 * NaN).
     const T drop = std::numeric_limits<T>::epsilon() / (T(16) * static_cast<T>(Sv));
-    const bool values_finite = detail::flash::all_finite(v.data(), v.outerStride(), Sv, M);
+    const bool values_finite =
+        ctx.checked_finite || detail::flash::all_finite(v.data(), v.outerStride(), Sv, M);
     T* const normaliser = detail::arena::local().take<T>(static_cast<std::size_t>(cb));
 
     for (index c0 = 0; c0 < C; c0 += cb) {

@@ -287,6 +287,7 @@ void multihead_attention(const Policy& policy, tensor_view<const T> q, tensor_vi
           throw located(e, b, h);
         }
       }
+  for (auto& ctx : contexts) ctx.checked_finite = opt.common.check_finite;
 
   // Heads on the threads (dynamically: heads differ in cost), each in its own try (allocation
   // failures; policies are checked before this point), the first failure rethrown. One head

@@ -81,6 +81,10 @@ struct context {
   /// multi-head driver gives a head the threads that batch x heads leaves idle. A kernel's
   /// result never depends on it (bit-identical on any count).
   int threads = 1;
+  /// Set by the front door when it has found every valid row of q, k and v finite
+  /// (options::check_finite): a kernel may then skip finiteness checks of its own (which keep a
+  /// NaN value reaching the rows that weigh it by zero). False: nothing is known.
+  bool checked_finite = false;
 };
 
 /// What a kernel policy provides. Built-in policies are listed in `fastattn::kernels`

@@ -24,6 +24,9 @@ struct tiles {
   /// (the exact kernels keep every weight); on for the few rows of clustered's centroids and the
   /// guard's exact rows. See flash_block::drop_below.
   bool drop_negligible = false;
+  /// Whether v's rows are known finite (context::checked_finite): dropped weights are then
+  /// skipped without checking them (see flash_block::drop_below).
+  bool finite_values = false;
 };
 
 /// Query rows per block for `rows` rows on `threads` threads: all of them in one block when
@@ -52,7 +55,7 @@ void exact_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> 
   if (rows == 0) return;
   with_flash_geometry<T>(v.cols(), [&]<class G>(G) {
     flash_attention<G>(q, k, v, out, rows, keys, scale, visible, t.query_block, t.key_block,
-                       t.threads, lse, t.drop_negligible);
+                       t.threads, lse, t.drop_negligible, t.finite_values);
   });
 }
 

@@ -96,14 +96,15 @@ struct key_list {
   index operator[](index t) const noexcept { return keys[t]; }
 };
 
-/// out[0, m) = sum_{t < keys.count} w[j] v[j * ldv + (0, m)], j = keys[t], or out[0, m) += that
-/// with `add`: a weighted sum of a few rows (any alignment, any m), as the ragged keys of a group
-/// (flash_block::absorb), a row's few weighed keys (drop_below) and the exclusions of banded's
-/// inner kernels need: four packets of the row at a time in registers, then one, then scalars.
-/// A general vector-matrix product spent more time in its set-up than in these few rows.
+/// out[0, m) = sum_{t < keys.count} w[j ldw] v[j * ldv + (0, m)], j = keys[t], or out[0, m) +=
+/// that with `add`: a weighted sum of a few rows (any alignment, any m), as the ragged keys of a
+/// group (flash_block::absorb), a row's few weighed keys (drop_below), the exclusions of banded's
+/// inner kernels and the lanes of exact_rows (weights at stride ldw) need: four packets of the
+/// row at a time in registers, then one, then scalars. A general vector-matrix product spent
+/// more time in its set-up than in these few rows.
 template <class T, class Keys>
 void weighted_row_sum(const T* w, Keys keys, const T* v, index ldv, index m, T* out,
-                      bool add = false) {
+                      bool add = false, index ldw = 1) {
   namespace ei = Eigen::internal;
   using P = typename ei::packet_traits<T>::type;
   constexpr index size = ei::packet_traits<T>::size;
@@ -115,7 +116,7 @@ void weighted_row_sum(const T* w, Keys keys, const T* v, index ldv, index m, T* 
       acc[a] = add ? ei::ploadu<P>(out + c + a * size) : ei::pset1<P>(T(0));
     for (index t = 0; t < n; ++t) {
       const index j = keys[t];
-      const P x = ei::pset1<P>(w[j]);
+      const P x = ei::pset1<P>(w[j * ldw]);
       for (int a = 0; a < 4; ++a)
         acc[a] = ei::pmadd(x, ei::ploadu<P>(v + j * ldv + c + a * size), acc[a]);
     }
@@ -125,13 +126,13 @@ void weighted_row_sum(const T* w, Keys keys, const T* v, index ldv, index m, T* 
     P acc = add ? ei::ploadu<P>(out + c) : ei::pset1<P>(T(0));
     for (index t = 0; t < n; ++t) {
       const index j = keys[t];
-      acc = ei::pmadd(ei::pset1<P>(w[j]), ei::ploadu<P>(v + j * ldv + c), acc);
+      acc = ei::pmadd(ei::pset1<P>(w[j * ldw]), ei::ploadu<P>(v + j * ldv + c), acc);
     }
     ei::pstoreu(out + c, acc);
   }
   for (; c < m; ++c) {
     T acc = add ? out[c] : T(0);
-    for (index t = 0; t < n; ++t) acc += w[keys[t]] * v[keys[t] * ldv + c];
+    for (index t = 0; t < n; ++t) acc += w[keys[t] * ldw] * v[keys[t] * ldv + c];
     out[c] = acc;
   }
 }
@@ -393,14 +394,19 @@ T* pack_keys(const const_view<T>& k, index first, index last, int threads) {
 }
 
 /// Asks the caches for [p, p + bytes) ahead of a gather of scattered rows (a hint; nothing where
-/// the compiler has no prefetch).
-inline void prefetch(const void* p, std::size_t bytes) noexcept {
+/// the compiler has no prefetch). `locality` as __builtin_prefetch's: 3 into every level (L1),
+/// 1 into the outer ones (L2 on x86) for data used a while later.
+inline void prefetch(const void* p, std::size_t bytes, int locality = 3) noexcept {
 #if defined(__GNUC__)
   const char* const c = static_cast<const char*>(p);
-  for (std::size_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o);
+  if (locality == 3)
+    for (std::size_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+  else
+    for (std::size_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 1);
 #else
   (void)p;
   (void)bytes;
+  (void)locality;
 #endif
 }
 
@@ -694,7 +700,8 @@ class flash_block {
 template <class G, class T = typename G::scalar>
 void flash_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> out, index rows,
                      index keys, double scale, std::optional<band> visible, index query_block,
-                     index key_block, int threads, T* lse, bool drop_negligible = false) {
+                     index key_block, int threads, T* lse, bool drop_negligible = false,
+                     bool finite_values = false) {
   const index e = q.cols(), m = v.cols();
   const arena::scope scratch;
 
@@ -713,13 +720,14 @@ void flash_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> 
                             flash::round_up(std::max<index>(klast - kbase, 1), G::panel));
   const T sc = static_cast<T>(scale);
   // Weights below eps / (16 keys) of a row's largest dropped (flash_block::drop_below).
-  // Zero weights are skipped only over finite values (checked once here, for every block).
+  // Zero weights are skipped only over finite values (known, or checked once here for every
+  // block).
   const T drop = drop_negligible ? std::numeric_limits<T>::epsilon() /
                                        (T(16) * static_cast<T>(std::max<index>(klast - kfirst, 1)))
                                  : T(0);
   const bool values_finite =
-      drop_negligible &&
-      flash::all_finite(v.data() + kfirst * v.outerStride(), v.outerStride(), klast - kfirst, m);
+      drop_negligible && (finite_values || flash::all_finite(v.data() + kfirst * v.outerStride(),
+                                                             v.outerStride(), klast - kfirst, m));
   // The keys [a, b) of the key block at j0 that row i0 + r sees, relative to j0.
   const auto range_of = [&](index i0, index j0, index cols) {
     return [&visible, keys, i0, j0, cols](index r) {
