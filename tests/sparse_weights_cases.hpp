@@ -1,8 +1,9 @@
 // The dropped weights of the exact rows (flash_block::drop_below, exact_attention's
-// drop_negligible, weighted_values' sparse path, flash::list_weighed): their tests, included by
-// test_sparse_weights.cpp (the build's flags) and by native/test_native_sparse_weights.cpp
-// (x86-64-v4, so that list_weighed's AVX-512 path runs where the host has it; the other builds
-// take its scalar path). The includer provides common.hpp's names.
+// drop_negligible, weighted_values' sparse path, flash::list_weighed, detail::exact_rows): their
+// tests, included by test_sparse_weights.cpp (the build's flags) and by
+// native/test_native_sparse_weights.cpp (x86-64-v4, so that the AVX-512 paths of list_weighed
+// and exact_rows run where the host has them; the other builds take their portable paths). The
+// includer provides common.hpp's names.
 #pragma once
 
 #include <algorithm>
@@ -11,6 +12,8 @@
 #include <limits>
 #include <random>
 #include <vector>
+
+#include <fastattn/detail/exact_rows.hpp>
 
 namespace {
 
@@ -143,6 +146,99 @@ TYPED_TEST(SparseWeights, SparseWeightedValuesIsTheProduct) {
       EXPECT_EQ(dense, sparse) << "M=" << M << " density " << density;
       EXPECT_EQ(sparse, sparse2) << "M=" << M << " density " << density;
     }
+}
+
+// detail::exact_rows (the guard's sampled rows): row r is exact attention of query ids[r] over
+// keys [0, ends[r]), against the float64 oracle. Peaked rows (most weights dropped: the sparse
+// P V, and with AVX-512 the compressed exp) and gaussian rows (nothing dropped: the value tiles),
+// every value width's geometry, an odd E, fewer and more rows than a chunk of lanes (32 floats
+// or 16 doubles with AVX-512), repeated rows, one run of keys and several (>= 2048 keys), ends
+// from 0 (zeros) to every key. The same bits on 1 and 2 threads.
+TYPED_TEST(SparseWeights, ExactRowsIsExactAttentionOfTheChosenRows) {
+  using T = TypeParam;
+  namespace fd = fa::detail;
+  std::mt19937_64 gen(77);
+  int trial = 0;
+  for (const index M : {1, 3, 16, 64, 80})
+    for (const bool peaked : {true, false})
+      for (const bool causal : {false, true}) {
+        const index keys = trial % 5 == 0 ? 2600 : 20 + (97 * trial) % 700;
+        const index n = 1 + (11 * trial) % 45, L = 50;
+        auto in = make_peaked_rows<T>(L, keys, M, 400 + trial);
+        if (!peaked) in.q = gaussian<T>(L, 16, 500 + trial, 0.3);
+        if (trial % 4 == 3) {  // an odd number of features
+          in.q = in.q.leftCols(13).eval();
+          in.k = in.k.leftCols(13).eval();
+        }
+        std::vector<index> ids(static_cast<std::size_t>(n)), ends(static_cast<std::size_t>(n));
+        for (index r = 0; r < n; ++r) {
+          ids[static_cast<std::size_t>(r)] =
+              static_cast<index>(gen() % static_cast<std::uint64_t>(L));
+          ends[static_cast<std::size_t>(r)] =
+              r == 0 ? 0
+                     : (r == 1 ? keys
+                               : static_cast<index>(gen() % static_cast<std::uint64_t>(keys + 1)));
+        }
+        const index* const row_ends = causal ? ends.data() : nullptr;
+        const fd::arena::scope scratch;
+        fa::matrix<T> out(n, M), out1(n, M);
+        const double scale = 0.9;
+        fd::exact_rows<T>(in.q, ids.data(), row_ends, n, in.k, in.v, keys, scale, fa::view<T>(out),
+                          2, true);
+        fd::exact_rows<T>(in.q, ids.data(), row_ends, n, in.k, in.v, keys, scale, fa::view<T>(out1),
+                          1, true);
+        // The rows against the oracle's, as one matrix (a row of a few values may be near 0).
+        matd want = matd::Zero(n, M);
+        for (index r = 0; r < n; ++r) {
+          const index id = ids[static_cast<std::size_t>(r)];
+          const index end = causal ? ends[static_cast<std::size_t>(r)] : keys;
+          if (end == 0) {
+            EXPECT_TRUE(out.row(r).isZero(0)) << "row " << r << " sees no key";
+            continue;
+          }
+          want.row(r) = reference_attention(in.q.middleRows(id, 1), in.k.topRows(end),
+                                            in.v.topRows(end), {.scale = scale});
+        }
+        EXPECT_LT(relative_error(out, want), tolerance<T>())
+            << "M=" << M << " peaked=" << peaked << " causal=" << causal << " keys=" << keys
+            << " n=" << n;
+        EXPECT_EQ(out, out1) << "M=" << M << " peaked=" << peaked << " causal=" << causal;
+        ++trial;
+      }
+}
+
+// exact_rows with non-finite values (values_finite false, as with check_finite off): a NaN value
+// reaches every row that sees its key, even where its weight is dropped (as 0 * NaN), and no
+// row whose end comes before it; a NaN score (a NaN query) makes its own row NaN only.
+TYPED_TEST(SparseWeights, ExactRowsPropagatesNonFiniteInputsToTheRowsThatSeeThem) {
+  using T = TypeParam;
+  namespace fd = fa::detail;
+  const index keys = 600, M = 16, n = 40, bad = 450;
+  auto in = make_peaked_rows<T>(n, keys, M, 9);
+  in.v(bad, 5) = std::numeric_limits<T>::quiet_NaN();  // a key no row weighs much
+  in.q(7, 2) = std::numeric_limits<T>::quiet_NaN();
+  std::vector<index> ids(static_cast<std::size_t>(n)), ends(static_cast<std::size_t>(n));
+  for (index r = 0; r < n; ++r) {
+    ids[static_cast<std::size_t>(r)] = r;
+    ends[static_cast<std::size_t>(r)] = 15 * r + 1;  // rows up to 29 end at or before key 450
+  }
+  const fd::arena::scope scratch;
+  fa::matrix<T> out(n, M);
+  fd::exact_rows<T>(in.q, ids.data(), ends.data(), n, in.k, in.v, keys, 1.0, fa::view<T>(out), 1,
+                    false);
+  for (index r = 0; r < n; ++r) {
+    const index end = ends[static_cast<std::size_t>(r)];
+    if (r == 7) {
+      EXPECT_TRUE(out.row(r).array().isNaN().all()) << "row 7 has a NaN query";
+    } else if (end > bad) {
+      EXPECT_TRUE(std::isnan(out(r, 5))) << "row " << r << " sees key " << bad;
+    } else {
+      EXPECT_TRUE(out.row(r).allFinite()) << "row " << r << " ends at " << end;
+      const auto want = reference_attention(in.q.middleRows(r, 1), in.k.topRows(end),
+                                            in.v.topRows(end), {.scale = 1.0});
+      EXPECT_LT(relative_error(out.row(r), want), tolerance<T>()) << "row " << r;
+    }
+  }
 }
 
 }  // namespace

@@ -14,6 +14,7 @@
 #include "attention.hpp"
 #include "dense.hpp"
 #include "detail/exact_attention.hpp"
+#include "detail/exact_rows.hpp"
 #include "detail/rng.hpp"
 #include "detail/scratch.hpp"
 
@@ -297,7 +298,7 @@ struct guarded {
   template <class T>
   error_estimate estimate(const const_view<T>& q, const const_view<T>& k, const const_view<T>& v,
                           const const_view<T>& approx, const context& ctx) const {
-    const index Lv = ctx.query_length, Sv = ctx.key_length, E = q.cols(), M = v.cols();
+    const index Lv = ctx.query_length, Sv = ctx.key_length, M = v.cols();
     const dense exact{};
     const detail::arena::scope scratch;
     if (samples >= Lv) {  // every row: the true error
@@ -341,10 +342,10 @@ struct guarded {
       if (unit != 1.0) total = squared_norms(unit);
     }
     const bool by_norm = total > 0 && std::isfinite(total);
-    const double uniform = 1 / static_cast<double>(Lv);
+    const double uniform = 1 / static_cast<double>(Lv), half_share = by_norm ? 0.5 / total : 0;
     double running = 0;
     for (index i = 0; i < Lv; ++i) {
-      p[i] = by_norm ? 0.5 * (p[i] / total + uniform) : uniform;
+      p[i] = by_norm ? half_share * p[i] + 0.5 * uniform : uniform;
       running += p[i];
       cumulative[i] = running;
     }
@@ -370,26 +371,17 @@ struct guarded {
       }
     }
 
-    // The drawn rows, exactly: gathered into one call, or one call per row when causal (row i
-    // sees keys [0, min(i + 1, Sv))). The few drawn rows are one query block, so the fused kernel
-    // packs each key block just before its use (dense's key blocks: wider ones, up to 8192 keys,
-    // measured the same at S = 4096, where the 32 rows' arithmetic is the cost). The head's
-    // threads share that block's runs of key blocks, whose number depends on the keys only: the
-    // same bits on any thread count.
+    // The drawn rows, exactly (detail/exact_rows.hpp: the few rows are the lanes of the score
+    // tiles, the keys read where they lie; causal row i sees keys [0, min(i + 1, Sv))). The
+    // values' finiteness lets P V skip the dropped weights.
     auto rows = detail::scratch_matrix<T>(unique, M);
-    const detail::tiles tiles{std::min<index>(unique, exact.query_block), exact.key_block,
-                              ctx.threads, true};
-    if (!ctx.causal) {
-      auto gathered = detail::scratch_matrix<T>(unique, E);
-      for (index r = 0; r < unique; ++r) gathered.row(r) = q.row(drawn[r]);
-      detail::exact_attention<T>(const_view<T>(gathered), k, v, view<T>(rows), unique, Sv,
-                                 ctx.scale, std::nullopt, tiles);
-    } else {
-      for (index r = 0; r < unique; ++r)
-        detail::exact_attention<T>(const_view<T>(q.middleRows(drawn[r], 1)), k, v,
-                                   view<T>(rows.middleRows(r, 1)), 1, std::min(drawn[r] + 1, Sv),
-                                   ctx.scale, std::nullopt, tiles);
-    }
+    index* const ends = ctx.causal ? arena.take<index>(static_cast<std::size_t>(unique)) : nullptr;
+    if (ends)
+      for (index r = 0; r < unique; ++r) ends[r] = std::min(drawn[r] + 1, Sv);
+    const bool finite =
+        ctx.checked_finite || detail::flash::all_finite(v.data(), v.outerStride(), Sv, M);
+    detail::exact_rows<T>(q, drawn, ends, unique, k, v, Sv, ctx.scale, view<T>(rows), ctx.threads,
+                          finite);
 
     double* const y = arena.take<double>(static_cast<std::size_t>(n));
     double* const w = arena.take<double>(static_cast<std::size_t>(n));
