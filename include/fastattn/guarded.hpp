@@ -146,10 +146,10 @@ class ratio_accumulator {
 ///    run (below the crossover dense is both faster and exact). The report says samples = 0,
 ///    error 0, confidence 1.
 /// 2. Otherwise P runs. When an estimate is asked for (a `report` span is given or `tolerance`
-///    is finite), `samples` rows are drawn and computed exactly (dense's algorithm: causal rows
-///    see keys j <= i, padded keys none; weights below eps / (16 Sv) of a row's largest are
-///    dropped, at most eps / 16 of its total, and the P V product skips them: see
-///    detail::flash_block::drop_below) and the head's relative error is estimated (below).
+///    is finite), `samples` rows are drawn and computed exactly (detail::exact_rows: the rows
+///    are the lanes of the score tiles; causal rows see keys j <= i, padded keys none; weights
+///    below eps / (16 Sv) of a row's largest are dropped, at most eps / 16 of its total, and the
+///    P V product skips them) and the head's relative error is estimated (below).
 /// 3. When the estimate exceeds `tolerance` (or is NaN), the head is recomputed by dense's
 ///    algorithm with dense's default tiles (128 x 512): its output (and log-sum-exp) are then bit
 ///    for bit those of `fastattn::dense{}`; report.fell_back = true.
