@@ -75,8 +75,9 @@ inline index list_lane(const std::uint32_t* bits, index cols, int lane,
 /// packets of lanes each at st + t lanes), x = exp(s - base) where s - base >= log_drop (NaN
 /// too), else 0, stored back and added into total. Only the kept exponents are computed: they
 /// are compressed into `exps` (room for cols lanes + 16 values), exponentiated there a packet at
-/// a time and expanded back (on peaked attention about 6% of them; compress and expand in their
-/// register forms). False (nothing done) without AVX-512.
+/// a time and expanded back (on peaked attention about 6% of them). Compress and expand in their
+/// register forms: the memory forms are microcoded on AMD's Zen 4, and GCC folded the load into
+/// the expand (keep_in_register stops it). False (nothing done) without AVX-512.
 template <class T, int lanes, class P>
 bool softmax_compressed(T* st, index cols, const P* base, P* total, T log_drop, T* exps,
                         std::uint16_t* masks) noexcept {
@@ -96,14 +97,19 @@ bool softmax_compressed(T* st, index cols, const P* base, P* total, T log_drop, 
     for (index i = 0; i < n; i += 16)
       _mm512_storeu_ps(exps + i, ei::pexp<P>(_mm512_loadu_ps(exps + i)));
     n = 0;
+    __m512 sums[2] = {total[0], total[1]};
     for (index t = 0; t < cols; ++t)
       for (int w = 0; w < 2; ++w) {
         const auto kept = static_cast<__mmask16>(masks[2 * t + w]);
-        const __m512 x = _mm512_maskz_expand_ps(kept, _mm512_loadu_ps(exps + n));
+        __m512 packed = _mm512_loadu_ps(exps + n);
+        flash::keep_in_register(packed);  // the expand's register form (see above)
+        const __m512 x = _mm512_maskz_expand_ps(kept, packed);
         n += std::popcount(static_cast<unsigned>(kept));
-        total[w] = _mm512_add_ps(total[w], x);
+        sums[w] = _mm512_add_ps(sums[w], x);
         _mm512_store_ps(st + t * lanes + w * 16, x);
       }
+    total[0] = sums[0];
+    total[1] = sums[1];
     return true;
   } else if constexpr (std::is_same_v<T, double> && lanes == 16) {
     const __m512d floor = _mm512_set1_pd(log_drop);
@@ -119,14 +125,19 @@ bool softmax_compressed(T* st, index cols, const P* base, P* total, T log_drop, 
     for (index i = 0; i < n; i += 8)
       _mm512_storeu_pd(exps + i, ei::pexp<P>(_mm512_loadu_pd(exps + i)));
     n = 0;
+    __m512d sums[2] = {total[0], total[1]};
     for (index t = 0; t < cols; ++t)
       for (int w = 0; w < 2; ++w) {
         const auto kept = static_cast<__mmask8>(masks[2 * t + w]);
-        const __m512d x = _mm512_maskz_expand_pd(kept, _mm512_loadu_pd(exps + n));
+        __m512d packed = _mm512_loadu_pd(exps + n);
+        flash::keep_in_register(packed);
+        const __m512d x = _mm512_maskz_expand_pd(kept, packed);
         n += std::popcount(static_cast<unsigned>(kept));
-        total[w] = _mm512_add_pd(total[w], x);
+        sums[w] = _mm512_add_pd(sums[w], x);
         _mm512_store_pd(st + t * lanes + w * 8, x);
       }
+    total[0] = sums[0];
+    total[1] = sums[1];
     return true;
   }
 #endif
@@ -292,7 +303,9 @@ void exact_rows(const const_view<T>& q, const index* ids, const index* ends, ind
             ei::pstore(mx + w * size, now);
             total[w] = zero;
           }
-          if (!softmax_compressed<T, lanes>(st, cols, base, total, log_drop, exps, masks))
+          const bool compressed =
+              softmax_compressed<T, lanes>(st, cols, base, total, log_drop, exps, masks);
+          if (!compressed)
             for (index t = 0; t < cols; ++t)
               for (int w = 0; w < 2; ++w) {
                 T* const at = st + t * lanes + w * size;
@@ -311,7 +324,11 @@ void exact_rows(const const_view<T>& q, const index* ids, const index* ends, ind
           index weighed = 0;
           if (values_finite)
             for (index t = 0; t < cols; ++t) {
-              bits[t] = weighed_lanes<T, lanes>(st + t * lanes) & row_bits;
+              // The compressed softmax's masks are the kept weights (each at least about
+              // eps / (16 keys), or NaN): the same bits.
+              bits[t] = (compressed ? masks[2 * t] | std::uint32_t{masks[2 * t + 1]} << size
+                                    : weighed_lanes<T, lanes>(st + t * lanes)) &
+                        row_bits;
               weighed += std::popcount(bits[t]);
             }
           if (values_finite && 4 * weighed <= here * cols) {
