@@ -34,7 +34,11 @@ if [ "$quick" = 1 ]; then
   args=(--benchmark_repetitions=1 --benchmark_min_time=0.05)
 else
   sizes='[0-9]+'
-  args=(--benchmark_repetitions=3 --benchmark_report_aggregates_only=true --benchmark_min_time=0.2)
+  # Repetitions interleaved in random order within a group (a kernel's series and its variants):
+  # the machine's drift over the group's minutes then reaches every benchmark alike, so the
+  # report's ratios (causal, window, estimate, head sizes) compare like with like.
+  args=(--benchmark_repetitions=3 --benchmark_report_aggregates_only=true --benchmark_min_time=0.2
+        --benchmark_enable_random_interleaving=true)
 fi
 
 # One run and one JSON file per group, a group being the first part of the benchmark names in
