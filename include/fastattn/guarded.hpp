@@ -200,10 +200,10 @@ class ratio_accumulator {
 ///
 /// **Cost**: P's cost, plus, when an estimate is asked for, O(Lv M) for the output norms and
 /// O(n Sv (E + M)) for the exact rows (n = 32 at L = S = 4096: 0.8% of dense attention's work;
-/// on the benchmark's peaked inputs, where the rows' P V skips the dropped weights, 9-16% of the
-/// approximate kernels' time in the README's run, clustered's 15.6% the most), plus dense's cost
-/// for a head that falls back. Scratch O(Lv + n (E + M)) from the thread's arena (O(Lv M) when
-/// samples >= Lv).
+/// on the benchmark's peaked inputs, where the rows exponentiate and multiply only the weights
+/// they keep, 8-15% of the approximate kernels' time, clustered's the most: see the README),
+/// plus dense's cost for a head that falls back. Scratch O(Lv + n (E + M)) from the thread's arena
+/// (O(Lv M) when samples >= Lv).
 ///
 /// **Reports**: `report`, when not empty, receives one `error_estimate` per head, at index
 /// ctx.stream: the front door uses stream 0 (report needs >= 1 entry), multihead_attention uses
