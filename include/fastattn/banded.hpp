@@ -80,8 +80,7 @@ struct banded {
       detail::compute_head(inner, q, k, v, view<T>(part), rest, parts_lse);
       subtract_band(part, parts_lse, out, rows_lse);
     }
-    for (index i = 0; i < Lv; ++i)
-      detail::merge_row(out.row(i), row_lse[i], part.row(i), part_lse[i]);
+    detail::merge_rows(out, row_lse, part, part_lse, Lv);
   }
 
  private:
