@@ -46,12 +46,14 @@ namespace band_detail {
 
 namespace ei = Eigen::internal;
 
-// The packet of columns [s, s + W) of the 2W columns held by packets a (first W) and b (next W),
-// which also lie in memory at `at`.
+// The packet of columns [s, s + W) (s <= W) of the 2W columns held by packets a (first W) and b
+// (next W), which also lie in memory at `at`.
 template <int s, class P, class T>
 inline P shifted(const P& a, [[maybe_unused]] const P& b, [[maybe_unused]] const T* at) noexcept {
   if constexpr (s == 0) {
     return a;
+  } else if constexpr (s == ei::unpacket_traits<P>::size) {
+    return b;
   } else {
 #if defined(__AVX512F__)
     if constexpr (std::is_same_v<P, __m512>)
@@ -66,8 +68,8 @@ inline P shifted(const P& a, [[maybe_unused]] const P& b, [[maybe_unused]] const
   }
 }
 
-// Scores of n = N diagonals of a group: out[d W + r] = sum_e qp[e W + r] kt[e ldk + d + r] for
-// d < N, r < W (qp aligned).
+// Scores of n = N <= W + 1 diagonals of a group: out[d W + r] = sum_e qp[e W + r]
+// kt[e ldk + d + r] for d < N, r < W (qp aligned): two packets of keys per e give them all.
 template <int N, class P, class T>
 void score_diagonals(const T* qp, const T* kt, index ldk, index e_count, T* out) {
   constexpr int W = ei::unpacket_traits<P>::size;
@@ -86,8 +88,8 @@ void score_diagonals(const T* qp, const T* kt, index ldk, index e_count, T* out)
   for (int d = 0; d < N; ++d) ei::pstore(out + d * W, acc[d]);
 }
 
-// score_diagonals for a run-time n in [1, W].
-template <class P, class T, int N = ei::unpacket_traits<P>::size>
+// score_diagonals for a run-time n in [1, W + 1].
+template <class P, class T, int N = ei::unpacket_traits<P>::size + 1>
 void score_diagonals_n(int n, const T* qp, const T* kt, index ldk, index e_count, T* out) {
   if constexpr (N >= 1) {
     if (n == N) return score_diagonals<N, P>(qp, kt, ldk, e_count, out);
@@ -118,12 +120,13 @@ void transpose_rows(const_view<T> src, index r0, index rows, index cols, T scale
     for (index r = 0; r < W; ++r) dst[c * ldd + r] = r < rows ? scale * src(r0 + r, c) : T(0);
 }
 
-// o[t][0, m) = sum_{d < width} s[d W + t] v[(t + d) ldv + (0, m)] for t < R: R consecutive rows
-// of a group, each over its whole band (row t's keys start t rows after row 0's). Each value row
-// is loaded once for the R rows that see it (a row alone read each 4 times, and its 4
-// accumulators waited on the FMA latency); a key is multiplied only into the rows that see it.
+// o[t][0, m) = factor[t] sum_{d < width} s[d W + t] v[(t + d) ldv + (0, m)] for t < R: R
+// consecutive rows of a group, each over its whole band (row t's keys start t rows after row 0's).
+// Each value row is loaded once for the R rows that see it (a row alone read each 4 times, and its
+// 4 accumulators waited on the FMA latency); a key is multiplied only into the rows that see it.
 template <int R, class P, class T>
-void band_rows_product(const T* s, index width, const T* v, index ldv, index m, T* const* o) {
+void band_rows_product(const T* s, index width, const T* v, index ldv, index m, const T* factor,
+                       T* const* o) {
   constexpr int W = ei::unpacket_traits<P>::size;
   index c = 0;
   for (; c + 4 * W <= m; c += 4 * W) {
@@ -147,13 +150,17 @@ void band_rows_product(const T* s, index width, const T* v, index ldv, index m, 
       }
       (std::make_integer_sequence<int, R>{});
     }
-    for (int t = 0; t < R; ++t)
-      for (int a = 0; a < 4; ++a) ei::pstoreu(o[t] + c + a * W, acc[t][a]);
+    for (int t = 0; t < R; ++t) {
+      const P f = ei::pset1<P>(factor[t]);
+      for (int a = 0; a < 4; ++a) ei::pstoreu(o[t] + c + a * W, ei::pmul(f, acc[t][a]));
+    }
   }
   if (c < m)
-    for (int t = 0; t < R; ++t)
+    for (int t = 0; t < R; ++t) {
       weighted_row_sum<T>(s + t, key_run{0, width}, v + t * ldv + c, ldv, m - c, o[t] + c, false,
                           W);
+      for (index u = c; u < m; ++u) o[t][u] *= factor[t];
+    }
 }
 
 }  // namespace band_detail
@@ -178,6 +185,7 @@ void band_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> o
   const index E = q.cols(), M = v.cols();
   const index groups = (rows + W - 1) / W;
   const index chunks = (width + W - 1) / W;  // packets of diagonals
+  const index runs = (width + W) / (W + 1);  // runs of at most W + 1 diagonals
 
   const arena::scope scratch;
   // The keys transposed: column c is key c + lower (zero outside [0, keys)). Group g reads
@@ -209,14 +217,16 @@ void band_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> o
     T* const s = arena::local().take<T>(static_cast<std::size_t>(chunks * W * W));
     T* const peak = arena::local().take<T>(static_cast<std::size_t>(W));
     T* const total = arena::local().take<T>(static_cast<std::size_t>(W));
+    T* const inverse = arena::local().take<T>(static_cast<std::size_t>(W));
+    T* const row_lse = arena::local().take<T>(static_cast<std::size_t>(W));
     const index g1 = std::min(groups, (task + 1) * groups_per_task);
     for (index g = task * groups_per_task; g < g1; ++g) {
       const index i0 = g * W, n = std::min(W, rows - i0);
       band_detail::transpose_rows<P>(q, i0, n, E, factor, qp, W);
-      // The diagonals in `chunks` runs of near-equal length (33 = 11 + 11 + 11: a run of one
-      // would be a single chain of E dependent multiply-adds).
-      for (index c = 0, d0 = 0; c < chunks; ++c) {
-        const index d1 = width * (c + 1) / chunks;
+      // The diagonals in runs of at most W + 1 and near-equal length (33 = 17 + 16 with 16
+      // lanes; a short run would be a few long chains of E dependent multiply-adds).
+      for (index c = 0, d0 = 0; c < runs; ++c) {
+        const index d1 = width * (c + 1) / runs;
         band_detail::score_diagonals_n<P>(static_cast<int>(d1 - d0), qp, kt + i0 + d0, ldk, E,
                                           s + d0 * W);
         d0 = d1;
@@ -249,9 +259,10 @@ void band_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> o
       P l = ei::pload<P>(s);
       for (index d = 1; d < width; ++d) l = ei::padd(l, ei::pload<P>(s + d * W));
       ei::pstore(total, l);
-      const P inv = ei::pdiv(ei::pset1<P>(T(1)), l);
-      for (index d = 0; d < width; ++d)
-        ei::pstore(s + d * W, ei::pmul(ei::pload<P>(s + d * W), inv));
+      // 1 / total scales each row's P V once it is summed; log-sum-exp peak + log(total) (-inf
+      // when the row sees no key).
+      ei::pstore(inverse, ei::pdiv(ei::pset1<P>(T(1)), l));
+      if (lse) ei::pstore(row_lse, ei::padd(m, ei::plog(l)));
       // Rows whose whole band is inside the keys go R at a time; the rest (the sequence's ends,
       // rows that see nothing) one by one.
       constexpr int R = flash_geometry<T, P>::registers >= 32 ? 4 : (W >= 2 ? 2 : 1);
@@ -265,9 +276,8 @@ void band_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> o
             T* rows_out[R];
             for (int t = 0; t < R; ++t) rows_out[t] = out.row(i + t).data();
             band_detail::band_rows_product<R, P>(s + r, width, v.data() + base * v.outerStride(),
-                                                 v.outerStride(), M, rows_out);
-            if (lse)
-              for (index t = 0; t < R; ++t) lse[i + t] = peak[r + t] + std::log(total[r + t]);
+                                                 v.outerStride(), M, inverse + r, rows_out);
+            if (lse) std::copy(row_lse + r, row_lse + r + R, lse + i);
             r += R;
             continue;
           }
@@ -282,7 +292,8 @@ void band_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> o
           weighted_row_sum<T>(s + d0 * W + r, key_run{0, d1 - d0},
                               v.data() + (base + d0) * v.outerStride(), v.outerStride(), M, o,
                               false, W);
-          if (lse) lse[i] = peak[r] + std::log(total[r]);
+          for (index c = 0; c < M; ++c) o[c] *= inverse[r];
+          if (lse) lse[i] = row_lse[r];
         }
         ++r;
       }
