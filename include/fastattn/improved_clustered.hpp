@@ -9,7 +9,6 @@
 #include <span>
 #include <string_view>
 #include <tuple>
-#include <vector>
 
 #include "attention.hpp"
 #include "detail/causal.hpp"
@@ -204,15 +203,10 @@ struct improved_clustered {
         auto top_keys = detail::scratch_matrix<T>(top, E, local);
         auto top_values = detail::scratch_matrix<T>(top, M, local);
         auto member_out = detail::scratch_matrix<T>(bm, M, local);
-        // Which top-k slot a key holds (-1: none), for the exclusion; all -1 between clusters.
-        std::vector<index>& slot_of = detail::workspace<slot_table>().slots;
-        if (excluding && static_cast<index>(slot_of.size()) < Sv)
-          slot_of.resize(static_cast<std::size_t>(Sv), -1);
         const index* chosen = selected + j * top;
         for (index t = 0; t < top; ++t) {
           top_keys.row(t) = keys.row(chosen[t]);
           top_values.row(t) = values.row(chosen[t]);
-          if (excluding) slot_of[static_cast<std::size_t>(chosen[t])] = t;
         }
         // The members' scores against the top-k keys (packed once per cluster) by the fused
         // kernel's register tiles, their products with the top-k values likewise.
@@ -235,8 +229,8 @@ struct improved_clustered {
             auto row = s.row(r);
             T member_mass = m;  // m_i: the centroid's mass on the top-k keys this member sees
             if (excluding)
-              kept_top[i] = exclude_top_keys(ctx, i, Sv, slot_of.data(), top_prob + j * top, row,
-                                             member_mass);
+              kept_top[i] =
+                  exclude_top_keys(ctx, i, Sv, chosen, top, top_prob + j * top, row, member_mass);
             const T peak = row.maxCoeff();
             T top_lse = -std::numeric_limits<T>::infinity();
             // (A NaN score, from a non-finite input with check_finite off, propagates.)
@@ -262,8 +256,6 @@ struct improved_clustered {
           for (index r = 0; r < rows; ++r)
             out.row(groups.member(r0 + r)) = member_out.row(r) + residual.row(j);
         }
-        if (excluding)
-          for (index t = 0; t < top; ++t) slot_of[static_cast<std::size_t>(chosen[t])] = -1;
       });
       if (excluding)
         remove_residual_band(ctx, Lv, Sv, c0, n, cluster_of, kept_top, probabilities, normaliser,
@@ -274,16 +266,19 @@ struct improved_clustered {
  private:
   // Removes from member i's top-k part the keys of its excluded band: their top-k scores become
   // -inf and their probability leaves the top-k mass m_i (`member_mass`). Returns the centroid's
-  // mass on the keys the member still sees, as far as the top-k keys go: 1 minus theirs.
+  // mass on the keys the member still sees, as far as the top-k keys go: 1 minus theirs. The
+  // cluster's top-k keys (`chosen`) are each tested against the band, one unsigned comparison
+  // each (looking the band's keys up in a key -> slot table cost a load and a branch per key of
+  // the band, and the table O(S) memory per thread).
   template <class T, class Row>
-  static T exclude_top_keys(const context& ctx, index i, index Sv, const index* slot_of,
+  static T exclude_top_keys(const context& ctx, index i, index Sv, const index* chosen, index top,
                             const T* top_prob, Row&& scores, T& member_mass) {
     const auto [first, last] =
         ctx.exclude->relative(ctx.query_offset, ctx.key_offset).keys_of(i, 1, Sv);
+    const auto span = static_cast<std::uint64_t>(last - first);
     T gone = 0;
-    for (index key = first; key < last; ++key) {
-      const index t = slot_of[key];
-      if (t >= 0) {
+    for (index t = 0; t < top; ++t) {
+      if (static_cast<std::uint64_t>(chosen[t] - first) < span) {
         scores(t) = -std::numeric_limits<T>::infinity();
         member_mass -= top_prob[t];
         gone += top_prob[t];
@@ -344,11 +339,6 @@ struct improved_clustered {
       }
     });
   }
-
-  // Each thread's key -> top-k slot table (-1: none), grown to the largest S seen.
-  struct slot_table {
-    std::vector<index> slots;
-  };
 
   static constexpr index centroid_block = 64;  // clusters whose S scores are held at once
   static constexpr index member_block = 128;   // member queries scored at once
