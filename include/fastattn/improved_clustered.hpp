@@ -317,11 +317,12 @@ struct improved_clustered {
         // Only the band's keys the residual weighs: its top-k entries and the weights dropped
         // as negligible are zeros (on peaked attention, most of the band). A zero weight on a
         // non-finite value (check_finite off) left the residual row NaN already.
-        T gone = 0;
-        for (index key = first; key < last; ++key) {
-          weights[key - first] = probabilities(j, key) * normaliser[j];
-          gone += weights[key - first];
-        }
+        // (As whole-row expressions: Eigen vectorises the products and the sum, where a loop
+        // that sums as it goes is one chain of dependent adds.)
+        Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>> band_weights(weights, last - first);
+        band_weights =
+            probabilities.row(j).segment(first, last - first).array().transpose() * normaliser[j];
+        const T gone = band_weights.sum();
         const index listed = detail::flash::list_weighed(weights, 0, last - first, weighed);
         detail::weighted_row_sum<T>(weights, detail::key_list{weighed, listed},
                                     values.data() + first * values.outerStride(),
