@@ -14,12 +14,15 @@ namespace fastattn {
 /// Local attention: query i attends exactly, with its own scores, to the keys j with
 /// |i - j| <= window (with causal: i - window <= j <= i), and to no other key. It equals exact
 /// attention when window >= max(L, S), and is what positional heads (previous token, next token)
-/// compute. It shares the band machinery of dense (detail/exact_attention.hpp): query blocks of
-/// b = clamp(2 window, 16, 64) rows, each streaming only its b + 2 window keys.
+/// compute. It shares the band machinery of dense (detail/exact_attention.hpp): a band of at
+/// most 64 keys a row (window <= 31, or <= 63 when causal) goes diagonal by diagonal
+/// (detail/band_attention.hpp: no score outside the band is computed), a wider one by query
+/// blocks of b = clamp(window, 16, 64) rows, each streaming only its b + 2 window keys.
 ///
-/// Cost: 2 Lv (b + 2 window) (E + M) flops at most, i.e. O(N window d); extra memory
-/// O(S E + b (b + 2 window + E + M)) (the keys packed once, as dense). Keys at and beyond
-/// key_length are never seen; a query whose window holds no valid key outputs zeros (lse -inf).
+/// Cost: 2 Lv (2 window + 1) (E + M) flops on the diagonal path, at most 2 Lv (b + 2 window)
+/// (E + M) on the blocked one: O(N window d). Extra memory: the keys transposed or packed once,
+/// O((L + S) E), and per thread O(64 (64 + window + E + M)). Keys at and beyond key_length are
+/// never seen; a query whose window holds no valid key outputs zeros (lse -inf).
 struct local {
   static constexpr std::string_view name = "local";  ///< its name in tools and messages
   static constexpr bool is_exact = false;            ///< exact on its window only
