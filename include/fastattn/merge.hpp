@@ -41,9 +41,9 @@ void merge_row(OutRow&& out, T& lse, const PartRow& part, T part_lse) {
 
 /// merge_row for rows [0, n) of out and part (lse[i], part_lse[i] the rows' log-sum-exps): the
 /// weights of a block of rows at a time by Eigen's vectorised exp and log (a row at a time, two
-/// exps and a log each were most of the merge's cost at M = 64), then the rows. Rows whose lse
-/// is -inf or NaN on either side take merge_row itself. The same result as merge_row row by row,
-/// up to the rounding of the vectorised exp and log.
+/// exps and a log each were about half of the merge's cost at M = 64), then the rows. Rows whose
+/// lse is -inf or NaN on either side take merge_row itself. The same result as merge_row row by
+/// row, up to the rounding of the vectorised exp and log.
 template <class Out, class Part, class T>
 void merge_rows(Out& out, T* lse, const Part& part, const T* part_lse, index n) {
   using array = Eigen::Array<T, Eigen::Dynamic, 1>;

@@ -7,11 +7,12 @@
 // Here the lanes of a packet are W consecutive queries, and diagonal d of the band is one packet
 // of scores, s_d[r] = q_{i0 + r} . k_{i0 + r + lower + d}: the queries transposed (E x W, packed
 // per group), the keys transposed once per call (E x columns, column c holding key c + lower),
-// so diagonal d reads the keys' row e from column i0 + d on. With AVX-512 the W diagonals of a
-// chunk come from two aligned packets by valignd / valignq (register shifts), elsewhere by
-// unaligned loads. The softmax runs across the diagonals (one packet per diagonal, every lane a
-// row), and each row's P V is a weighted sum of its band's value rows (weighted_row_sum, the
-// weights at the lanes' stride).
+// so diagonal d reads the keys' row e from column i0 + d on. The diagonals go in runs of at most
+// W + 1, each run from two packets of a key row: with AVX-512 shifted in registers by valignd /
+// valignq, elsewhere by unaligned loads. The softmax runs across the diagonals (one packet per
+// diagonal, every lane a row). P V takes R rows at a time over the value rows they share
+// (band_rows_product); the rows at the sequence's ends go one by one (weighted_row_sum, the
+// weights at the lanes' stride). Each row is scaled by 1 / its total once summed.
 #pragma once
 
 #include <algorithm>
