@@ -20,7 +20,7 @@ void register_variants() {
     register_variant(Policy::name, "causal", policy,
                      [policy](index n) {
                        if constexpr (std::is_same_v<Policy, local>) {
-                         return work_of(policy, n) / 2;
+                         return work(policy, n, head_dim, true);
                        } else {
                          return causal_work(policy, n,
                                             [policy](index m) { return work_of(policy, m); });

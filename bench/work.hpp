@@ -59,17 +59,26 @@ inline double work(const smyrf& policy, index n, index e) {
   return h * (2.0 * pairs * 2.0 * E + 2.0 * 2.0 * static_cast<double>(n) * E);
 }
 
-/// local: each block of queries (as local.hpp: the window, clamped to [16, 64] rows) against the
-/// keys its window reaches (keys outside [i0 - window, i0 + block + window) are never touched):
-/// 2 rows keys (E + M) per block.
-inline double work(const local& policy, index n, index e) {
-  const index block = std::clamp<index>(policy.window, 16, 64);
+/// local (local.hpp): a band of at most detail::band_attention_widest keys a row goes diagonal
+/// by diagonal, 2 (E + M) for each key of a row's band inside [0, n) (no score outside the band
+/// is computed); a wider one by blocks of b = clamp(window, 16, 64) rows against the keys the
+/// block's window reaches (keys outside [i0 - window, i0 + b + window) are never touched), 2 rows
+/// keys (E + M) per block. With causal, the window's earlier side.
+inline double work(const local& policy, index n, index e, bool causal = false) {
+  const band visible = local::visible(policy.window, causal);
   double pairs = 0;
-  for (index i0 = 0; i0 < n; i0 += block) {
-    const index rows = std::min(block, n - i0);
-    const index first = std::max<index>(0, i0 - policy.window);
-    const index last = std::min(n, i0 + rows + policy.window);
-    pairs += static_cast<double>(rows) * static_cast<double>(last - first);
+  if (visible.upper - visible.lower < detail::band_attention_widest) {
+    for (index i = 0; i < n; ++i) {
+      const auto [first, last] = visible.keys_of(i, 1, n);
+      pairs += static_cast<double>(last - first);
+    }
+  } else {
+    const index block = std::clamp<index>(policy.window, 16, 64);
+    for (index i0 = 0; i0 < n; i0 += block) {
+      const index rows = std::min(block, n - i0);
+      const auto [first, last] = visible.keys_of(i0, rows, n);
+      pairs += static_cast<double>(rows) * static_cast<double>(last - first);
+    }
   }
   return 2.0 * pairs * 2.0 * static_cast<double>(e);
 }
