@@ -67,7 +67,7 @@ inline double work(const smyrf& policy, index n, index e) {
 inline double work(const local& policy, index n, index e, bool causal = false) {
   const band visible = local::visible(policy.window, causal);
   double pairs = 0;
-  if (visible.upper - visible.lower < detail::band_attention_widest) {
+  if (detail::goes_by_diagonals(visible)) {
     for (index i = 0; i < n; ++i) {
       const auto [first, last] = visible.keys_of(i, 1, n);
       pairs += static_cast<double>(last - first);

@@ -44,6 +44,13 @@ namespace fastattn::detail {
 /// the blocked kernel, where a block's extra keys are a small share.
 inline constexpr index band_attention_widest = 64;
 
+/// Whether exact attention on `visible` goes through band_attention (a band of 1 to
+/// band_attention_widest keys a row) rather than the blocked kernel (exact_attention's choice,
+/// and the benchmarks' model of local's work).
+constexpr bool goes_by_diagonals(const band& visible) noexcept {
+  return visible.upper >= visible.lower && visible.upper - visible.lower < band_attention_widest;
+}
+
 namespace band_detail {
 
 namespace ei = Eigen::internal;

@@ -55,8 +55,7 @@ void exact_attention(const_view<T> q, const_view<T> k, const_view<T> v, view<T> 
                      T* lse = nullptr) {
   if (rows == 0) return;
   // A narrow band (local's window, banded's): diagonal by diagonal, no score outside it.
-  if (visible && !t.drop_negligible && visible->upper >= visible->lower &&
-      visible->upper - visible->lower < band_attention_widest)
+  if (visible && !t.drop_negligible && goes_by_diagonals(*visible))
     return band_attention<T>(q, k, v, out, rows, keys, scale, *visible, t.threads, lse);
   with_flash_geometry<T>(v.cols(), [&]<class G>(G) {
     flash_attention<G>(q, k, v, out, rows, keys, scale, visible, t.query_block, t.key_block,
